@@ -1,0 +1,151 @@
+"""One description per parameter array, driving init, counting and sharding.
+
+`param_specs(config)` returns the parameter pytree with a `ParamSpec` at each
+leaf (shape, initialiser, logical axis names). `init_params` draws arrays from
+it; `param_shardings` maps logical axes onto a mesh; `count_params` counts
+without allocating anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pldr_jax.config import PLDRConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+  """shape; init in {'zeros','ones','normal','xavier_normal','xavier_normal_heads'};
+  axes: a logical axis name (or None) per dimension."""
+  shape: tuple[int, ...]
+  init: str
+  axes: tuple[str | None, ...]
+
+
+def _dense(n_in, n_out, ax_in, ax_out):
+  return {"kernel": ParamSpec((n_in, n_out), "xavier_normal", (ax_in, ax_out)),
+          "bias": ParamSpec((n_out,), "zeros", (ax_out,))}
+
+
+def _ln(n, ax):
+  return {"scale": ParamSpec((n,), "ones", (ax,)), "bias": ParamSpec((n,), "zeros", (ax,))}
+
+
+def _glu(n, f, ax_n, ax_f):
+  return {"w1": _dense(n, f, ax_n, ax_f), "w2": _dense(n, f, ax_n, ax_f),
+          "w3": _dense(f, n, ax_f, ax_n)}
+
+
+def layer_specs(c: PLDRConfig) -> dict:
+  """One decoder layer's parameters (see shared/spec/pldr-state-dict.md)."""
+  d, dk, h = c.d_model, c.head_dim, c.num_heads
+  layer = {
+      "wq": _dense(d, d, "embed", "qkv"),
+      "wk": _dense(d, d, "embed", "qkv"),
+      "wv": _dense(d, d, "embed", "qkv"),
+      "wo": _dense(d, d, "qkv", "embed"),
+      "ffn": _glu(d, c.d_ff, "embed", "mlp"),
+      "ln1": _ln(d, None),
+      "ln2": _ln(d, None),
+  }
+  if c.learned_g:
+    hd = ("heads", None, None)
+    layer["ln_a"] = _ln(dk, None)
+    layer["res_units"] = [
+        {"glu1": _glu(dk, c.a_dff, None, None), "glu2": _glu(dk, c.a_dff, None, None),
+         "ln": _ln(dk, None)} for _ in range(c.num_res_units)]
+    layer["plga"] = {
+        "W": ParamSpec((h, dk, dk), "xavier_normal_heads", hd),
+        "b": ParamSpec((h, dk, dk), "zeros", hd),
+        "P": ParamSpec((h, dk, dk), "xavier_normal_heads", hd),
+        "a": ParamSpec((h, dk, dk), "xavier_normal_heads", hd),
+        "b_a": ParamSpec((h, dk, dk), "zeros", hd),
+    }
+  return layer
+
+
+def param_specs(c: PLDRConfig) -> dict:
+  """The whole parameter tree of ParamSpecs."""
+  return {
+      "embed": ParamSpec((c.vocab_size, c.d_model), "normal", ("vocab", "embed")),
+      "ln_embed": _ln(c.d_model, None),
+      "layers": [layer_specs(c) for _ in range(c.num_layers)],
+      "head": _dense(c.d_model, c.vocab_size, "embed", "vocab"),
+  }
+
+
+def _is_spec(x) -> bool:
+  return isinstance(x, ParamSpec)
+
+
+def _draw(spec: ParamSpec, key: jax.Array, dtype) -> jax.Array:
+  shape = spec.shape
+  if spec.init == "zeros":
+    return jnp.zeros(shape, dtype)
+  if spec.init == "ones":
+    return jnp.ones(shape, dtype)
+  if spec.init == "normal":  # torch.nn.Embedding's default N(0, 1)
+    return jax.random.normal(key, shape, dtype)
+  if spec.init == "xavier_normal":  # [in, out]
+    std = math.sqrt(2.0 / (shape[0] + shape[1]))
+    return std * jax.random.normal(key, shape, dtype)
+  if spec.init == "xavier_normal_heads":  # [H, dk, dk]: each head its own dk x dk matrix
+    std = math.sqrt(2.0 / (shape[-2] + shape[-1]))
+    return std * jax.random.normal(key, shape, dtype)
+  raise ValueError(f"unknown initialiser {spec.init!r}")
+
+
+def init_params(config: PLDRConfig, key: jax.Array) -> dict:
+  """Draw every parameter (Xavier normal kernels, zero biases, b = b_a = 0).
+
+  Jittable with `config` static; each leaf uses fold_in(key, leaf index).
+  """
+  specs = param_specs(config)
+  leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
+  dtype = jnp.dtype(config.param_dtype)
+  arrays = [_draw(s, jax.random.fold_in(key, i), dtype) for i, s in enumerate(leaves)]
+  return jax.tree.unflatten(treedef, arrays)
+
+
+def count_params(config: PLDRConfig) -> int:
+  """Number of parameters, from the specs (allocates nothing)."""
+  leaves = jax.tree.leaves(param_specs(config), is_leaf=_is_spec)
+  return int(sum(np.prod(s.shape) for s in leaves))
+
+
+def describe_param_count(config: PLDRConfig) -> str:
+  """A human-readable breakdown: total, metric learner and PLGA tensors per layer."""
+  total = count_params(config)
+  layer = layer_specs(config)
+  sizes = lambda tree: int(sum(np.prod(s.shape) for s in jax.tree.leaves(tree, is_leaf=_is_spec)))
+  learner = sizes({k: layer[k] for k in ("ln_a", "res_units") if k in layer})
+  plga = sizes(layer.get("plga", {}))
+  return (f"{total:,} parameters ({total / 1e6:.2f}M); per layer: metric learner "
+          f"{learner:,}, power-law tensors {plga:,}; without them "
+          f"{total - config.num_layers * (learner + plga):,}")
+
+
+# Logical axis -> mesh axis. 'fsdp' shards weights along their embed dimension;
+# everything else is replicated. Batch is sharded over ('data', 'fsdp').
+DEFAULT_RULES: Mapping[str, Any] = {"embed": "fsdp", "vocab": None, "qkv": None,
+                                    "mlp": None, "heads": None}
+
+
+def param_shardings(config: PLDRConfig, mesh: jax.sharding.Mesh,
+                    rules: Mapping[str, Any] = DEFAULT_RULES) -> dict:
+  """NamedSharding per parameter; a dimension the mesh axis does not divide stays replicated."""
+  def one(spec: ParamSpec):
+    names = []
+    for dim, ax in zip(spec.shape, spec.axes):
+      mesh_ax = rules.get(ax) if ax is not None else None
+      if mesh_ax is not None and dim % mesh.shape[mesh_ax]:
+        mesh_ax = None
+      names.append(mesh_ax)
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*names))
+  return jax.tree.map(one, param_specs(config), is_leaf=_is_spec)

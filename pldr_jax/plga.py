@@ -1,0 +1,65 @@
+"""Power Law Graph Attention scores and output: softmax(Q G_LM K^T / sqrt(dk)) V.
+
+Scaled dot-product attention is the case G_LM = I (pass g=None).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from pldr_jax import nn
+
+
+def apply_g(q: jax.Array, g: jax.Array | None) -> jax.Array:
+  """The PLGA query q G_LM, in q.dtype.
+
+  q: [B, S, H, dk]; g: None (identity), [B, H, dk, dk] (one G per sequence)
+  or [B, S, H, dk, dk] (one per query position, causal metric).
+  """
+  if g is None:
+    return q
+  ft = jnp.promote_types(q.dtype, g.dtype)
+  if g.ndim == 4:
+    qg = jnp.einsum("bshi,bhij->bshj", q.astype(ft), g.astype(ft))
+  elif g.ndim == 5:
+    qg = jnp.einsum("bshi,bshij->bshj", q.astype(ft), g.astype(ft))
+  else:
+    raise ValueError(f"G_LM must be [B,H,dk,dk] or [B,S,H,dk,dk], got shape {g.shape}")
+  return qg.astype(q.dtype)
+
+
+def attention_logits(qg: jax.Array, k: jax.Array) -> jax.Array:
+  """Pre-mask scores (q G) k^T / sqrt(dk). qg: [B,S,H,dk], k: [B,T,H,dk] -> [B,H,S,T] (>= fp32)."""
+  ft = nn.upcast(qg.dtype)
+  logits = jnp.einsum("bshd,bthd->bhst", qg, k, preferred_element_type=ft)
+  return logits / math.sqrt(qg.shape[-1])
+
+
+def masked_softmax(logits: jax.Array, mask: jax.Array) -> jax.Array:
+  """logits: [B,H,S,T] (>= fp32); mask: bool broadcastable to it (True = visible)."""
+  logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+  return jax.nn.softmax(logits, axis=-1)
+
+
+def plga_attention(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array | None,
+                   mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """PLGA over heads.
+
+  q: [B,S,H,dk]; k, v: [B,T,H,dk]; g: see `apply_g`; mask: bool [B,S,T].
+  Returns (out [B,S,H,dk] in v.dtype, pre-mask logits [B,H,S,T]).
+  """
+  logits = attention_logits(apply_g(q, g), k)
+  probs = masked_softmax(logits, mask[:, None, :, :])
+  out = jnp.einsum("bhst,bthd->bshd", probs.astype(v.dtype), v)
+  return out, logits
+
+
+def causal_mask(q_pos: jax.Array, k_pos: jax.Array, k_len: jax.Array) -> jax.Array:
+  """Key s visible to query t iff pos_s <= pos_t and pos_s < length.
+
+  q_pos: int [B, S]; k_pos: int [B, T]; k_len: int [B] -> bool [B, S, T].
+  """
+  return (k_pos[:, None, :] <= q_pos[:, :, None]) & (k_pos[:, None, :] < k_len[:, None, None])
