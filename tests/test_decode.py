@@ -1,0 +1,329 @@
+"""KV-cache / G-cache decode, padding, causality, generation and bad inputs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pldr_jax import config as cfg
+from pldr_jax import decode, g_modes, model, params as params_lib
+from pldr_jax import generate as gen
+
+F64 = dict(param_dtype="float64", compute_dtype="float64")
+
+# Jitted once per config: eager op-by-op dispatch would dominate the suite's time.
+fwd = jax.jit(model.forward, static_argnames=("config", "return_deductive", "return_aux"))
+prefill = jax.jit(decode.prefill, static_argnames=("config", "cache_len", "g_cache"))
+step = jax.jit(decode.decode_step, static_argnames=("config", "g_cache", "return_deductive"))
+
+
+def _params(c, seed=0):
+  """init_params with non-zero b / b_a so zero init cannot hide a bug."""
+  p = model.init_params(c, jax.random.key(seed))
+  rng = np.random.default_rng(seed)
+  for layer in p["layers"]:
+    if "plga" in layer:
+      for name in ("b", "b_a"):
+        layer["plga"][name] = jnp.asarray(
+            0.05 * rng.standard_normal(layer["plga"][name].shape), layer["plga"][name].dtype)
+  return p
+
+
+def _tokens(c, shape, seed=1):
+  return jnp.asarray(np.random.default_rng(seed).integers(4, c.vocab_size, shape), jnp.int32)
+
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
+
+
+def _prompt_g(p, prompt, c):
+  """Per-layer G_LM the prompt alone produces (what the G-cache holds): [L, 1, H, dk, dk]."""
+  _, aux = fwd(p, prompt, config=c, return_aux=True)
+  pick = (lambda g: g[:, -1]) if c.causal_metric else (lambda g: g)
+  return jnp.stack([pick(a["G_LM"]) for a in aux])
+
+
+def _decode_all(p, c, t, lens, steps, g_cache, cache_len=20):
+  logits, state, gcache = prefill(p, t[:, :int(max(lens))], jnp.asarray(lens, jnp.int32),
+                                         config=c, cache_len=cache_len, g_cache=g_cache)
+  outs, deds = [], []
+  for _ in range(steps):
+    tok = jax.vmap(lambda row, n: row[n])(t, state["lengths"])
+    lg, state, ded = step(p, gcache, state, tok, config=c, g_cache=g_cache,
+                                        return_deductive=True)
+    outs.append(lg)
+    deds.append(ded)
+  return logits, jnp.stack(outs, 1), deds, gcache
+
+
+@pytest.mark.parametrize("g_cache", [True, False])
+def test_cached_decode_matches_forward_position_by_position(g_cache):
+  """Reference mode: A/G come from the prompt; decode == forward with that G held fixed."""
+  c = cfg.tiny(**F64)
+  p = _params(c)
+  t = _tokens(c, (2, 14))
+  lens, steps = [7, 4], 6
+  pre, outs, _, _ = _decode_all(p, c, t, lens, steps, g_cache)
+  for b, n in enumerate(lens):
+    full, _ = fwd(p, t[b:b + 1, :n + steps], config=c, g_lm=_prompt_g(p, t[b:b + 1, :n], c))
+    alone, _ = fwd(p, t[b:b + 1, :n], config=c)
+    assert _rel(pre[b, :n], alone[0]) < 1e-10
+    assert _rel(outs[b], full[0, n:n + steps]) < 1e-10
+
+
+def test_causal_metric_decode_without_g_cache_matches_causal_forward():
+  """Causal metric, no G-cache: every step extends A, so decode == forward exactly."""
+  c = cfg.tiny(causal_metric=True, **F64)
+  p = _params(c)
+  t = _tokens(c, (2, 14))
+  lens, steps = [6, 3], 7
+  _, outs, _, _ = _decode_all(p, c, t, lens, steps, g_cache=False)
+  for b, n in enumerate(lens):
+    full, _ = fwd(p, t[b:b + 1, :n + steps], config=c)
+    assert _rel(outs[b], full[0, n:n + steps]) < 1e-10
+
+
+def test_g_cache_on_off_same_deductive_outputs_15_decimals():
+  """The paper's claim: RMSE and determinant of G_LM equal to 15 decimal places."""
+  c = cfg.tiny(**F64)
+  p = _params(c)
+  t = _tokens(c, (2, 12))
+  _, out_on, ded_on, gc_on = _decode_all(p, c, t, [6, 5], 4, g_cache=True)
+  _, out_off, ded_off, gc_off = _decode_all(p, c, t, [6, 5], 4, g_cache=False)
+  assert set(gc_on["layers"][0]) == {"A", "A_LM", "G_LM"}
+  assert set(gc_off["layers"][0]) == {"A"}
+  assert set(ded_off[0][0]) == {"A", "A_LM", "A_P", "G_LM"}  # recomputed each step
+  for step_on, step_off in zip(ded_on, ded_off):
+    for l_on, l_off in zip(step_on, step_off):
+      g_on, g_off = np.asarray(l_on["G_LM"]), np.asarray(l_off["G_LM"])
+      rmse_on = np.sqrt(np.mean(g_on ** 2, axis=(-1, -2)))
+      rmse_off = np.sqrt(np.mean(g_off ** 2, axis=(-1, -2)))
+      det_on, det_off = np.linalg.det(g_on), np.linalg.det(g_off)
+      np.testing.assert_array_equal(np.round(rmse_on, 15), np.round(rmse_off, 15))
+      np.testing.assert_allclose(det_on, det_off, rtol=1e-15, atol=0)
+  assert _rel(out_on, out_off) < 1e-14
+
+
+def test_g_cache_skips_the_metric_learner():
+  """With the G-cache, decode never reads the metric learner or power-law weights."""
+  c = cfg.tiny(**F64)
+  p = _params(c)
+  t = _tokens(c, (1, 10))
+  _, state, gcache = prefill(p, t[:, :5], jnp.array([5]), config=c, cache_len=12)
+  broken = jax.tree.map(lambda x: x, p)
+  for layer in broken["layers"]:
+    layer["plga"] = jax.tree.map(lambda x: x * jnp.nan, layer["plga"])
+    layer["res_units"] = jax.tree.map(lambda x: x * jnp.nan, layer["res_units"])
+  lg_ok, _ = step(p, gcache, state, t[:, 5], config=c)
+  lg_broken, _ = step(broken, gcache, state, t[:, 5], config=c)
+  np.testing.assert_array_equal(np.asarray(lg_ok), np.asarray(lg_broken))
+  lg_off, _ = step(broken, gcache, state, t[:, 5], config=c, g_cache=False)
+  assert np.isnan(np.asarray(lg_off)).all()
+
+
+def test_causal_metric_is_causal_and_reference_mode_is_not():
+  c_ref = cfg.tiny(**F64)
+  c_causal = c_ref.replace(causal_metric=True)
+  p = _params(c_ref)
+  t = _tokens(c_ref, (1, 12))
+  t2 = t.at[0, 8].set((t[0, 8] + 7) % c_ref.vocab_size)
+  a, _ = fwd(p, t, config=c_causal)
+  b, _ = fwd(p, t2, config=c_causal)
+  np.testing.assert_array_equal(np.asarray(a[0, :8]), np.asarray(b[0, :8]))
+  assert np.max(np.abs(np.asarray(a[0, 8:] - b[0, 8:]))) > 1e-6
+  # Reference mode: A sums over the whole sequence, so earlier positions move.
+  a, _ = fwd(p, t, config=c_ref)
+  b, _ = fwd(p, t2, config=c_ref)
+  moved = float(np.max(np.abs(np.asarray(a[0, :8] - b[0, :8]))))
+  print(f"reference (non-causal) mode: max |logit change| at positions <= 7 = {moved:.3e}")
+  assert moved > 1e-8
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_padding_invariance(causal):
+  c = cfg.tiny(causal_metric=causal, **F64)
+  p = _params(c)
+  t = _tokens(c, (3, 11))
+  lens = [11, 5, 8]
+  batched, ded = fwd(p, t, jnp.asarray(lens, jnp.int32), config=c, return_deductive=True)
+  for b, n in enumerate(lens):
+    garbage = t.at[b, n:].set(1)  # pads hold different ids: must not matter
+    alone, ded1 = fwd(p, t[b:b + 1, :n], config=c, return_deductive=True)
+    again, _ = fwd(p, garbage[b:b + 1], jnp.array([n], jnp.int32), config=c)
+    assert _rel(batched[b, :n], alone[0]) < 1e-12
+    assert _rel(again[0, :n], alone[0]) < 1e-12
+    for l in range(c.num_layers):
+      g_b, g_1 = ded[l]["G_LM"][b], ded1[l]["G_LM"][0]
+      if causal:
+        g_b, g_1 = g_b[:n], g_1
+      assert _rel(g_b, g_1) < 1e-10
+
+
+def test_fp32_decode_close_to_forward():
+  c = cfg.tiny()
+  p = _params(c)
+  t = _tokens(c, (2, 12))
+  lens, steps = [6, 4], 5
+  _, outs, _, _ = _decode_all(p, c, t, lens, steps, g_cache=True)
+  for b, n in enumerate(lens):
+    full, _ = fwd(p, t[b:b + 1, :n + steps], config=c, g_lm=_prompt_g(p, t[b:b + 1, :n], c))
+    assert _rel(outs[b], full[0, n:n + steps]) < 1e-5
+
+
+def test_jitted_decode_donates_state_and_matches_eager():
+  c = cfg.tiny()
+  p = _params(c)
+  t = _tokens(c, (2, 10))
+  lens = jnp.array([5, 3], jnp.int32)
+  _, st, gc = decode.prefill_jit(p, t[:, :5], lens, config=c, cache_len=16)
+  _, st_e, gc_e = prefill(p, t[:, :5], lens, config=c, cache_len=16)
+  k_before = st["layers"][0]["k"]
+  lg, st2 = decode.decode_step_jit(p, gc, st, t[:, 5], config=c)
+  lg_e, _ = step(p, gc_e, st_e, t[:, 5], config=c)
+  assert k_before.is_deleted()  # donated
+  assert not gc["layers"][0]["G_LM"].is_deleted()  # G-cache kept
+  assert _rel(lg, lg_e) < 1e-5
+  np.testing.assert_array_equal(np.asarray(st2["lengths"]), [6, 4])
+
+
+def test_generate_greedy_matches_forward_and_stream():
+  c = cfg.tiny(**F64)
+  p = _params(c)
+  prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
+  out = gen.generate(p, prompts, config=c, max_new_tokens=6)
+  streamed = np.stack(list(gen.stream(p, prompts, config=c, max_new_tokens=6)), 1)
+  for i, prompt in enumerate(prompts):
+    assert len(out[i]) == 6
+    assert out[i] == streamed[i].tolist()
+    seq = jnp.asarray([prompt + out[i]], jnp.int32)
+    g = _prompt_g(p, jnp.asarray([prompt], jnp.int32), c)
+    logits, _ = fwd(p, seq, config=c, g_lm=g)
+    greedy = np.argmax(np.asarray(logits[0, len(prompt) - 1:-1]), -1)
+    assert greedy.tolist() == out[i]
+
+
+def test_generate_no_recompile_within_bucket():
+  c = cfg.tiny()
+  p = _params(c)
+  gen.generate(p, [[4, 5, 6]], config=c, max_new_tokens=4)  # warm the 16-bucket
+  before = gen.TRACE_COUNT["generate"]
+  rng = np.random.default_rng(0)
+  for n in (1, 7, 9, 12, 16):
+    prompt = rng.integers(4, c.vocab_size, n).tolist()
+    samp = gen.SamplingConfig(temperature=float(rng.uniform(0.5, 1.5)), top_k=int(n % 5),
+                              top_p=0.9)
+    gen.generate(p, [prompt], config=c, max_new_tokens=4, sampling=samp,
+                 key=jax.random.key(n))
+  assert gen.TRACE_COUNT["generate"] == before
+  gen.generate(p, [[4] * 17], config=c, max_new_tokens=4)  # next bucket: one new program
+  assert gen.TRACE_COUNT["generate"] == before + 1
+
+
+def test_stop_token_and_per_sequence_lengths():
+  c = cfg.tiny()
+  p = _params(c)
+  prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
+  free = gen.generate(p, prompts, config=c, max_new_tokens=8)
+  stop = free[0][2]
+  out = gen.generate(p, prompts, config=c, max_new_tokens=8,
+                     sampling=gen.SamplingConfig(stop_token=stop))
+  first = free[0].index(stop)
+  assert out[0] == free[0][:first + 1]
+  want1 = free[1][:free[1].index(stop) + 1] if stop in free[1] else free[1]
+  assert out[1] == want1
+
+
+def test_sample_logits_filters():
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.standard_normal((4, 50)), jnp.float32)
+  order = np.argsort(-np.asarray(logits), axis=-1)
+  keys = [jax.random.key(i) for i in range(200)]
+  f = jax.jit(gen.sample_logits)
+  greedy = f(logits, keys[0], jnp.float32(0.0), jnp.int32(0), jnp.float32(1.0))
+  np.testing.assert_array_equal(np.asarray(greedy), order[:, 0])
+  top1 = f(logits, keys[1], jnp.float32(1.0), jnp.int32(1), jnp.float32(1.0))
+  np.testing.assert_array_equal(np.asarray(top1), order[:, 0])
+  tiny_p = f(logits, keys[2], jnp.float32(1.0), jnp.int32(0), jnp.float32(1e-6))
+  np.testing.assert_array_equal(np.asarray(tiny_p), order[:, 0])
+  draws = np.stack([np.asarray(f(logits, k, jnp.float32(2.0), jnp.int32(5), jnp.float32(1.0)))
+                    for k in keys])
+  for row in range(4):
+    assert set(draws[:, row]) <= set(order[row, :5])
+    assert len(set(draws[:, row])) > 1  # really sampling
+  # top-p: the kept set is the smallest prefix whose probability reaches p.
+  probs = np.asarray(jax.nn.softmax(logits / 2.0, axis=-1))
+  draws = np.stack([np.asarray(f(logits, k, jnp.float32(2.0), jnp.int32(0), jnp.float32(0.5)))
+                    for k in keys])
+  for row in range(4):
+    cum = np.cumsum(probs[row, order[row]])
+    n_keep = int(np.searchsorted(cum, 0.5) + 1)
+    assert set(draws[:, row]) <= set(order[row, :n_keep])
+
+
+def test_bad_inputs_raise_clear_errors():
+  c = cfg.tiny()
+  p = _params(c)
+  with pytest.raises(model.InputError, match="longer than the context"):
+    gen.generate(p, [[5] * (c.max_len + 1)], config=c, max_new_tokens=1)
+  with pytest.raises(model.InputError, match="exceeds the context"):
+    gen.generate(p, [[5] * (c.max_len - 2)], config=c, max_new_tokens=5)
+  with pytest.raises(model.InputError, match="empty prompt"):
+    gen.generate(p, [[5, 6], []], config=c, max_new_tokens=2)
+  with pytest.raises(model.InputError, match="empty prompt"):
+    model.forward(p, jnp.zeros((1, 0), jnp.int32), config=c)
+  with pytest.raises(model.InputError, match="token id 64 .* outside the vocabulary"):
+    gen.generate(p, [[5, 64]], config=c, max_new_tokens=2)
+  with pytest.raises(model.InputError, match="token id -1"):
+    model.forward(p, jnp.array([[3, -1]], jnp.int32), config=c)
+  with pytest.raises(model.InputError, match="longer than the context"):
+    model.forward(p, jnp.zeros((1, c.max_len + 1), jnp.int32), config=c)
+  with pytest.raises(cfg.ConfigError, match="d_model=30 is not divisible by num_heads=4"):
+    cfg.tiny(d_model=30, num_heads=4)
+  with pytest.raises(cfg.ConfigError, match="g_mode"):
+    cfg.tiny(g_mode="learnt")
+  with pytest.raises(cfg.ConfigError, match="unknown PLDRConfig field"):
+    cfg.tiny(num_head=3)
+  ct = cfg.tiny(g_mode="transferred")
+  pt = model.init_params(ct, jax.random.key(0))
+  with pytest.raises(g_modes.GShapeError, match=r"shape \(2, 2, 4, 4\).*\[2, 2, 8, 8\]"):
+    model.forward(pt, jnp.ones((1, 4), jnp.int32), config=ct, g_lm=np.zeros((2, 2, 4, 4)))
+  with pytest.raises(ValueError, match="needs its constant G_LM"):
+    model.forward(pt, jnp.ones((1, 4), jnp.int32), config=ct)
+
+
+def test_fixed_g_modes():
+  c = cfg.tiny(g_mode="random")
+  p = model.init_params(c, jax.random.key(0))
+  assert "plga" not in p["layers"][0] and "res_units" not in p["layers"][0]
+  g = g_modes.make_fixed_g(c, jax.random.key(1))
+  t = _tokens(c, (2, 9))
+  lg, _ = fwd(p, t, config=c, g_lm=g)
+  # The decode path reads the constant G from the G-cache, with or without g_cache.
+  for g_cache in (True, False):
+    _, st, gc = prefill(p, t[:, :5], jnp.array([5, 5]), config=c, g_lm=g, g_cache=g_cache)
+    lg_dec, _ = step(p, gc, st, t[:, 5], config=c, g_cache=g_cache)
+    ref, _ = fwd(p, t[:, :6], config=c, g_lm=g)
+    assert _rel(lg_dec, ref[:, 5]) < 1e-5
+  ci = c.replace(g_mode="identity")
+  lg_i, _ = fwd(p, t, config=ci)
+  lg_eye, _ = fwd(p, t, config=c, g_lm=g_modes.identity_g(c))
+  assert _rel(lg_i, lg_eye) < 1e-6
+
+
+def test_published_config_parameter_count():
+  c = cfg.pldrv51_110m()
+  assert params_lib.count_params(c) == 109_689_362
+  assert params_lib.count_params(c.replace(g_mode="identity")) == 105_606_482
+  shapes = jax.eval_shape(lambda k: model.init_params(c, k), jax.random.key(0))
+  assert sum(np.prod(x.shape) for x in jax.tree.leaves(shapes)) == 109_689_362
+
+
+def test_transferred_g_from_published_model(shared_data):
+  c = cfg.pldrv51_110m(g_mode="transferred")
+  g = g_modes.make_fixed_g(c, source=shared_data / "g_lm_pldrv51_110m_1.npy")
+  assert g.shape == (5, 14, 64, 64)
+  with pytest.raises(g_modes.GShapeError, match="transferred G_LM"):
+    g_modes.make_fixed_g(cfg.tiny(g_mode="transferred"),
+                         source=shared_data / "g_lm_pldrv51_110m_1.npy")
