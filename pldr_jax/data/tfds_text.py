@@ -1,0 +1,152 @@
+"""TFDS access: a local text/JSONL dataset builder and random-access sources.
+
+`PldrTextCorpus` is a TFDS `GeneratorBasedBuilder` (registered name
+"pldr_text_corpus") that turns a corpus folder (see `corpus.py`) into an
+ArrayRecord TFDS dataset with one feature, "text". Writing ArrayRecord needs no
+TensorFlow: TFDS serializes with its own protobuf copies and writes through
+`array_record`.
+
+Every dataset, this one or any registered TFDS text dataset ("c4/en", "lm1b",
+...), is then read the same way: `tfds.data_source(name, split=...,
+data_dir=...)`, which gives a random-access sequence of dicts
+{feature: value} that grain samples from. Registered datasets must have been
+prepared in ArrayRecord format beforehand, e.g.
+`tfds build c4/en --file_format=array_record --data_dir=DIR`; nothing is
+downloaded at run time unless asked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import tensorflow_datasets as tfds
+from etils import epath
+
+from pldr_jax.data.corpus import (DataError, corpus_fingerprint, find_split_files,
+                                  iter_documents)
+
+__all__ = ["PldrTextCorpus", "LOCAL_DATASET", "build_text_dataset", "open_data_source"]
+
+LOCAL_DATASET = "pldr_text_corpus"
+_SOURCE_FILE = "pldr_source.json"
+
+
+class PldrTextCorpus(tfds.core.GeneratorBasedBuilder):
+  """Local plain-text / JSONL corpus as a TFDS dataset of {"text": str}."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  # TFDS 4.9.x works out a builder's source file through the
+  # `importlib_resources` backport, which it only declares for Python < 3.9;
+  # naming the file here keeps download_and_prepare working without it.
+  code_path = epath.Path(__file__)
+
+  def __init__(self, *, corpus_dir: str | os.PathLike | None = None,
+               text_key: str = "text", **kwargs):
+    self._corpus_dir = Path(corpus_dir) if corpus_dir is not None else None
+    self._text_key = text_key
+    super().__init__(**kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="Documents of a local plain-text / JSONL corpus (pldr-jax).",
+        features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # nothing is downloaded
+    if self._corpus_dir is None:
+      raise DataError(
+          f"{LOCAL_DATASET} is not prepared under {self.data_dir}; build it with "
+          "pldr_jax.data.build_text_dataset(corpus_dir, data_dir)")
+    return {split: self._generate_examples(files)
+            for split, files in find_split_files(self._corpus_dir).items()}
+
+  def _generate_examples(self, files: Sequence[Path]):
+    for i, path in enumerate(files):
+      for j, text in enumerate(iter_documents([path], self._text_key)):
+        yield f"{i:05d}-{j:09d}", {"text": text}
+
+
+def _dataset_root(data_dir: Path) -> Path:
+  return data_dir / LOCAL_DATASET
+
+
+def build_text_dataset(corpus_dir: str | os.PathLike, data_dir: str | os.PathLike,
+                       *, text_key: str = "text", overwrite: bool = False) -> str:
+  """Builds (or reuses) the ArrayRecord TFDS dataset of a local corpus.
+
+  Args:
+    corpus_dir: folder with e.g. train.jsonl / validation.jsonl (see corpus.py).
+    data_dir: TFDS data_dir; the dataset goes to
+      `<data_dir>/pldr_text_corpus/1.0.0/`.
+    text_key: the JSON field that holds a document's text.
+    overwrite: rebuild even if a dataset built from other files is there.
+
+  Returns:
+    The TFDS name to pass to `tfds.data_source` ("pldr_text_corpus").
+
+  A second call with the same corpus reuses the prepared files (a fingerprint
+  of the corpus files is kept next to them); a different corpus in the same
+  data_dir raises unless `overwrite=True`.
+  """
+  splits = find_split_files(corpus_dir)  # raises DataError if missing
+  data_dir = Path(data_dir)
+  fingerprint = corpus_fingerprint(splits, text_key)
+  root = _dataset_root(data_dir)
+  source_file = root / _SOURCE_FILE
+  builder = PldrTextCorpus(corpus_dir=corpus_dir, text_key=text_key,
+                           data_dir=str(data_dir), file_format="array_record")
+  if builder.is_prepared():
+    try:
+      old = json.loads(source_file.read_text())["fingerprint"]
+    except (OSError, ValueError, KeyError):
+      old = None
+    if old == fingerprint:
+      return LOCAL_DATASET
+    if not overwrite:
+      raise DataError(
+          f"{root} already holds a {LOCAL_DATASET} dataset built from different "
+          f"files than {corpus_dir}; use another data_dir or overwrite=True")
+    shutil.rmtree(root)
+    builder = PldrTextCorpus(corpus_dir=corpus_dir, text_key=text_key,
+                             data_dir=str(data_dir), file_format="array_record")
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(
+          download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
+  source_file.write_text(json.dumps(
+      {"corpus_dir": str(Path(corpus_dir).resolve()), "text_key": text_key,
+       "fingerprint": fingerprint}, indent=1))
+  return LOCAL_DATASET
+
+
+def open_data_source(name: str, split: str, data_dir: str | os.PathLike | None,
+                     *, download: bool = False) -> Any:
+  """`tfds.data_source(name, split=split, data_dir=data_dir)` with clear errors.
+
+  Returns a random-access sequence (len, [i]) of feature dicts.
+  """
+  data_dir = None if data_dir is None else str(data_dir)
+  if data_dir is not None and not Path(data_dir).exists():
+    raise DataError(f"TFDS data_dir not found: {data_dir}")
+  try:
+    return tfds.data_source(name, split=split, data_dir=data_dir, download=download)
+  except DataError:
+    raise
+  except Exception as e:  # TFDS raises many types; say what to do
+    hint = (
+        "build it with pldr_jax.data.build_text_dataset(corpus_dir, data_dir) or "
+        "prepare_default_data(work_dir, ...)" if name.split("/")[0].split(":")[0]
+        == LOCAL_DATASET else
+        f"prepare it first in ArrayRecord format, e.g. `tfds build {name} "
+        f"--file_format=array_record --data_dir={data_dir or '~/tensorflow_datasets'}`")
+    raise DataError(
+        f"cannot open TFDS dataset {name!r} split {split!r} in data_dir "
+        f"{data_dir!r}: {type(e).__name__}: {e}\nIf it is not prepared yet, {hint}."
+    ) from e
