@@ -1,0 +1,278 @@
+"""Fixed-size sparse KV cache with eviction, plus the LESS state: decode step.
+
+One cache per layer, a pytree of static shape that never grows:
+
+    SparseKVCache(
+      k     [B, H, T, D]  cache dtype   keys in slots (after rotary)
+      v     [B, H, T, D]  cache dtype   values in slots
+      pos   [B, H, T]     int32         token position held by each slot, -1 empty
+      score [B, H, T]     float32       accumulated H2O score of each slot
+      h     [B, H, R, D]  float32       LESS state H (R = 0 without kernels)
+      z     [B, H, R]     float32       LESS state z
+    )
+
+T = policy.budget. Slots are per head (H2O keeps a different set per head);
+Λ-masking and the sliding window keep the same positions in every head. The
+slot order is arbitrary (a token takes the slot of the token it replaces);
+only `pos` says which token a slot holds.
+
+Decode (`sparse_decode_step`), per sequence b and head h, for the new token at
+position lengths[b]:
+  1. attend to the valid slots + the new token itself (fp32 softmax), plus the
+     low-rank part phi(q) H, phi(q) z when kernels are given;
+  2. add this softmax to the slots' scores (the new token's score starts at its
+     own attention weight);
+  3. write the new token into the first empty slot, or, if the cache is full,
+     into the slot of the policy's victim, whose (k, v) is folded into (H, z)
+     exactly once (H += psi(k)^T v, z += psi(k)) before being overwritten.
+
+`sparse_prefill` builds the same cache from a prompt (the same metadata
+transition in a lax.scan, `less_jax.parallel.policy_scan`) and the prompt's
+attention outputs with the parallel form: both equal feeding the prompt token
+by token through `sparse_decode_step`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from less_jax import kernels as kernels_lib
+from less_jax import parallel as parallel_lib
+from less_jax import policies as policies_lib
+from less_jax import state as state_lib
+
+__all__ = [
+    "SparseKVCache",
+    "init_cache",
+    "check_cache",
+    "sparse_decode_step",
+    "sparse_prefill",
+    "cache_bytes",
+]
+
+
+class SparseKVCache(NamedTuple):
+  """Per-layer decode state (see the module docstring for shapes)."""
+
+  k: jax.Array
+  v: jax.Array
+  pos: jax.Array
+  score: jax.Array
+  h: jax.Array
+  z: jax.Array
+
+  @property
+  def budget(self) -> int:
+    return int(self.k.shape[2])
+
+  @property
+  def rank(self) -> int:
+    return int(self.h.shape[2])
+
+
+def init_cache(batch: int, num_heads: int, head_dim: int,
+               policy: policies_lib.Policy, *, rank: int = 0,
+               dtype=jnp.float32, max_len: int | None = None) -> SparseKVCache:
+  """Empty cache with policy.budget slots and an R = rank LESS state.
+
+  Args:
+    batch, num_heads, head_dim: B, H, D.
+    policy: the sparse policy (gives T = policy.budget).
+    rank: R of the kernels that will be used (0: no kernels).
+    dtype: dtype of the stored k, v.
+    max_len: optional context length the budget must fit in.
+  """
+  if not isinstance(policy, policies_lib.Policy):
+    raise ValueError(f"policy must be a less_jax Policy, got {policy!r}")
+  policy.check_context(max_len)
+  for name, value in (("batch", batch), ("num_heads", num_heads),
+                      ("head_dim", head_dim)):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+      raise ValueError(f"init_cache: {name} must be a positive int, got {value!r}")
+  if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 0:
+    raise ValueError(f"init_cache: rank must be an int >= 0, got {rank!r}")
+  t = policy.budget
+  h, z = state_lib.init_state(batch, num_heads, rank, head_dim)
+  return SparseKVCache(
+      k=jnp.zeros((batch, num_heads, t, head_dim), dtype),
+      v=jnp.zeros((batch, num_heads, t, head_dim), dtype),
+      pos=jnp.full((batch, num_heads, t), -1, jnp.int32),
+      score=jnp.zeros((batch, num_heads, t), jnp.float32),
+      h=h, z=z)
+
+
+def cache_bytes(cache) -> int:
+  """Bytes held by a pytree of arrays (e.g. a cache or a list of caches)."""
+  return int(sum(x.size * jnp.dtype(x.dtype).itemsize
+                 for x in jax.tree_util.tree_leaves(cache)))
+
+
+def check_cache(cache: SparseKVCache, policy: policies_lib.Policy,
+                kernels: kernels_lib.KernelParams | None) -> tuple[int, int, int]:
+  """Validates a cache against the policy and kernels; returns (B, H, D)."""
+  if not isinstance(cache, SparseKVCache):
+    raise ValueError(f"cache must be a SparseKVCache, got {type(cache)}")
+  if not isinstance(policy, policies_lib.Policy):
+    raise ValueError(f"policy must be a less_jax Policy, got {policy!r}")
+  b, h, t, d = cache.k.shape
+  if t != policy.budget:
+    raise ValueError(
+        f"cache has {t} slots but {policy!r} needs budget {policy.budget}; "
+        "build the cache with init_cache(..., policy)")
+  expect = {"v": (b, h, t, d), "pos": (b, h, t), "score": (b, h, t),
+            "z": (b, h, cache.rank)}
+  for name, shape in expect.items():
+    if tuple(getattr(cache, name).shape) != shape:
+      raise ValueError(f"cache.{name} has shape {getattr(cache, name).shape}, expected {shape}")
+  if tuple(cache.h.shape) != (b, h, cache.rank, d):
+    raise ValueError(f"cache.h has shape {cache.h.shape}, expected {(b, h, cache.rank, d)}")
+  r = kernels_lib.kernel_rank(kernels)
+  if r != cache.rank:
+    raise ValueError(
+        f"cache holds a rank-{cache.rank} LESS state but the kernels have rank {r}; "
+        f"build the cache with init_cache(..., rank={r})")
+  kernels_lib.check_kernels(kernels, h, d)
+  return b, h, d
+
+
+def sparse_decode_step(cache: SparseKVCache, q: jax.Array, k_new: jax.Array,
+                       v_new: jax.Array, lengths: jax.Array,
+                       policy: policies_lib.Policy,
+                       kernels: kernels_lib.KernelParams | None = None, *,
+                       active: jax.Array | None = None,
+                       scale: float | None = None):
+  """One decode step of sparse (kernels None) or LESS attention for one layer.
+
+  Args:
+    cache: SparseKVCache of this layer.
+    q: [B, H, D] query of the new token (after rotary; PLDR: q G_LM).
+    k_new: [B, H, D] its key (after rotary).
+    v_new: [B, H, D] its value.
+    lengths: [B] int, tokens already in each sequence = position of the new
+      token (per sequence; sequences may have different lengths).
+    policy: sparse policy (static under jit).
+    kernels: KernelParams of this layer, or None (plain sparse attention);
+      the cache rank must equal the kernels' rank (0 for None).
+    active: optional [B] bool; where False the cache of that sequence is left
+      unchanged (its output is still computed). Default: all active.
+    scale: score scale (default 1/sqrt(D)).
+
+  Returns:
+    out [B, H, D] in v_new's dtype (computed in float32), new cache.
+  """
+  b, h, d = check_cache(cache, policy, kernels)
+  for name, x in (("q", q), ("k_new", k_new), ("v_new", v_new)):
+    if tuple(x.shape) != (b, h, d):
+      raise ValueError(f"{name} must be [B, H, D] = {(b, h, d)}, got {tuple(x.shape)}")
+  lengths = jnp.asarray(lengths)
+  if lengths.shape != (b,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+    raise ValueError(f"lengths must be int [B] = [{b}], got {lengths.dtype}{list(lengths.shape)}")
+  if active is None:
+    active = jnp.ones((b,), bool)
+  else:
+    active = jnp.asarray(active)
+    if active.shape != (b,):
+      raise ValueError(f"active must be [B] = [{b}], got {list(active.shape)}")
+    active = active.astype(bool)
+  sc = float(1.0 / np.sqrt(d)) if scale is None else float(scale)
+  t_slots = cache.budget
+
+  # 1. Attention over the kept slots and the new token itself (fp32).
+  valid = cache.pos >= 0
+  logit_slots = jnp.einsum("bhd,bhtd->bht", q, cache.k,
+                           preferred_element_type=jnp.float32) * sc
+  logit_new = jnp.einsum("bhd,bhd->bh", q, k_new.astype(cache.k.dtype),
+                         preferred_element_type=jnp.float32) * sc
+  p_slots, p_new, lse = state_lib.slot_softmax(logit_slots, valid, logit_new)
+  v_in = v_new.astype(cache.v.dtype).astype(jnp.float32)
+  sparse_out = (jnp.einsum("bht,bhtd->bhd", p_slots, cache.v.astype(jnp.float32))
+                + p_new[..., None] * v_in)
+  if kernels is None:
+    out = sparse_out
+  else:
+    out = state_lib.less_combine(lse, sparse_out, kernels_lib.phi(kernels, q),
+                                 cache.h, cache.z)
+
+  # 2-3. Scores, victim, fold-in, write.
+  new_pos = jnp.broadcast_to(lengths.astype(jnp.int32)[:, None], (b, h))
+  act = jnp.broadcast_to(active[:, None], (b, h))
+  pos, score, slot, evict = policies_lib.insert_token(
+      policy, cache.pos, cache.score, jax.lax.stop_gradient(p_slots),
+      jax.lax.stop_gradient(p_new), new_pos, act)
+  hs, zs = cache.h, cache.z
+  if kernels is not None:
+    k_old = jnp.take_along_axis(cache.k, slot[..., None, None], axis=2)[..., 0, :]
+    v_old = jnp.take_along_axis(cache.v, slot[..., None, None], axis=2)[..., 0, :]
+    hs, zs = state_lib.fold_in(hs, zs, kernels_lib.psi(kernels, k_old), v_old, evict)
+  bi = jnp.arange(b, dtype=jnp.int32)[:, None]
+  hi = jnp.arange(h, dtype=jnp.int32)[None, :]
+  slot_w = jnp.where(act, slot, t_slots)  # out of range: dropped
+  k_c = cache.k.at[bi, hi, slot_w].set(k_new.astype(cache.k.dtype), mode="drop")
+  v_c = cache.v.at[bi, hi, slot_w].set(v_new.astype(cache.v.dtype), mode="drop")
+  new_cache = SparseKVCache(k=k_c, v=v_c, pos=pos, score=score, h=hs, z=zs)
+  return out.astype(v_new.dtype), new_cache
+
+
+def sparse_prefill(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
+                   policy: policies_lib.Policy,
+                   kernels: kernels_lib.KernelParams | None = None, *,
+                   dtype=None, scale: float | None = None,
+                   max_len: int | None = None):
+  """Builds the cache from prompts and returns the prompts' attention outputs.
+
+  Equal to feeding each prompt token by token through `sparse_decode_step`
+  (same outputs, same cache: slots, positions, scores, H, z).
+
+  Args:
+    q, k, v: [B, S, H, D] prompt queries/keys (after rotary) and values.
+    lengths: [B] int prompt lengths (positions >= lengths[b] are padding and
+      never enter the cache; their outputs are 0).
+    policy: sparse policy (static under jit); the cache gets policy.budget slots.
+    kernels: KernelParams or None.
+    dtype: dtype of the cached k, v (default: k's dtype).
+    scale: score scale (default 1/sqrt(D)).
+    max_len: optional context length the budget must fit in.
+
+  Returns:
+    out [B, S, H, D], SparseKVCache ready for decoding at positions lengths[b].
+  """
+  b, s, h, d = parallel_lib.check_qkv(q, k, v, lengths)
+  if not isinstance(policy, policies_lib.Policy):
+    raise ValueError(f"policy must be a less_jax Policy, got {policy!r}")
+  policy.check_context(max_len)
+  kernels_lib.check_kernels(kernels, h, d)
+  dtype = k.dtype if dtype is None else dtype
+  k_c = k.astype(dtype)
+  v_c = v.astype(dtype)
+  lengths = jnp.asarray(lengths)
+  logits = parallel_lib.attention_logits(q, k_c, scale)
+  mask, pos, score = parallel_lib.policy_scan(logits, lengths, policy)
+  out = parallel_lib.less_attention_parallel(
+      q, k_c, v_c, lengths, policy, kernels, mask=mask, scale=scale)
+
+  k_bh = jnp.moveaxis(k_c, 1, 2)  # [B, H, S, D]
+  v_bh = jnp.moveaxis(v_c, 1, 2)
+  valid = (pos >= 0)[..., None]
+  idx = jnp.maximum(pos, 0)[..., None]
+  k_slots = jnp.where(valid, jnp.take_along_axis(k_bh, idx, axis=2), 0).astype(dtype)
+  v_slots = jnp.where(valid, jnp.take_along_axis(v_bh, idx, axis=2), 0).astype(dtype)
+
+  rank = kernels_lib.kernel_rank(kernels)
+  hs, zs = state_lib.init_state(b, h, rank, d)
+  if kernels is not None:
+    bi = jnp.arange(b, dtype=jnp.int32)[:, None, None]
+    hi = jnp.arange(h, dtype=jnp.int32)[None, :, None]
+    kept = jnp.zeros((b, h, s), bool).at[bi, hi, jnp.where(pos >= 0, pos, s)].set(
+        True, mode="drop")
+    real = jnp.arange(s)[None, None, :] < lengths[:, None, None]
+    evicted = real & ~kept  # [B, H, S]
+    psi_k = jnp.moveaxis(kernels_lib.psi(kernels, k_c), 1, 2)  # [B, H, S, R]
+    psi_k = jnp.where(evicted[..., None], psi_k, 0.0)
+    hs = hs + jnp.einsum("bhsr,bhsd->bhrd", psi_k, v_bh.astype(jnp.float32))
+    zs = zs + jnp.sum(psi_k, axis=2)
+  cache = SparseKVCache(k=k_slots, v=v_slots, pos=pos, score=score, h=hs, z=zs)
+  return out, cache
