@@ -1,0 +1,298 @@
+"""Loss, optimizer and the sharded, jitted train step.
+
+The published recipe: AdamW (0.9, 0.95), eps 1e-5, weight decay 0.1, linear
+warmup then cosine to 0.1x, gradients clipped by value at 1.0, an optional DAG
+loss term on A_LM, A_P and G_LM. One `jax.jit` step over a
+`jax.sharding.Mesh` with ('data', 'fsdp') axes: the batch is split over both,
+weights are sharded over 'fsdp' along their embed dimension (ZeRO-3 style) and
+gathered by XLA where needed. Data parallelism is fsdp=1; pure FSDP is data=1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from pldr_jax import model, params as params_lib
+from pldr_jax.config import ConfigError, PLDRConfig
+
+P = jax.sharding.PartitionSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Optimisation and schedule (defaults: the published PLDRv51 recipe).
+
+  Attributes:
+    num_steps: optimizer steps to run.
+    learning_rate: peak learning rate after warmup.
+    warmup_steps: linear warmup from 0.
+    end_lr_ratio: cosine decays to learning_rate * end_lr_ratio at num_steps.
+    beta1, beta2, eps, weight_decay: AdamW (decay on matrices only, ndim >= 2).
+    clip_value: clip each gradient element to [-clip_value, clip_value] (0: off).
+    dag_coeff: weight c of the DAG loss term (0: off).
+    seed: parameter-init seed.
+    mesh_data, mesh_fsdp: mesh shape; -1 means "all remaining devices".
+    log_every, eval_every, checkpoint_every: in steps.
+    keep_checkpoints: how many checkpoints Orbax keeps.
+    max_eval_batches: cap on evaluation batches (None: whole split).
+  """
+  num_steps: int = 250_000
+  learning_rate: float = 1e-3
+  warmup_steps: int = 2000
+  end_lr_ratio: float = 0.1
+  beta1: float = 0.9
+  beta2: float = 0.95
+  eps: float = 1e-5
+  weight_decay: float = 0.1
+  clip_value: float = 1.0
+  dag_coeff: float = 0.0
+  seed: int = 1234
+  mesh_data: int = -1
+  mesh_fsdp: int = 1
+  log_every: int = 10
+  eval_every: int = 1000
+  checkpoint_every: int = 1000
+  keep_checkpoints: int = 3
+  max_eval_batches: int | None = None
+
+  def __post_init__(self):
+    if self.num_steps < 1:
+      raise ConfigError(f"TrainConfig.num_steps must be >= 1, got {self.num_steps}")
+    if self.warmup_steps < 0 or self.learning_rate <= 0:
+      raise ConfigError("TrainConfig needs learning_rate > 0 and warmup_steps >= 0")
+    for name in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+      if getattr(self, name) < 1:
+        raise ConfigError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+
+def lr_schedule(tc: TrainConfig) -> optax.Schedule:
+  """Linear warmup to learning_rate, then cosine to learning_rate * end_lr_ratio."""
+  decay_steps = max(tc.num_steps - tc.warmup_steps, 1)
+  cosine = optax.cosine_decay_schedule(tc.learning_rate, decay_steps, alpha=tc.end_lr_ratio)
+  if tc.warmup_steps == 0:
+    return cosine
+  warmup = optax.linear_schedule(0.0, tc.learning_rate, tc.warmup_steps)
+  return optax.join_schedules([warmup, cosine], [tc.warmup_steps])
+
+
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+  decay_mask = lambda tree: jax.tree.map(lambda x: x.ndim >= 2, tree)
+  adamw = optax.adamw(lr_schedule(tc), b1=tc.beta1, b2=tc.beta2, eps=tc.eps,
+                      weight_decay=tc.weight_decay, mask=decay_mask)
+  if tc.clip_value > 0:
+    return optax.chain(optax.clip(tc.clip_value), adamw)
+  return adamw
+
+
+_MAX_SQUARINGS = 48
+
+
+def _log_trace_expm(m: jax.Array) -> jax.Array:
+  """log tr(expm(M)) for a non-negative [dk, dk] M without overflow.
+
+  Scaling and squaring in log space: E = expm(M / 2^s) with |M / 2^s| <= 1/2,
+  then s squarings, each renormalised by its largest entry whose log is
+  accumulated, so entries of size exp(1e6) never materialise.
+  """
+  norm = jax.lax.stop_gradient(jnp.max(jnp.sum(jnp.abs(m), axis=-1)))
+  s = jnp.clip(jnp.ceil(jnp.log2(jnp.maximum(norm, 1.0))) + 1, 0, _MAX_SQUARINGS)
+  e = jax.scipy.linalg.expm(m / 2.0 ** s)
+
+  def body(i, carry):
+    e, log_scale = carry
+    sq = e @ e
+    top = jnp.max(sq)
+    use = i < s
+    return (jnp.where(use, sq / top, e), jnp.where(use, 2.0 * log_scale + jnp.log(top), log_scale))
+
+  e, log_scale = jax.lax.fori_loop(0, _MAX_SQUARINGS, body, (e, jnp.zeros((), m.dtype)))
+  return log_scale + jnp.log(jnp.trace(e))
+
+
+def dag_term(x: jax.Array) -> jax.Array:
+  """mean |log(tr(expm(X o X)) / dk)| over the leading axes. x: [..., dk, dk] -> scalar."""
+  x = x.astype(jnp.float32)
+  dk = x.shape[-1]
+  flat = (x * x).reshape(-1, dk, dk)
+  return jnp.mean(jnp.abs(jax.vmap(_log_trace_expm)(flat) - jnp.log(dk)))
+
+
+def loss_fn(params, batch: dict, *, config: PLDRConfig, g_lm=None, dag_coeff: float = 0.0):
+  """Next-token cross-entropy (fp32) ignoring [PAD], plus the optional DAG term.
+
+  batch: {'tokens': int32 [B, S], 'mask': int32 [B, S]} (mask 0 at [PAD]).
+  Returns (loss, metrics) with metrics: loss, ce, accuracy, tokens (counted).
+  """
+  tokens, mask = batch["tokens"], batch["mask"]
+  lengths = jnp.maximum(jnp.sum(mask, axis=-1), 1).astype(jnp.int32)
+  logits, ded = model.forward(params, tokens, lengths, config=config, g_lm=g_lm,
+                              return_deductive=dag_coeff > 0)
+  logits = logits[:, :-1].astype(jnp.float32)
+  targets = tokens[:, 1:]
+  weights = mask[:, 1:].astype(jnp.float32)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  n = jnp.maximum(jnp.sum(weights), 1.0)
+  ce_mean = jnp.sum(ce * weights) / n
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  metrics = {"ce": ce_mean, "accuracy": jnp.sum(correct * weights) / n, "tokens": jnp.sum(weights)}
+  loss = ce_mean
+  if dag_coeff > 0:
+    dag = sum(dag_term(layer[key]) for layer in ded for key in ("A_LM", "A_P", "G_LM")
+              if key in layer)
+    metrics["dag"] = dag
+    loss = loss + dag_coeff * dag
+  metrics["loss"] = loss
+  return loss, metrics
+
+
+# ----------------------------------------------------------------------------- sharding
+
+
+def make_mesh(tc: TrainConfig, devices=None) -> jax.sharding.Mesh:
+  """A ('data', 'fsdp') mesh; -1 in either size takes the remaining devices."""
+  devices = jax.devices() if devices is None else devices
+  n = len(devices)
+  data, fsdp = tc.mesh_data, tc.mesh_fsdp
+  if data == -1 and fsdp == -1:
+    raise ConfigError("at most one of TrainConfig.mesh_data / mesh_fsdp may be -1")
+  if data == -1:
+    data = n // fsdp if fsdp > 0 and n % fsdp == 0 else 0
+  if fsdp == -1:
+    fsdp = n // data if data > 0 and n % data == 0 else 0
+  if data < 1 or fsdp < 1 or data * fsdp != n:
+    raise ConfigError(f"mesh data={tc.mesh_data} x fsdp={tc.mesh_fsdp} does not fit "
+                      f"{n} device(s)")
+  auto = jax.sharding.AxisType.Auto
+  return jax.make_mesh((data, fsdp), ("data", "fsdp"), axis_types=(auto, auto),
+                       devices=devices)
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+  return jax.sharding.NamedSharding(mesh, P(("data", "fsdp")))
+
+
+def check_batch_fits(global_batch: int, mesh: jax.sharding.Mesh) -> None:
+  ways = mesh.shape["data"] * mesh.shape["fsdp"]
+  if global_batch % ways:
+    raise ConfigError(f"batch size {global_batch} is not divisible by the {ways} data-parallel "
+                      f"ways of the mesh (data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})")
+
+
+def state_shardings(config: PLDRConfig, tx: optax.GradientTransformation,
+                    mesh: jax.sharding.Mesh) -> dict:
+  """Shardings of {'params', 'opt_state', 'step'}: optimizer moments follow their params."""
+  replicated = jax.sharding.NamedSharding(mesh, P())
+  p_shard = params_lib.param_shardings(config, mesh)
+  abstract = jax.eval_shape(lambda: params_lib.init_params(config, jax.random.key(0)))
+  opt_abstract = jax.eval_shape(tx.init, abstract)
+  opt_shard = optax.tree_map_params(tx, lambda _, s: s, opt_abstract, p_shard,
+                                    transform_non_params=lambda _: replicated)
+  return {"params": p_shard, "opt_state": opt_shard, "step": replicated}
+
+
+def init_train_state(config: PLDRConfig, tc: TrainConfig, tx, mesh) -> dict:
+  """Parameters drawn directly into their shardings (eval_shape, then a jitted init)."""
+  shardings = state_shardings(config, tx, mesh)
+
+  def init(key):
+    p = params_lib.init_params(config, key)
+    return {"params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32)}
+
+  return jax.jit(init, out_shardings=shardings)(jax.random.key(tc.seed))
+
+
+def abstract_train_state(config: PLDRConfig, tx, mesh) -> dict:
+  """ShapeDtypeStructs with shardings, for restoring a checkpoint in place."""
+  shardings = state_shardings(config, tx, mesh)
+
+  def init(key):
+    p = params_lib.init_params(config, key)
+    return {"params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32)}
+
+  shapes = jax.eval_shape(init, jax.random.key(0))
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      shapes, shardings)
+
+
+def make_train_step(config: PLDRConfig, tc: TrainConfig, tx, mesh, g_lm=None):
+  """A jitted (state, batch) -> (state, metrics) over the mesh; the state is donated."""
+  shardings = state_shardings(config, tx, mesh)
+  bs = batch_sharding(mesh)
+  replicated = jax.sharding.NamedSharding(mesh, P())
+  schedule = lr_schedule(tc)
+
+  def step(state, batch, g):
+    grad_fn = jax.value_and_grad(
+        functools.partial(loss_fn, config=config, g_lm=g, dag_coeff=tc.dag_coeff), has_aux=True)
+    (_, metrics), grads = grad_fn(state["params"], batch)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {**metrics, "grad_norm": optax.global_norm(grads),
+               "learning_rate": schedule(state["step"])}
+    return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+
+  jitted = jax.jit(step, in_shardings=(shardings, {"tokens": bs, "mask": bs}, replicated),
+                   out_shardings=(shardings, replicated), donate_argnums=(0,))
+  return lambda state, batch: jitted(state, batch, g_lm)
+
+
+def make_eval_step(config: PLDRConfig, mesh, g_lm=None):
+  """Jitted batch -> summed (ce * tokens, correct, tokens) for exact averaging over batches."""
+  bs = batch_sharding(mesh)
+  replicated = jax.sharding.NamedSharding(mesh, P())
+
+  def step(params, batch, g):
+    _, m = loss_fn(params, batch, config=config, g_lm=g)
+    return {"ce_sum": m["ce"] * m["tokens"], "correct": m["accuracy"] * m["tokens"],
+            "tokens": m["tokens"]}
+
+  jitted = jax.jit(step, in_shardings=(None, {"tokens": bs, "mask": bs}, replicated),
+                   out_shardings=replicated)
+  return lambda params, batch: jitted(params, batch, g_lm)
+
+
+def global_batch(local: dict, mesh: jax.sharding.Mesh) -> dict:
+  """Assemble each host's rows into global arrays sharded over the batch axis."""
+  bs = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(bs, np.asarray(v)) for k, v in local.items()}
+
+
+def evaluate(eval_step, params, batches, mesh) -> dict[str, float]:
+  """Token-weighted loss, perplexity and accuracy over a list of batches."""
+  tot = {"ce_sum": 0.0, "correct": 0.0, "tokens": 0.0}
+  for b in batches:
+    out = eval_step(params, global_batch(b, mesh))
+    for k in tot:
+      tot[k] += float(out[k])
+  n = max(tot["tokens"], 1.0)
+  loss = tot["ce_sum"] / n
+  return {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0))),
+          "accuracy": tot["correct"] / n, "tokens": tot["tokens"]}
+
+
+def flops_per_token(config: PLDRConfig, seq_len: int) -> float:
+  """Training FLOPs per token (forward + backward = 3x forward), from the config.
+
+  Counts the matmuls of the dense layers, attention scores/values, the q G_LM
+  product, the LM head, and the per-sequence metric learner and power-law
+  step (amortised over seq_len tokens).
+  """
+  c = config
+  d, h, dk, s = c.d_model, c.num_heads, c.head_dim, seq_len
+  per_layer = 2 * (4 * d * d + 3 * d * c.d_ff)            # qkv, out, GLU FFN
+  per_layer += 2 * 2 * s * d                               # scores and values (full S x S)
+  if c.g_mode != "identity":
+    per_layer += 2 * h * dk * dk                           # q G_LM
+  if c.learned_g:
+    seq = 2 * s * h * dk * dk                              # Q^T Q
+    seq += c.num_res_units * 2 * 3 * 2 * h * dk * dk * c.a_dff  # 2 GLUs x 3 matmuls per unit
+    seq += 2 * 2 * h * dk ** 3                             # W @ A and a @ A_P
+    per_layer += seq / s
+  return 3.0 * (c.num_layers * per_layer + 2 * d * c.vocab_size)
