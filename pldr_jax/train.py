@@ -134,13 +134,14 @@ def loss_fn(params, batch: dict, *, config: PLDRConfig, g_lm=None, dag_coeff: fl
   lengths = jnp.maximum(jnp.sum(mask, axis=-1), 1).astype(jnp.int32)
   logits, ded = model.forward(params, tokens, lengths, config=config, g_lm=g_lm,
                               return_deductive=dag_coeff > 0)
-  logits = logits[:, :-1].astype(jnp.float32)
+  logits = logits[:, :-1]
+  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
   targets = tokens[:, 1:]
-  weights = mask[:, 1:].astype(jnp.float32)
+  weights = mask[:, 1:].astype(logits.dtype)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   n = jnp.maximum(jnp.sum(weights), 1.0)
   ce_mean = jnp.sum(ce * weights) / n
-  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(weights.dtype)
   metrics = {"ce": ce_mean, "accuracy": jnp.sum(correct * weights) / n, "tokens": jnp.sum(weights)}
   loss = ce_mean
   if dag_coeff > 0:
