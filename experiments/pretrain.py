@@ -38,11 +38,16 @@ SAMPLE_PROMPTS = ("It is a truth universally acknowledged", "She was", "The weat
 def experiment(model: PLDRConfig = gin.REQUIRED, train: TrainConfig = gin.REQUIRED,
                data: DataConfig = gin.REQUIRED, workdir: str = "runs/default",
                g_source: str | None = None, samples: int = 3, sample_tokens: int = 32,
-               default_corpus_dir: str | None = None):
-  """Everything a run needs; bound from gin."""
+               default_corpus_dir: str | None = None, data_workdir: str | None = None):
+  """Everything a run needs; bound from gin.
+
+  default_corpus_dir: text corpus for the local TFDS builder (None: data/corpus).
+  data_workdir: where the built dataset and tokenizer are cached
+  (None: <workdir>/data); runs that share it build them once.
+  """
   return dict(model=model, train=train, data=data, workdir=workdir, g_source=g_source,
               samples=samples, sample_tokens=sample_tokens,
-              default_corpus_dir=default_corpus_dir)
+              default_corpus_dir=default_corpus_dir, data_workdir=data_workdir)
 
 
 def maybe_init_distributed() -> None:
@@ -59,7 +64,8 @@ def resolve_data(run: dict) -> DataConfig:
   if data.dataset == "pldr_text_corpus" and data.tokenizer_path is None:
     fields = {f: getattr(data, f) for f in data.__dataclass_fields__
               if f not in ("dataset", "data_dir", "tokenizer_path", "vocab_size", "seq_len")}
-    data = prepare_default_data(Path(run["workdir"]) / "data", vocab_size=data.vocab_size,
+    data_root = run["data_workdir"] or Path(run["workdir"]) / "data"
+    data = prepare_default_data(data_root, vocab_size=data.vocab_size,
                                 seq_len=data.seq_len, corpus_dir=run["default_corpus_dir"],
                                 **fields)
   return data
