@@ -1,0 +1,410 @@
+"""LESS and the sparse KV-cache policies on any pldr_jax model.
+
+Works for every `PLDRConfig.g_mode`: "identity" (plain SDPA), "learned" (PLGA
+with the G-cache) and the fixed-G ablations ("random", "transferred"). The
+PLGA score is (q G_LM) k^T / sqrt(dk), so the LESS core (less_jax.cache /
+less_jax.parallel) is simply given the effective query
+
+    q_eff = q @ G_LM          (pldr_jax.plga.apply_g; G_LM = I for identity)
+
+with q, k taken after the rotary embedding. Nothing else of the model changes:
+embedding, output projection, post-LN blocks and LM head are pldr_jax's own.
+
+Entry points
+
+  less_prefill(params, tokens, lengths, *, config, policy, kernels, g_lm, max_len)
+      -> (logits [B, S, V], state, gcache)
+  less_decode_step(params, gcache, state, tokens, *, config, policy, kernels)
+      -> (logits [B, V], state)
+  less_forward(params, tokens, lengths, *, config, policy, kernels, g_lm)
+      -> logits [B, S, V]           (parallel form: perplexity scoring)
+  collect_layer_io(params, tokens, lengths, *, config, g_lm)
+      -> per layer {q_eff, k, v, out, wo}   (kernel training data)
+  decode_state_bytes(state) -> int
+
+plus jitted wrappers `less_prefill_jit`, `less_decode_step_jit` (state
+donated), `less_forward_jit`, `collect_layer_io_jit` (config, policy static).
+
+Decode state (donated each step; its size depends on the policy budget T and
+the kernel rank R only, never on the sequence length or the context):
+
+    {'lengths': int32 [B],
+     'layers':  [SparseKVCache(k, v [B, H, T, dk], pos, score [B, H, T],
+                               h [B, H, R, dk], z [B, H, R]) per layer]}
+
+G-cache (constant, never donated), exactly what pldr_jax.decode.prefill builds
+with g_cache=True: per layer {'A', 'A_LM', 'G_LM'} (learned), {'G_LM'} (a
+given/fixed G) or {} (identity). Decode reads only 'G_LM' from it, so decode
+costs the sparse attention over T slots, one q @ G_LM per head and the
+low-rank part.
+
+Where G_LM comes from
+  * Prefill computes G_LM from the prompt as pldr_jax does
+    (pldr_jax.model.deductive_g: the metric input A sums q q^T over the prompt;
+    with config.causal_metric, per prompt position). The prompt's logits use
+    that G_LM; decode holds the prompt's G_LM fixed (G-cache). With the causal
+    metric the G-cache holds the G_LM at the last prompt token, as pldr_jax.
+  * less_forward (scoring) uses the same G_LM that pldr_jax.model.forward
+    uses for the same tokens: in the reference (non-causal) mode A sums over
+    the WHOLE scored sequence (so position t sees a dk x dk summary of later
+    queries, like the full model's own perplexity); with config.causal_metric
+    it is the causal G_LM of each position. Pass `g_lm` to hold a G fixed
+    instead, e.g. the G-cache of a prompt: then less_forward over
+    prompt + continuation equals less_prefill + less_decode_step position by
+    position.
+
+Kernels: None (plain sparse attention, rank 0) or a list with one entry per
+layer, each a less_jax.KernelParams (LESS on that layer) or None (sparse only
+on that layer). The decode state's per-layer rank must match the kernels
+given at decode (a clear ValueError otherwise).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from less_jax import cache as cache_lib
+from less_jax import kernels as kernels_lib
+from less_jax import parallel as parallel_lib
+from less_jax import policies as policies_lib
+from pldr_jax import model as pmodel
+from pldr_jax import plga
+from pldr_jax.config import PLDRConfig
+
+__all__ = [
+    "less_prefill",
+    "less_decode_step",
+    "less_forward",
+    "collect_layer_io",
+    "decode_state_bytes",
+    "check_kernels_list",
+    "less_prefill_jit",
+    "less_decode_step_jit",
+    "less_forward_jit",
+    "collect_layer_io_jit",
+]
+
+
+# ----------------------------------------------------------------------------
+# Validation helpers.
+
+def _check_config(config) -> None:
+  if not isinstance(config, PLDRConfig):
+    raise ValueError(f"config must be a pldr_jax PLDRConfig, got {type(config)}")
+
+
+def _check_policy(policy, context: int) -> None:
+  if not isinstance(policy, policies_lib.Policy):
+    raise policies_lib.PolicyError(
+        f"policy must be a less_jax Policy (h2o, lambda_mask, sliding_window), got {policy!r}")
+  policy.check_context(context)
+
+
+def check_kernels_list(kernels, config: PLDRConfig) -> list:
+  """Normalises `kernels` to a list of num_layers entries (KernelParams or None).
+
+  Raises ValueError if it is not None / a sequence of one entry per layer, or
+  if a layer's kernels do not fit the model's heads (head width dk, H or 1
+  heads, consistent rank); the message names the layer.
+  """
+  n = config.num_layers
+  if kernels is None:
+    return [None] * n
+  if isinstance(kernels, kernels_lib.KernelParams):
+    raise ValueError(
+        "kernels must be a list with one KernelParams (or None) per layer, got a single "
+        f"KernelParams; pass [kernels] * {n} to use it on every layer")
+  if not isinstance(kernels, Sequence) or isinstance(kernels, (str, bytes)):
+    raise ValueError(f"kernels must be None or a list of {n} KernelParams/None, got "
+                     f"{type(kernels)}")
+  kernels = list(kernels)
+  if len(kernels) != n:
+    raise ValueError(f"kernels has {len(kernels)} entries but the model has {n} layers")
+  for i, kern in enumerate(kernels):
+    try:
+      kernels_lib.check_kernels(kern, config.num_heads, config.head_dim)
+    except ValueError as e:
+      raise ValueError(f"layer {i}: {e} (model: {config.num_heads} heads of width "
+                       f"{config.head_dim})") from e
+  return kernels
+
+
+def _layer_given_g(g_lm, i: int, batch: int):
+  """Layer i of a checked g_lm ([L, H, dk, dk] or [L, B, H, dk, dk]) as [B, H, dk, dk]."""
+  if g_lm is None:
+    return None
+  g = g_lm[i]
+  return jnp.broadcast_to(g, (batch, *g.shape[-3:])) if g.ndim == 3 else g
+
+
+def _layer_g(layer_p: dict, q, valid, config: PLDRConfig, given):
+  """(G_LM or None, deductive dict) for one layer over a whole sequence.
+
+  given: a G_LM [B, H, dk, dk] to use, or None (learned: computed from q as
+  pldr_jax does; identity: None = I).
+  """
+  if given is None and config.learned_g:
+    ded = pmodel.deductive_g(layer_p, q, valid, config)
+    return ded["G_LM"], ded
+  if given is not None:
+    return given, {"G_LM": given}
+  return None, {}
+
+
+def _at_last(x, lengths):
+  """x: [B, S, ...] -> x[b, lengths_b - 1]."""
+  return jax.vmap(lambda xb, n: xb[n - 1])(x, lengths)
+
+
+# ----------------------------------------------------------------------------
+# The decoder with a pluggable attention.
+
+def _run(params: dict, tokens, lengths, config: PLDRConfig, g_lm, capacity: int,
+         attend: Callable):
+  """Runs the whole decoder with attend(i, layer_p, q, q_eff, k, v, g, ded, lengths,
+  positions) -> (out [B, S, H, dk], record) as each layer's attention.
+
+  Returns (logits [B, S, V], records, lengths int32 [B]).
+  """
+  _check_config(config)
+  pmodel.check_inputs(tokens, lengths, config, capacity=capacity)
+  g_lm = pmodel.resolve_g_lm(config, g_lm)
+  b, s = tokens.shape
+  lengths = (jnp.full((b,), s, jnp.int32) if lengths is None
+             else jnp.asarray(lengths).astype(jnp.int32))
+  positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+  valid = positions < lengths[:, None]
+  x = pmodel.embed(params, tokens, config)
+  records = []
+  for i, layer_p in enumerate(params["layers"]):
+    q, k, v = pmodel.qkv(layer_p, x, positions, config)
+    g, ded = _layer_g(layer_p, q, valid, config, _layer_given_g(g_lm, i, b))
+    q_eff = plga.apply_g(q, g)
+    out, rec = attend(i, layer_p, q, q_eff, k, v, g, ded, lengths, positions)
+    x = pmodel.finish_layer(layer_p, x, out, config)
+    records.append(rec)
+  return pmodel.lm_head(params, x), records, lengths
+
+
+# ----------------------------------------------------------------------------
+# Public API.
+
+def less_forward(params: dict, tokens, lengths=None, *, config: PLDRConfig,
+                 policy: policies_lib.Policy, kernels=None, g_lm=None):
+  """Parallel (scoring / training) form: every layer's attention is sparse/LESS.
+
+  Each layer's attention is less_jax.less_attention_parallel(q_eff, k, v) with
+  the causal kept-set mask of `policy` (H2O: the greedy causal mask, built
+  from q_eff k^T scores) and, where kernels are given, the LESS low-rank part.
+  Position t's logits are what step-by-step sparse/LESS decoding gives at t.
+
+  G_LM: the same one pldr_jax.model.forward computes for these tokens (in the
+  reference non-causal mode, A summed over the whole sequence; see the module
+  docstring), or `g_lm` if given ([L, H, dk, dk] or [L, B, H, dk, dk]; required
+  for g_mode 'random'/'transferred').
+
+  tokens: int [B, S] right-padded; lengths: int [B] (None: all S real).
+  Returns logits [B, S, V] (padding positions: whatever the model makes of
+  zero attention there; ignore them).
+  """
+  _check_config(config)
+  _check_policy(policy, config.max_len)
+  kernels = check_kernels_list(kernels, config)
+
+  def attend(i, layer_p, q, q_eff, k, v, g, ded, lengths, positions):
+    out = parallel_lib.less_attention_parallel(q_eff, k, v, lengths, policy, kernels[i])
+    return out, None
+
+  logits, _, _ = _run(params, tokens, lengths, config, g_lm, config.max_len, attend)
+  return logits
+
+
+def less_prefill(params: dict, tokens, lengths=None, *, config: PLDRConfig,
+                 policy: policies_lib.Policy, kernels=None, g_lm=None,
+                 max_len: int | None = None):
+  """Runs right-padded prompts with sparse/LESS attention and builds the decode state.
+
+  The prompt's attention is the parallel form (less_jax.sparse_prefill), so its
+  logits are what the policy gives token by token (equal to `less_forward` on
+  the prompt). G_LM is computed from the prompt as pldr_jax does (or `g_lm` is
+  used) and goes to the G-cache; decode holds it fixed.
+
+  Args:
+    tokens: int [B, S]; lengths: int [B], 1 <= lengths <= S (None: all S).
+    policy: sparse policy (static under jit); each layer's cache has
+      policy.budget slots per head, whatever max_len is.
+    kernels: None or a list per layer of KernelParams / None.
+    g_lm: a given G_LM [L, H, dk, dk] or [L, B, H, dk, dk] (required for
+      g_mode 'random'/'transferred').
+    max_len: the context length the sequences may reach (default
+      config.max_len): prompts must fit in it and the policy budget must not
+      exceed it. It does not size anything.
+
+  Returns:
+    (logits [B, S, V], state, gcache); state = {'lengths': int32 [B],
+    'layers': [SparseKVCache]}, gcache = {'layers': [{...}]} as pldr_jax's
+    G-cache (see the module docstring).
+  """
+  _check_config(config)
+  context = config.max_len if max_len is None else max_len
+  _check_policy(policy, context)
+  kernels = check_kernels_list(kernels, config)
+  cd = jnp.dtype(config.compute_dtype)
+
+  def attend(i, layer_p, q, q_eff, k, v, g, ded, lengths, positions):
+    out, cache = cache_lib.sparse_prefill(q_eff, k, v, lengths, policy, kernels[i], dtype=cd)
+    glayer = {}
+    if "A" in ded:  # learned G computed from the prompt
+      pick = (lambda t: _at_last(t, lengths)) if config.causal_metric else (lambda t: t)
+      glayer = {"A": pick(ded["A"]), "A_LM": pick(ded["A_LM"]), "G_LM": pick(ded["G_LM"])}
+    elif "G_LM" in ded:  # a given G
+      glayer = {"G_LM": ded["G_LM"]}
+    return out, (cache, glayer)
+
+  logits, records, lengths = _run(params, tokens, lengths, config, g_lm, context, attend)
+  state = {"lengths": lengths, "layers": [r[0] for r in records]}
+  gcache = {"layers": [r[1] for r in records]}
+  return logits, state, gcache
+
+
+def _check_state(state, config: PLDRConfig, batch: int):
+  if not isinstance(state, dict) or set(state) != {"lengths", "layers"}:
+    raise ValueError("state must be the dict {'lengths', 'layers'} returned by less_prefill")
+  if len(state["layers"]) != config.num_layers:
+    raise ValueError(f"state has {len(state['layers'])} layers, the model has "
+                     f"{config.num_layers}")
+  if tuple(state["lengths"].shape) != (batch,):
+    raise ValueError(f"tokens are [B] = [{batch}] but the state holds "
+                     f"{tuple(state['lengths'].shape)} sequences")
+
+
+def less_decode_step(params: dict, gcache: dict, state: dict, tokens, *,
+                     config: PLDRConfig, policy: policies_lib.Policy, kernels=None,
+                     active=None):
+  """Appends one token per sequence and returns its logits.
+
+  Per layer: q, k, v of the new token (rotary at position state['lengths']),
+  q_eff = q @ G_LM (G_LM from the G-cache; identity: q), sparse/LESS attention
+  over the layer's fixed-size cache (less_jax.sparse_decode_step: attend,
+  update H2O scores, evict + fold into H, z), output projection and post-LN
+  blocks; then the LM head.
+
+  tokens: int [B]. active: optional bool [B]; where False the sequence's cache
+  and length are left unchanged (its logits are still computed), for batches
+  whose sequences finish at different steps. Positions are not checked against
+  the context length (nothing grows; the caller bounds generation).
+  Jittable with config and policy static (see less_decode_step_jit).
+  Returns (logits [B, V], new state).
+  """
+  _check_config(config)
+  _check_policy(policy, None)
+  kernels = check_kernels_list(kernels, config)
+  tokens = jnp.asarray(tokens)
+  if tokens.ndim != 1:
+    raise ValueError(f"tokens must be [B] (one token per sequence), got shape {tokens.shape}")
+  b = tokens.shape[0]
+  _check_state(state, config, b)
+  if len(gcache.get("layers", ())) != config.num_layers:
+    raise ValueError("gcache must be the {'layers': [...]} returned by less_prefill")
+  pos = state["lengths"]
+  if active is None:
+    active = jnp.ones((b,), bool)
+  else:
+    active = jnp.asarray(active).astype(bool)
+    if active.shape != (b,):
+      raise ValueError(f"active must be bool [B] = [{b}], got shape {active.shape}")
+  x = pmodel.embed(params, tokens[:, None], config)
+  positions = pos[:, None]
+  new_layers = []
+  for i, (layer_p, cache, layer_g) in enumerate(
+      zip(params["layers"], state["layers"], gcache["layers"])):
+    q, k, v = pmodel.qkv(layer_p, x, positions, config)
+    g = layer_g.get("G_LM")
+    if g is None and config.g_mode != "identity":
+      raise ValueError(f"layer {i}: the G-cache has no G_LM (keys {sorted(layer_g)}); "
+                       "build it with less_prefill")
+    q_eff = plga.apply_g(q, g)
+    try:
+      out, cache = cache_lib.sparse_decode_step(
+          cache, q_eff[:, 0], k[:, 0], v[:, 0], pos, policy, kernels[i], active=active)
+    except ValueError as e:
+      raise ValueError(f"layer {i}: {e}") from e
+    x = pmodel.finish_layer(layer_p, x, out[:, None], config)
+    new_layers.append(cache)
+  logits = pmodel.lm_head(params, x[:, 0])
+  new_state = {"lengths": pos + active.astype(pos.dtype), "layers": new_layers}
+  return logits, new_state
+
+
+def collect_layer_io(params: dict, tokens, lengths=None, *, config: PLDRConfig,
+                     g_lm=None) -> list[dict]:
+  """The frozen model's per-layer attention inputs and true outputs (kernel training).
+
+  Runs the full model (dense causal PLGA, exactly pldr_jax.model.forward) and
+  returns, per layer, a dict with
+    'q_eff': q @ G_LM [B, S, H, dk] (q after rotary; identity: q),
+    'k', 'v': [B, S, H, dk] (k after rotary),
+    'out':   the true attention output softmax(q_eff k^T / sqrt(dk)) V,
+             [B, S, H, dk], before the output projection,
+    'wo':    the layer's output projection params {'kernel', 'bias'}.
+  Padding positions (>= lengths) hold zeros in 'out'. G_LM as in
+  `less_forward` (the full forward's, or `g_lm`).
+  """
+  def attend(i, layer_p, q, q_eff, k, v, g, ded, lengths, positions):
+    mask = plga.causal_mask(positions, positions, lengths)
+    out, _ = plga.plga_attention(q, k, v, g, mask)
+    real = positions < lengths[:, None]
+    rec = {"q_eff": q_eff, "k": k, "v": v,
+           "out": jnp.where(real[:, :, None, None], out, jnp.zeros((), out.dtype)),
+           "wo": layer_p["wo"]}
+    return out, rec
+
+  _, records, _ = _run(params, tokens, lengths, config, g_lm, config.max_len, attend)
+  return records
+
+
+def decode_state_bytes(state: Any) -> int:
+  """Bytes held by a decode state (any pytree of arrays: every leaf counted).
+
+  For less_prefill's state: L * (2 B H T dk * itemsize + 8 B H T
+  + 4 B H R (dk + 1)) + 4 B, independent of the sequence length. The
+  G-cache is not part of it (constant, [B, H, dk, dk] per layer).
+  """
+  return cache_lib.cache_bytes(state)
+
+
+# ----------------------------------------------------------------------------
+# Jitted wrappers.
+
+@functools.partial(jax.jit, static_argnames=("config", "policy", "max_len"))
+def less_prefill_jit(params, tokens, lengths, kernels=None, g_lm=None, *, config, policy,
+                     max_len=None):
+  """Jitted `less_prefill` (config, policy, max_len static)."""
+  return less_prefill(params, tokens, lengths, config=config, policy=policy,
+                      kernels=kernels, g_lm=g_lm, max_len=max_len)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "policy"), donate_argnames=("state",))
+def less_decode_step_jit(params, gcache, state, tokens, kernels=None, active=None, *,
+                         config, policy):
+  """Jitted `less_decode_step`: the state is donated; params, G-cache, kernels are not."""
+  return less_decode_step(params, gcache, state, tokens, config=config, policy=policy,
+                          kernels=kernels, active=active)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "policy"))
+def less_forward_jit(params, tokens, lengths=None, kernels=None, g_lm=None, *, config,
+                     policy):
+  """Jitted `less_forward` (config, policy static)."""
+  return less_forward(params, tokens, lengths, config=config, policy=policy,
+                      kernels=kernels, g_lm=g_lm)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def collect_layer_io_jit(params, tokens, lengths=None, g_lm=None, *, config):
+  """Jitted `collect_layer_io` (config static)."""
+  return collect_layer_io(params, tokens, lengths, config=config, g_lm=g_lm)
