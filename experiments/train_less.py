@@ -1,0 +1,86 @@
+#!/usr/bin/env python
+"""Train LESS kernels on a frozen pretrained model:
+`python experiments/train_less.py --gin_file=experiments/configs/less_tiny.gin`.
+
+Gin binds, at this entry point only, LessTrainConfig.* (policy and budgets,
+rank R, hidden R', epochs, batches per epoch, lr, dropout, seed, validation
+batches) and less_experiment.* (the pretraining workdir whose latest checkpoint
+is the frozen model, optionally a step and an output directory). The model and
+data configs come from the checkpoint's meta. Training batches stream from the
+pretraining data pipeline (train split); validation batches are the first
+`val_batches` batches of the eval split. The best-validation kernels are saved
+to <model workdir>/less_kernels/<policy>_<budget>/ (Orbax + meta.json), to be
+read back with less_jax.train_kernels.load_kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import gin  # noqa: E402
+
+from less_jax.train_kernels import LessTrainConfig  # noqa: E402
+
+gin.external_configurable(LessTrainConfig, "LessTrainConfig")
+
+
+@gin.configurable
+def less_experiment(train: LessTrainConfig = gin.REQUIRED, model_workdir: str = gin.REQUIRED,
+                    step: int | None = None, out_dir: str | None = None):
+  """model_workdir: a pretraining workdir (its checkpoints/ hold the frozen model).
+  step: checkpoint step (None: the latest). out_dir: where the kernels go
+  (None: <model_workdir>/less_kernels/<policy>_<budget>)."""
+  return dict(train=train, model_workdir=model_workdir, step=step, out_dir=out_dir)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--gin_file", action="append", required=True)
+  parser.add_argument("--gin_param", action="append", default=[])
+  parser.add_argument("--model_workdir", default=None,
+                      help="overrides less_experiment.model_workdir")
+  args = parser.parse_args(argv)
+  gin.parse_config_files_and_bindings(args.gin_file, args.gin_param)
+  run = less_experiment()
+  if args.model_workdir:
+    run["model_workdir"] = args.model_workdir
+
+  import jax
+  from less_jax import train_kernels as tk
+  from pldr_jax.data import load_tokenizer, make_eval_batches, make_train_iterator
+
+  tc: LessTrainConfig = run["train"]
+  params, config, data, g_lm, step = tk.load_frozen_model(run["model_workdir"], run["step"])
+  policy = tc.make_policy(max_len=min(config.max_len, data.seq_len))
+  if tc.batch_size is not None:
+    data = data.replace(batch_size=tc.batch_size, eval_batch_size=tc.batch_size)
+  print(f"frozen model: {run['model_workdir']} step {step} ({config.num_layers} layers, "
+        f"{config.num_heads} heads of width {config.head_dim}, g_mode {config.g_mode})")
+  print(f"policy {policy!r} (budget {policy.budget}), R={tc.rank}, R'={tc.hidden}, "
+        f"{tc.epochs} epochs x {tc.epoch_steps} batches of {data.batch_size} x {data.seq_len} "
+        f"tokens; devices: {jax.devices()}")
+  tokenizer = load_tokenizer(data.tokenizer_path)
+  train_it = make_train_iterator(data, tokenizer)
+  val = (make_eval_batches(data.replace(max_eval_batches=tc.val_batches), tokenizer)
+         if tc.val_batches else [])
+  t0 = time.perf_counter()
+  result = tk.train_kernels(params, config, tc, train_it, val, g_lm=g_lm)
+  out = run["out_dir"] or tk.kernels_dir(run["model_workdir"], tc)
+  path = tk.save_kernels(out, result.kernels, config, policy, extra_meta={
+      "model_workdir": str(Path(run["model_workdir"]).resolve()), "model_step": step,
+      "train": dataclasses.asdict(tc), "best_val": result.best_val,
+      "best_epoch": result.best_epoch, "history": result.history})
+  print(f"trained in {time.perf_counter() - t0:.1f}s; best validation loss per layer "
+        f"{result.best_val} (epochs {result.best_epoch})")
+  print(f"kernels saved to {path}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,559 @@
+"""Training the LESS kernels phi/psi on a frozen pldr_jax model (shared/spec/less.md).
+
+The base model is frozen. For each batch of training text the jitted step runs
+the dense model once (`less_jax.model.collect_layer_io`: per layer q_eff, k, v
+after rotary and the true attention output O), builds each layer's sparse
+kept-set mask of the policy (`parallel.sparse_mask`, a function of the frozen
+q_eff, k only) and trains that layer's phi/psi so that
+
+    LESS(q_eff, k, v; mask, kernels) @ W_o   matches   O @ W_o
+
+in mean squared error (mean over the d_model features and over the positions
+`parallel.loss_positions` keeps: positions before heavy + recent, where the
+kept set is the whole prefix, and padding are ignored). The output bias of
+W_o cancels in the difference. Layers are independent: their kernels are
+stacked on a leading layer axis [L, ...] and the per-layer losses are vmapped
+and summed (disjoint parameters, so each layer gets exactly its own gradient).
+
+Optimiser: Adam, lr 1e-3 halved every `lr_halve_epochs` (10) epochs of
+`epoch_steps` batches; kernel dropout 0.3 in training only. After each epoch
+the kernels are scored on held-out batches of the eval split; the best
+validation kernels are kept *per layer* (layers are independent, so this is the
+best validation checkpoint of each layer's own training).
+
+Storage: `<model workdir>/less_kernels/<policy kind>_<budget>/` holds
+  kernels/    Orbax StandardCheckpointer: {wq1, wq2, wk1, wk2, wk3, d1, d2},
+              each stacked [L, Hk, ...] float32
+  meta.json   model shape (layers, heads, head_dim, d_model), rank R, hidden
+              R', share_heads, the policy and the training config/results.
+`load_kernels(path, config, policy, rank)` returns the list of per-layer
+`KernelParams` that `less_jax.model.less_forward` / `less_prefill` take, and
+raises `KernelLoadError` (a ValueError) naming the mismatch when the kernels
+were trained for another model shape, rank or policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Iterable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from less_jax import kernels as kernels_lib
+from less_jax import model as less_model
+from less_jax import parallel as parallel_lib
+from less_jax import policies as policies_lib
+from pldr_jax.config import PLDRConfig
+
+__all__ = [
+    "LessTrainConfig",
+    "KernelLoadError",
+    "init_stacked_kernels",
+    "stack_kernels",
+    "unstack_kernels",
+    "layer_loss_terms",
+    "kernel_loss",
+    "make_optimizer",
+    "make_train_step",
+    "make_eval_step",
+    "train_kernels",
+    "kernels_dir",
+    "save_kernels",
+    "load_kernels",
+    "load_kernels_meta",
+    "load_frozen_model",
+    "TrainResult",
+]
+
+KERNEL_FIELDS = kernels_lib.KernelParams._fields
+_FORMAT = "less_jax.kernels/1"
+_META_FILE = "meta.json"
+_KERNELS_ITEM = "kernels"
+
+
+class KernelLoadError(ValueError):
+  """Saved kernels that cannot be used as asked (other model shape, rank, policy...)."""
+
+
+# ----------------------------------------------------------------------------
+# Config.
+
+@dataclasses.dataclass(frozen=True)
+class LessTrainConfig:
+  """What a kernel-training run does (bound by gin in experiments/train_less.py only).
+
+  Attributes:
+    policy: sparse policy name (`less_jax.POLICY_NAMES`: "h2o", "lambda",
+      "sliding_window", ...).
+    heavy, recent, sink: the policy's budgets (h2o: heavy + recent; lambda:
+      sink + recent; sliding_window: recent). Unused ones stay None.
+    rank: R (feature dimension of phi/psi).
+    hidden: R' (hidden width of the kernel MLPs).
+    share_heads: one kernel per layer shared by its heads (default: per head).
+    epochs: number of epochs.
+    epoch_steps: training batches per epoch.
+    lr: Adam learning rate (halved every `lr_halve_epochs` epochs).
+    lr_halve_epochs: epochs between halvings.
+    dropout: kernel dropout rate (training only).
+    seed: kernel init / dropout seed.
+    val_batches: held-out batches of the eval split used for validation.
+    batch_size: training batch size (None: the pretraining DataConfig's).
+  """
+
+  policy: str = "h2o"
+  heavy: int | None = None
+  recent: int | None = None
+  sink: int | None = None
+  rank: int = kernels_lib.DEFAULT_RANK
+  hidden: int = kernels_lib.DEFAULT_HIDDEN
+  share_heads: bool = False
+  epochs: int = 40
+  epoch_steps: int = 16
+  lr: float = 1e-3
+  lr_halve_epochs: int = 10
+  dropout: float = kernels_lib.DEFAULT_DROPOUT
+  seed: int = 0
+  val_batches: int = 4
+  batch_size: int | None = None
+
+  def __post_init__(self):
+    for name, minimum in (("rank", 1), ("hidden", 1), ("epochs", 1), ("epoch_steps", 1),
+                          ("lr_halve_epochs", 1), ("seed", 0), ("val_batches", 0)):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
+        raise ValueError(f"LessTrainConfig.{name} must be an integer >= {minimum}, got {v!r}")
+    if self.batch_size is not None and (not isinstance(self.batch_size, int)
+                                        or self.batch_size < 1):
+      raise ValueError(f"LessTrainConfig.batch_size must be None or >= 1, got {self.batch_size!r}")
+    if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+      raise ValueError(f"LessTrainConfig.lr must be > 0, got {self.lr!r}")
+    if not (0.0 <= float(self.dropout) < 1.0):
+      raise ValueError(f"LessTrainConfig.dropout must lie in [0, 1), got {self.dropout!r}")
+    self.make_policy()  # validates the policy name and budgets
+
+  def policy_kwargs(self) -> dict:
+    return {k: getattr(self, k) for k in ("heavy", "recent", "sink")
+            if getattr(self, k) is not None}
+
+  def make_policy(self, max_len: int | None = None) -> policies_lib.Policy:
+    return policies_lib.make_policy(self.policy, max_len=max_len, **self.policy_kwargs())
+
+  def run_name(self) -> str:
+    """`<policy kind>_<budget>`, the directory name under <workdir>/less_kernels."""
+    p = self.make_policy()
+    return f"{p.kind}_{p.budget}"
+
+
+def _policy_json(policy: policies_lib.Policy) -> dict:
+  return {"kind": policy.kind, "budget": int(policy.budget),
+          **{f.name: getattr(policy, f.name) for f in dataclasses.fields(policy)}}
+
+
+# ----------------------------------------------------------------------------
+# Stacked kernels [L, ...].
+
+def init_stacked_kernels(key: jax.Array, config: PLDRConfig, rank: int, hidden: int, *,
+                         share_heads: bool = False) -> kernels_lib.KernelParams:
+  """Fresh kernels for every layer, stacked on a leading layer axis (float32)."""
+  keys = jax.random.split(key, config.num_layers)
+  per_layer = [kernels_lib.init_kernels(k, config.head_dim, config.num_heads, rank, hidden,
+                                        share_heads=share_heads, dtype=jnp.float32)
+               for k in keys]
+  return stack_kernels(per_layer)
+
+
+def stack_kernels(kernels: list[kernels_lib.KernelParams]) -> kernels_lib.KernelParams:
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *kernels)
+
+
+def unstack_kernels(stacked: kernels_lib.KernelParams) -> list[kernels_lib.KernelParams]:
+  n = stacked.wq1.shape[0]
+  return [jax.tree.map(lambda x: x[i], stacked) for i in range(n)]
+
+
+# ----------------------------------------------------------------------------
+# Loss.
+
+def layer_loss_terms(kernels: kernels_lib.KernelParams, q_eff, k, v, out_true, wo_kernel,
+                     lengths, mask, policy: policies_lib.Policy, *, dropout_rng=None,
+                     deterministic: bool = True, dropout_rate: float = 0.0):
+  """(sum of squared errors, number of counted positions) of one layer.
+
+  q_eff, k, v, out_true: [B, S, H, D]; wo_kernel: [H * D, d_model]; lengths [B];
+  mask: the policy's kept-set mask [B, H, S, S]. The error at a position is
+  mean over d_model of ((LESS - O) @ W_o)^2; positions outside
+  `parallel.loss_positions` (before heavy + recent, padding) count zero.
+  """
+  b, s, h, d = q_eff.shape
+  pred = parallel_lib.less_attention_parallel(
+      q_eff, k, v, lengths, policy, kernels, mask=mask, dropout_rng=dropout_rng,
+      deterministic=deterministic, dropout_rate=dropout_rate)
+  diff = (pred.astype(jnp.float32) - out_true.astype(jnp.float32)).reshape(b, s, h * d)
+  proj = jnp.einsum("bsi,io->bso", diff, wo_kernel.astype(jnp.float32))
+  per_pos = jnp.mean(jnp.square(proj), axis=-1)  # [B, S]
+  keep = parallel_lib.loss_positions(lengths, policy, s)
+  sse = jnp.sum(jnp.where(keep, per_pos, 0.0))
+  return sse, jnp.sum(keep).astype(jnp.float32)
+
+
+def kernel_loss(kernels: kernels_lib.KernelParams, q_eff, k, v, out_true, wo_kernel, lengths,
+                mask, policy, **kw):
+  """Mean squared error of one layer (see `layer_loss_terms`); 0 if nothing counts."""
+  sse, n = layer_loss_terms(kernels, q_eff, k, v, out_true, wo_kernel, lengths, mask,
+                            policy, **kw)
+  return sse / jnp.maximum(n, 1.0)
+
+
+def _batch_lengths(batch: dict) -> jax.Array:
+  mask = jnp.asarray(batch["mask"])
+  return jnp.maximum(jnp.sum(mask, axis=-1), 1).astype(jnp.int32)
+
+
+def _collect(params, tokens, lengths, config: PLDRConfig, policy, g_lm):
+  """Frozen per-layer io stacked on a leading layer axis, plus the sparse masks."""
+  recs = less_model.collect_layer_io(params, tokens, lengths, config=config, g_lm=g_lm)
+  io = {name: jnp.stack([r[name] for r in recs]) for name in ("q_eff", "k", "v", "out")}
+  io["wo"] = jnp.stack([r["wo"]["kernel"] for r in recs])
+  io = jax.lax.stop_gradient(io)
+  io["mask"] = jax.vmap(lambda q, k: parallel_lib.sparse_mask(q, k, lengths, policy))(
+      io["q_eff"], io["k"])
+  return io
+
+
+def _layers_terms(stacked, io, lengths, policy, rng, deterministic, rate):
+  """Per-layer (sse [L], count [L]), layers vmapped."""
+  n_layers = io["q_eff"].shape[0]
+  rngs = (jax.random.split(rng, n_layers) if rng is not None
+          else jnp.zeros((n_layers,), jnp.uint32))
+
+  def one(kern, q, k, v, o, wo, mask, r):
+    return layer_loss_terms(kern, q, k, v, o, wo, lengths, mask, policy,
+                            dropout_rng=None if rng is None else r,
+                            deterministic=deterministic, dropout_rate=rate)
+
+  return jax.vmap(one)(stacked, io["q_eff"], io["k"], io["v"], io["out"], io["wo"],
+                       io["mask"], rngs)
+
+
+# ----------------------------------------------------------------------------
+# Steps.
+
+def make_optimizer(tc: LessTrainConfig) -> optax.GradientTransformation:
+  """Adam, lr halved every lr_halve_epochs * epoch_steps steps (staircase)."""
+  schedule = optax.exponential_decay(init_value=float(tc.lr),
+                                     transition_steps=tc.lr_halve_epochs * tc.epoch_steps,
+                                     decay_rate=0.5, staircase=True)
+  return optax.adam(schedule)
+
+
+def make_train_step(config: PLDRConfig, policy: policies_lib.Policy,
+                    tx: optax.GradientTransformation, *, dropout: float, g_lm=None):
+  """Jitted (kernels [L,...], opt_state, params, tokens, lengths, rng) ->
+  (kernels, opt_state, per-layer MSE [L]). The frozen params are not differentiated."""
+
+  def loss(stacked, io, lengths, rng):
+    sse, n = _layers_terms(stacked, io, lengths, policy, rng, dropout <= 0.0, dropout)
+    per_layer = sse / jnp.maximum(n, 1.0)
+    return jnp.sum(per_layer), per_layer
+
+  @jax.jit
+  def step(stacked, opt_state, params, tokens, lengths, rng):
+    io = _collect(params, tokens, lengths, config, policy, g_lm)
+    grads, per_layer = jax.grad(loss, has_aux=True)(stacked, io, lengths, rng)
+    updates, opt_state = tx.update(grads, opt_state, stacked)
+    return optax.apply_updates(stacked, updates), opt_state, per_layer
+
+  return step
+
+
+def make_eval_step(config: PLDRConfig, policy: policies_lib.Policy, g_lm=None):
+  """Jitted (kernels, params, tokens, lengths) -> (sse [L], count [L]), no dropout.
+
+  kernels None: the sparse policy alone (the reference LESS must beat)."""
+
+  @jax.jit
+  def step(stacked, params, tokens, lengths):
+    io = _collect(params, tokens, lengths, config, policy, g_lm)
+    return _layers_terms(stacked, io, lengths, policy, None, True, 0.0)
+
+  return step
+
+
+def evaluate(eval_step, stacked, params, batches: Iterable[dict]) -> np.ndarray:
+  """Per-layer MSE [L] over all counted positions of `batches` (nan if none)."""
+  tot, cnt = None, None
+  for batch in batches:
+    sse, n = eval_step(stacked, params, jnp.asarray(batch["tokens"], jnp.int32),
+                       _batch_lengths(batch))
+    sse, n = np.asarray(sse, np.float64), np.asarray(n, np.float64)
+    tot, cnt = (sse, n) if tot is None else (tot + sse, cnt + n)
+  if tot is None:
+    return np.full((0,), np.nan)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return np.where(cnt > 0, tot / cnt, np.nan)
+
+
+@dataclasses.dataclass
+class TrainResult:
+  kernels: list  # per-layer KernelParams (the best-validation ones)
+  history: list  # per epoch {"epoch", "train", "val", "lr"} (per-layer lists)
+  best_val: list | None  # per layer
+  best_epoch: list | None  # per layer
+  path: str | None = None
+
+
+def train_kernels(params, config: PLDRConfig, tc: LessTrainConfig,
+                  train_batches: Iterator[dict], val_batches: list[dict], *, g_lm=None,
+                  log=print) -> TrainResult:
+  """Trains every layer's kernels; returns the best-validation kernels per layer.
+
+  train_batches: an iterator of {'tokens' [B, S] int, 'mask' [B, S]} (e.g. the
+  pretraining data pipeline), consumed `epochs * epoch_steps` times.
+  val_batches: held-out batches (same format); empty: the last kernels are kept.
+  """
+  policy = tc.make_policy(max_len=config.max_len)
+  tx = make_optimizer(tc)
+  key = jax.random.key(tc.seed)
+  key, init_key = jax.random.split(key)
+  stacked = init_stacked_kernels(init_key, config, tc.rank, tc.hidden,
+                                 share_heads=tc.share_heads)
+  opt_state = tx.init(stacked)
+  train_step = make_train_step(config, policy, tx, dropout=float(tc.dropout), g_lm=g_lm)
+  eval_step = make_eval_step(config, policy, g_lm)
+  schedule_lr = lambda step: tc.lr * 0.5 ** (step // (tc.lr_halve_epochs * tc.epoch_steps))
+
+  if val_batches and log is not None:
+    sparse = evaluate(eval_step, None, params, val_batches)
+    log(f"sparse policy alone (no kernels): val loss {float(np.mean(sparse)):.6g} "
+        f"(per layer {_fmt(sparse)})")
+  best = stacked
+  best_val = np.full((config.num_layers,), np.inf)
+  best_epoch = [-1] * config.num_layers
+  history = []
+  step = 0
+  for epoch in range(tc.epochs):
+    t0 = time.perf_counter()
+    losses = []
+    for _ in range(tc.epoch_steps):
+      try:
+        batch = next(train_batches)
+      except StopIteration as e:
+        raise RuntimeError(f"the training data ran out at step {step} (epoch {epoch}); "
+                           "use a repeating iterator or fewer epochs/epoch_steps") from e
+      key, rng = jax.random.split(key)
+      lr_now = schedule_lr(step)
+      stacked, opt_state, per_layer = train_step(
+          stacked, opt_state, params, jnp.asarray(batch["tokens"], jnp.int32),
+          _batch_lengths(batch), rng)
+      losses.append(per_layer)
+      step += 1
+    train_loss = np.mean(np.stack([np.asarray(l) for l in losses]), axis=0)
+    if not np.all(np.isfinite(train_loss)):
+      raise RuntimeError(f"kernel training diverged at epoch {epoch}: train loss {train_loss}")
+    if val_batches:
+      val = evaluate(eval_step, stacked, params, val_batches)
+      better = val < best_val
+      best_val = np.where(better, val, best_val)
+      for i in np.flatnonzero(better):
+        best_epoch[i] = epoch
+      sel = jnp.asarray(better)
+      best = jax.tree.map(
+          lambda new, old: jnp.where(sel.reshape((-1,) + (1,) * (new.ndim - 1)), new, old),
+          stacked, best)
+    else:
+      val = np.full_like(train_loss, np.nan)
+      best = stacked
+    history.append({"epoch": epoch, "train": train_loss.tolist(), "val": val.tolist(),
+                    "lr": lr_now})
+    if log is not None:
+      log(f"epoch {epoch + 1}/{tc.epochs}: train loss {float(np.mean(train_loss)):.6g} "
+          f"val loss {float(np.mean(val)):.6g}  (per layer train "
+          f"{_fmt(train_loss)} val {_fmt(val)})  lr {lr_now:.3g}  "
+          f"{time.perf_counter() - t0:.1f}s")
+  has_val = bool(val_batches)
+  return TrainResult(kernels=unstack_kernels(best), history=history,
+                     best_val=best_val.tolist() if has_val else None,
+                     best_epoch=best_epoch if has_val else None)
+
+
+def _fmt(x) -> str:
+  return "[" + ", ".join(f"{float(v):.4g}" for v in np.asarray(x)) + "]"
+
+
+# ----------------------------------------------------------------------------
+# Save / load.
+
+def kernels_dir(model_workdir, tc: LessTrainConfig) -> str:
+  """<model workdir>/less_kernels/<policy kind>_<budget>."""
+  return os.path.join(os.path.abspath(os.fspath(model_workdir)), "less_kernels", tc.run_name())
+
+
+def _model_shape(config: PLDRConfig) -> dict:
+  return {"num_layers": int(config.num_layers), "num_heads": int(config.num_heads),
+          "head_dim": int(config.head_dim), "d_model": int(config.d_model),
+          "g_mode": config.g_mode}
+
+
+def save_kernels(path, kernels: list[kernels_lib.KernelParams], config: PLDRConfig,
+                 policy: policies_lib.Policy, *, extra_meta: dict | None = None) -> str:
+  """Writes per-layer kernels (Orbax, stacked [L, ...]) and meta.json to `path`.
+
+  An existing save at `path` is replaced. Returns the absolute path.
+  """
+  path = os.path.abspath(os.fspath(path))
+  kernels = less_model.check_kernels_list(kernels, config)
+  if any(k is None for k in kernels):
+    raise ValueError("save_kernels needs kernels for every layer (got None entries)")
+  ranks = {k.rank for k in kernels}
+  hiddens = {k.hidden for k in kernels}
+  hks = {k.num_heads for k in kernels}
+  if len(ranks) != 1 or len(hiddens) != 1 or len(hks) != 1:
+    raise ValueError(f"all layers' kernels must share rank/hidden/heads, got ranks {ranks}, "
+                     f"hidden {hiddens}, heads {hks}")
+  stacked = stack_kernels([jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), k)
+                           for k in kernels])
+  tree = {name: getattr(stacked, name) for name in KERNEL_FIELDS}
+  meta = {"format": _FORMAT, "model": _model_shape(config),
+          "head_dim": int(config.head_dim), "num_heads": int(config.num_heads),
+          "num_layers": int(config.num_layers), "rank": ranks.pop(),
+          "hidden": hiddens.pop(), "kernel_heads": hks.pop(),
+          "share_heads": kernels[0].num_heads == 1 and config.num_heads != 1,
+          "policy": _policy_json(policy), **(extra_meta or {})}
+  os.makedirs(path, exist_ok=True)
+  meta_file = os.path.join(path, _META_FILE)
+  if os.path.exists(meta_file):
+    os.remove(meta_file)  # a half-replaced save must not look complete
+  ckptr = ocp.StandardCheckpointer()
+  try:
+    ckptr.save(os.path.join(path, _KERNELS_ITEM), tree, force=True)
+    ckptr.wait_until_finished()
+  finally:
+    ckptr.close()
+  tmp = meta_file + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(meta, f, indent=2, default=_json_default)
+  os.replace(tmp, meta_file)
+  return path
+
+
+def _json_default(x):
+  if isinstance(x, (np.integer,)):
+    return int(x)
+  if isinstance(x, (np.floating,)):
+    return float(x)
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  raise TypeError(f"not JSON serialisable: {type(x)}")
+
+
+def load_kernels_meta(path) -> dict:
+  """The meta.json of a kernel save (KernelLoadError if missing or unreadable)."""
+  path = os.path.abspath(os.fspath(path))
+  meta_file = os.path.join(path, _META_FILE)
+  if not os.path.isfile(meta_file):
+    raise KernelLoadError(f"no LESS kernels at {path}: {_META_FILE} is missing "
+                          "(not a kernel directory, or the save did not finish)")
+  try:
+    with open(meta_file) as f:
+      meta = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise KernelLoadError(f"cannot read {meta_file}: {e}") from e
+  if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+    raise KernelLoadError(f"{meta_file} is not a {_FORMAT} kernel meta file")
+  return meta
+
+
+def load_kernels(path, config: PLDRConfig, policy: policies_lib.Policy | None = None,
+                 rank: int | None = None) -> list[kernels_lib.KernelParams]:
+  """Restores kernels saved by `save_kernels`: a list of per-layer KernelParams.
+
+  Raises KernelLoadError (a ValueError) naming the mismatch if the kernels were
+  trained for a model with another number of layers, heads or head width, for
+  another rank R than `rank` (when given), or for another policy than `policy`
+  (when given: kind and budgets must match).
+  """
+  path = os.path.abspath(os.fspath(path))
+  meta = load_kernels_meta(path)
+  want = _model_shape(config)
+  for name in ("head_dim", "num_heads", "num_layers"):
+    if int(meta["model"][name]) != want[name]:
+      raise KernelLoadError(
+          f"LESS kernels at {path} were trained for a model with {name}="
+          f"{meta['model'][name]}, but this model has {name}={want[name]} "
+          f"(kernels: {meta['model']['num_layers']} layers x {meta['model']['num_heads']} heads "
+          f"of width {meta['model']['head_dim']}; model: {want['num_layers']} x "
+          f"{want['num_heads']} of width {want['head_dim']}); train kernels for this model")
+  if rank is not None and int(meta["rank"]) != int(rank):
+    raise KernelLoadError(f"LESS kernels at {path} have rank R={meta['rank']}, but R={rank} "
+                          "was asked for; load them with their own rank or train new ones")
+  if policy is not None:
+    got = _policy_json(policy)
+    if got != meta["policy"]:
+      raise KernelLoadError(f"LESS kernels at {path} were trained for policy "
+                            f"{meta['policy']}, not {got}")
+  L, hk, d = want["num_layers"], int(meta["kernel_heads"]), want["head_dim"]
+  r, rh = int(meta["rank"]), int(meta["hidden"])
+  shapes = {"wq1": (L, hk, d, rh), "wq2": (L, hk, rh, r), "wk1": (L, hk, d, rh),
+            "wk2": (L, hk, rh, r), "wk3": (L, hk, r, r), "d1": (L, hk, r), "d2": (L, hk, r)}
+  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = {k: jax.ShapeDtypeStruct(s, jnp.float32, sharding=sharding)
+              for k, s in shapes.items()}
+  item = os.path.join(path, _KERNELS_ITEM)
+  if not os.path.isdir(item):
+    raise KernelLoadError(f"LESS kernels at {path}: the '{_KERNELS_ITEM}' item is missing")
+  ckptr = ocp.StandardCheckpointer()
+  try:
+    tree = ckptr.restore(item, abstract)
+  except Exception as e:  # noqa: BLE001 - Orbax errors become a clear KernelLoadError
+    raise KernelLoadError(f"LESS kernels at {path} do not match their meta.json or are "
+                          f"corrupt: {type(e).__name__}: {e}") from e
+  finally:
+    ckptr.close()
+  stacked = kernels_lib.KernelParams(**{k: tree[k] for k in KERNEL_FIELDS})
+  kernels = unstack_kernels(stacked)
+  less_model.check_kernels_list(kernels, config)
+  return kernels
+
+
+# ----------------------------------------------------------------------------
+# The frozen model.
+
+def load_frozen_model(model_workdir, step: int | None = None):
+  """(params, PLDRConfig, DataConfig, g_lm or None, step) of a pretraining workdir.
+
+  Reads <workdir>/checkpoints: the config from the checkpoint meta, then only
+  the parameters (restored into the abstract train-state params), and the
+  fixed G_LM of 'random'/'transferred' runs.
+  """
+  from pldr_jax import checkpoint as ckpt_lib
+  from pldr_jax import params as params_lib
+  from pldr_jax.data import DataConfig
+
+  ckdir = os.path.join(os.path.abspath(os.fspath(model_workdir)), "checkpoints")
+  meta = ckpt_lib.load_meta(ckdir, step)
+  step = int(meta["step"])
+  if "model" not in meta or "data" not in meta:
+    raise ValueError(f"checkpoint meta in {ckdir} lacks the 'model'/'data' configs "
+                     f"(keys: {sorted(meta)})")
+  config = PLDRConfig(**meta["model"])
+  data = DataConfig(**meta["data"])
+  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  shapes = jax.eval_shape(functools.partial(params_lib.init_params, config),
+                          jax.random.key(0))
+  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                          shapes)
+  with ckpt_lib.Checkpointer(ckdir, async_save=False) as ck:
+    params = ck.restore_params(step, abstract_params=abstract)
+  g_lm = None
+  if config.g_mode in ("random", "transferred"):
+    g_lm = jnp.asarray(np.asarray(ckpt_lib.load_g_lm(ckdir, step)["G_LM"]))
+  return params, config, data, g_lm, step
