@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import perturbed_params, random_tokens
 from pldr_jax import config as cfg
 from pldr_jax import decode, g_modes, model, params as params_lib
 from pldr_jax import generate as gen
@@ -17,20 +18,8 @@ prefill = jax.jit(decode.prefill, static_argnames=("config", "cache_len", "g_cac
 step = jax.jit(decode.decode_step, static_argnames=("config", "g_cache", "return_deductive"))
 
 
-def _params(c, seed=0):
-  """init_params with non-zero b / b_a so zero init cannot hide a bug."""
-  p = model.init_params(c, jax.random.key(seed))
-  rng = np.random.default_rng(seed)
-  for layer in p["layers"]:
-    if "plga" in layer:
-      for name in ("b", "b_a"):
-        layer["plga"][name] = jnp.asarray(
-            0.05 * rng.standard_normal(layer["plga"][name].shape), layer["plga"][name].dtype)
-  return p
-
-
-def _tokens(c, shape, seed=1):
-  return jnp.asarray(np.random.default_rng(seed).integers(4, c.vocab_size, shape), jnp.int32)
+_params = perturbed_params
+_tokens = random_tokens
 
 
 def _rel(a, b):

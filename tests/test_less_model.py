@@ -20,6 +20,7 @@ import pytest
 
 import less_jax as lj
 from less_jax import model as lm
+from helpers import perturbed_params, random_tokens
 from pldr_jax import config as cfg
 from pldr_jax import decode, g_modes, model
 
@@ -57,19 +58,10 @@ def _config(g_mode="learned", **kw):
 
 @functools.lru_cache(maxsize=None)
 def _params(c, seed=0):
-  """init_params with non-zero b / b_a so zero init cannot hide a bug."""
-  p = model.init_params(c, jax.random.key(seed))
-  rng = np.random.default_rng(seed)
-  for layer in p["layers"]:
-    if "plga" in layer:
-      for name in ("b", "b_a"):
-        layer["plga"][name] = jnp.asarray(
-            0.05 * rng.standard_normal(layer["plga"][name].shape), layer["plga"][name].dtype)
-  return p
+  return perturbed_params(c, seed)
 
 
-def _tokens(c, shape, seed=1):
-  return jnp.asarray(np.random.default_rng(seed).integers(4, c.vocab_size, shape), jnp.int32)
+_tokens = random_tokens
 
 
 def _kernels(c, seed=0, rank=RANK, head_dim=None):

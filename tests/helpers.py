@@ -1,0 +1,24 @@
+"""Shared test inputs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pldr_jax import model
+
+
+def perturbed_params(c, seed=0):
+  """init_params with non-zero b / b_a so zero init cannot hide a bug."""
+  p = model.init_params(c, jax.random.key(seed))
+  rng = np.random.default_rng(seed)
+  for layer in p["layers"]:
+    if "plga" in layer:
+      for name in ("b", "b_a"):
+        layer["plga"][name] = jnp.asarray(
+            0.05 * rng.standard_normal(layer["plga"][name].shape), layer["plga"][name].dtype)
+  return p
+
+
+def random_tokens(c, shape, seed=1):
+  """Token ids in [4, vocab): no special tokens."""
+  return jnp.asarray(np.random.default_rng(seed).integers(4, c.vocab_size, shape), jnp.int32)
