@@ -199,7 +199,7 @@ def inference_only(run: dict, data, learned: Path, wd: Path, prompt=(START_ID,))
   from pldr_jax import checkpoint as ckpt_lib, g_modes, train as train_lib
   from pldr_jax.config import PLDRConfig
   from pldr_jax.data import load_tokenizer, make_eval_batches
-  from pldr_jax.trainer import probe_g_lm
+  from pldr_jax.trainer import probe_g_lm, restore_for_inference
 
   ckdir = learned / "checkpoints"
   meta = ckpt_lib.load_meta(ckdir)
@@ -214,12 +214,8 @@ def inference_only(run: dict, data, learned: Path, wd: Path, prompt=(START_ID,))
   config = PLDRConfig(**meta["model"])
   tc = run["train"]
   mesh = train_lib.make_mesh(tc)
-  tx = train_lib.make_optimizer(tc)
   with jax.set_mesh(mesh):
-    abstract = train_lib.abstract_train_state(config, tx, mesh)["params"]
-    checkpointer = ckpt_lib.Checkpointer(ckdir)
-    params = checkpointer.restore_params(step, abstract_params=abstract)
-    checkpointer.close()
+    params, _, _ = restore_for_inference(ckdir, config, step)
     g = probe_g_lm(params, config, np.asarray(prompt, np.int32))["G_LM"]
     fixed = config.replace(g_mode="transferred")
     params = strip_metric_learner(params, fixed)

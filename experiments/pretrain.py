@@ -73,22 +73,12 @@ def resolve_data(run: dict) -> DataConfig:
 
 def print_samples(run: dict, data: DataConfig) -> None:
   import jax
-  import numpy as np
-  from pldr_jax import checkpoint as ckpt_lib, generate, train as train_lib
+  from pldr_jax import generate
   from pldr_jax.data import load_tokenizer
-  from pldr_jax.trainer import fixed_g
+  from pldr_jax.trainer import restore_for_inference
   config = run["model"]
   ckdir = Path(run["workdir"]) / "checkpoints"
-  checkpointer = ckpt_lib.Checkpointer(ckdir)
-  tx = train_lib.make_optimizer(run["train"])
-  mesh = train_lib.make_mesh(run["train"])
-  abstract = train_lib.abstract_train_state(config, tx, mesh)["params"]
-  step = checkpointer.latest_step()
-  params = checkpointer.restore_params(step, abstract_params=abstract)
-  checkpointer.close()
-  g_lm = None
-  if config.g_mode in ("random", "transferred"):
-    g_lm = np.asarray(ckpt_lib.load_g_lm(ckdir, step)["G_LM"])
+  params, g_lm, step = restore_for_inference(ckdir, config)
   tok = load_tokenizer(data.tokenizer_path)
   prompts = [[2] + tok.encode(p) for p in SAMPLE_PROMPTS[:run["samples"]]]
   n = min(run["sample_tokens"], config.max_len - max(len(p) for p in prompts))

@@ -35,7 +35,6 @@ were trained for another model shape, rank or policy.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -535,8 +534,8 @@ def load_frozen_model(model_workdir, step: int | None = None):
   fixed G_LM of 'random'/'transferred' runs.
   """
   from pldr_jax import checkpoint as ckpt_lib
-  from pldr_jax import params as params_lib
   from pldr_jax.data import DataConfig
+  from pldr_jax.trainer import restore_for_inference
 
   ckdir = os.path.join(os.path.abspath(os.fspath(model_workdir)), "checkpoints")
   meta = ckpt_lib.load_meta(ckdir, step)
@@ -546,14 +545,5 @@ def load_frozen_model(model_workdir, step: int | None = None):
                      f"(keys: {sorted(meta)})")
   config = PLDRConfig(**meta["model"])
   data = DataConfig(**meta["data"])
-  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  shapes = jax.eval_shape(functools.partial(params_lib.init_params, config),
-                          jax.random.key(0))
-  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-                          shapes)
-  with ckpt_lib.Checkpointer(ckdir, async_save=False) as ck:
-    params = ck.restore_params(step, abstract_params=abstract)
-  g_lm = None
-  if config.g_mode in ("random", "transferred"):
-    g_lm = jnp.asarray(np.asarray(ckpt_lib.load_g_lm(ckdir, step)["G_LM"]))
+  params, g_lm, step = restore_for_inference(ckdir, config, step)
   return params, config, data, g_lm, step

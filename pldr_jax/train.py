@@ -198,26 +198,21 @@ def state_shardings(config: PLDRConfig, tx: optax.GradientTransformation,
   return {"params": p_shard, "opt_state": opt_shard, "step": replicated}
 
 
+def _fresh_state(config: PLDRConfig, tx, key) -> dict:
+  p = params_lib.init_params(config, key)
+  return {"params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32)}
+
+
 def init_train_state(config: PLDRConfig, tc: TrainConfig, tx, mesh) -> dict:
-  """Parameters drawn directly into their shardings (eval_shape, then a jitted init)."""
-  shardings = state_shardings(config, tx, mesh)
-
-  def init(key):
-    p = params_lib.init_params(config, key)
-    return {"params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32)}
-
-  return jax.jit(init, out_shardings=shardings)(jax.random.key(tc.seed))
+  """Parameters drawn directly into their shardings (a jitted init with out_shardings)."""
+  init = functools.partial(_fresh_state, config, tx)
+  return jax.jit(init, out_shardings=state_shardings(config, tx, mesh))(jax.random.key(tc.seed))
 
 
 def abstract_train_state(config: PLDRConfig, tx, mesh) -> dict:
   """ShapeDtypeStructs with shardings, for restoring a checkpoint in place."""
   shardings = state_shardings(config, tx, mesh)
-
-  def init(key):
-    p = params_lib.init_params(config, key)
-    return {"params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32)}
-
-  shapes = jax.eval_shape(init, jax.random.key(0))
+  shapes = jax.eval_shape(functools.partial(_fresh_state, config, tx), jax.random.key(0))
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                       shapes, shardings)
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from pldr_jax import checkpoint as ckpt_lib
 from pldr_jax import g_modes, model, train
+from pldr_jax import params as params_lib
 from pldr_jax.config import ConfigError, PLDRConfig
 from pldr_jax.data import DataConfig, load_tokenizer, make_eval_batches, make_train_iterator
 
@@ -64,6 +65,25 @@ def fixed_g(config: PLDRConfig, tc: train.TrainConfig, g_source: str | None):
       return g_modes.load_transferred_g(config, np.asarray(item["G_LM"]))
     return g_modes.load_transferred_g(config, src)
   return None
+
+
+def stored_fixed_g(config: PLDRConfig, ckdir, step: int | None):
+  """The constant G_LM a fixed-G run saved with its checkpoint (None otherwise)."""
+  if config.g_mode not in ("random", "transferred"):
+    return None
+  return g_modes.check_g(config, np.asarray(ckpt_lib.load_g_lm(ckdir, step)["G_LM"]))
+
+
+def restore_for_inference(ckdir, config: PLDRConfig, step: int | None = None):
+  """(params on the default device, constant G_LM or None, step) from a checkpoint dir."""
+  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  shapes = jax.eval_shape(lambda k: params_lib.init_params(config, k), jax.random.key(0))
+  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                          shapes)
+  with ckpt_lib.Checkpointer(ckdir, async_save=False) as ck:
+    step = ck.latest_step() if step is None else step
+    params = ck.restore_params(step, abstract_params=abstract)
+  return params, stored_fixed_g(config, ckdir, step), step
 
 
 def probe_g_lm(params, config: PLDRConfig, probe_tokens: np.ndarray, g_lm=None) -> dict:
@@ -132,9 +152,7 @@ def run_pretraining(config: PLDRConfig, tc: train.TrainConfig, data: DataConfig,
       state = {"params": restored["params"], "opt_state": restored["opt_state"],
                "step": jax.device_put(jnp.int32(start), abstract["step"].sharding)}
       data_state = restored["data_state"]
-      if config.g_mode in ("random", "transferred"):
-        g_lm = g_modes.check_g(config, np.asarray(ckpt_lib.load_g_lm(
-            workdir / "checkpoints", start)["G_LM"]))
+      g_lm = stored_fixed_g(config, workdir / "checkpoints", start)
       print(f"resumed from {workdir / 'checkpoints'} at step {start}")
     it = make_train_iterator(data, tokenizer, shard_index=jax.process_index(),
                              shard_count=jax.process_count(), state=data_state)
