@@ -183,10 +183,9 @@ def sparse_decode_step(cache: SparseKVCache, q: jax.Array, k_new: jax.Array,
 
   # 1. Attention over the kept slots and the new token itself (fp32).
   valid = cache.pos >= 0
-  logit_slots = jnp.einsum("bhd,bhtd->bht", q, cache.k,
-                           preferred_element_type=jnp.float32) * sc
-  logit_new = jnp.einsum("bhd,bhd->bh", q, k_new.astype(cache.k.dtype),
-                         preferred_element_type=jnp.float32) * sc
+  f32 = lambda x: x.astype(jnp.float32)  # XLA:CPU has no bf16 x bf16 -> f32 dot
+  logit_slots = jnp.einsum("bhd,bhtd->bht", f32(q), f32(cache.k)) * sc
+  logit_new = jnp.einsum("bhd,bhd->bh", f32(q), f32(k_new.astype(cache.k.dtype))) * sc
   p_slots, p_new, lse = state_lib.slot_softmax(logit_slots, valid, logit_new)
   v_in = v_new.astype(cache.v.dtype).astype(jnp.float32)
   sparse_out = (jnp.einsum("bht,bhtd->bhd", p_slots, cache.v.astype(jnp.float32))

@@ -75,8 +75,9 @@ def _scale(d, scale):
 
 def attention_logits(q: jax.Array, k: jax.Array, scale: float | None = None) -> jax.Array:
   """s = q k^T * scale (default 1/sqrt(D)). q, k [B, S, H, D] -> [B, H, S, S] f32."""
-  return jnp.einsum("bshd,bthd->bhst", q, k,
-                    preferred_element_type=jnp.float32) * _scale(q.shape[-1], scale)
+  # Upcast the operands: XLA:CPU has no bf16 x bf16 -> f32 dot.
+  return jnp.einsum("bshd,bthd->bhst", q.astype(jnp.float32), k.astype(jnp.float32)
+                    ) * _scale(q.shape[-1], scale)
 
 
 @functools.partial(jax.jit, static_argnames=("policy",))

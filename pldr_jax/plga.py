@@ -34,7 +34,9 @@ def apply_g(q: jax.Array, g: jax.Array | None) -> jax.Array:
 def attention_logits(qg: jax.Array, k: jax.Array) -> jax.Array:
   """Pre-mask scores (q G) k^T / sqrt(dk). qg: [B,S,H,dk], k: [B,T,H,dk] -> [B,H,S,T] (>= fp32)."""
   ft = nn.upcast(qg.dtype)
-  logits = jnp.einsum("bshd,bthd->bhst", qg, k, preferred_element_type=ft)
+  # Upcast the operands (not preferred_element_type): XLA:CPU has no
+  # bf16 x bf16 -> f32 dot; elsewhere XLA fuses the convert into the dot.
+  logits = jnp.einsum("bshd,bthd->bhst", qg.astype(ft), k.astype(ft))
   return logits / math.sqrt(qg.shape[-1])
 
 

@@ -230,7 +230,7 @@ def make_train_step(config: PLDRConfig, tc: TrainConfig, tx, mesh, g_lm=None):
     (_, metrics), grads = grad_fn(state["params"], batch)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = {**metrics, "grad_norm": optax.global_norm(grads),
+    metrics = {**metrics, "grad_norm": optax.tree.norm(grads),
                "learning_rate": schedule(state["step"])}
     return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 

@@ -158,3 +158,27 @@ def test_flops_per_token_counts_the_metric_learner():
   n_matmul = 105_606_482 - 32000 * 896
   assert 6 * n_matmul < f_sdpa < 6 * n_matmul * 1.2
   assert f_learned > f_sdpa
+
+
+def test_bf16_compute_with_fp32_params_trains_and_decodes():
+  """bf16 matmuls (fp32 params, fp32 softmax/loss) run on CPU and stay close to fp32."""
+  from pldr_jax import generate
+  c32 = cfg.tiny(vocab_size=96, max_len=24, g_mode="identity")
+  c16 = c32.replace(compute_dtype="bfloat16")
+  tc = train.TrainConfig(num_steps=4, warmup_steps=1, learning_rate=3e-3)
+  tx = train.make_optimizer(tc)
+  mesh = train.make_mesh(tc)
+  toks = (4 + (np.arange(8)[:, None] + np.arange(24)) % 30).astype(np.int32)
+  batch = {"tokens": toks, "mask": np.ones_like(toks)}
+  losses = {}
+  for c in (c32, c16):
+    state = train.init_train_state(c, tc, tx, mesh)
+    step = train.make_train_step(c, tc, tx, mesh)
+    losses[c.compute_dtype] = []
+    for _ in range(3):
+      state, m = step(state, train.global_batch(batch, mesh))
+      losses[c.compute_dtype].append(float(m["loss"]))
+    assert state["params"]["embed"].dtype == jnp.float32
+  np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=2e-2)
+  out = generate.generate(state["params"], [[4, 5, 6, 7]], config=c16, max_new_tokens=4)
+  assert len(out[0]) == 4
