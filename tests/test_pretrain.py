@@ -121,3 +121,22 @@ def test_bad_configs_are_rejected_with_the_reason(tmp_path, data_workdir, extra,
   assert out.returncode != 0
   assert message in out.stderr, out.stderr[-2000:]
   assert not (tmp_path / "bad" / "checkpoints").exists() or not _steps_saved(tmp_path / "bad")
+
+
+def test_perplexity_script_reproduces_the_runs_own_eval(tmp_path, data_workdir):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  wd = tmp_path / "ppl"
+  run = subprocess.run(_cmd(wd, data_workdir, 4, ["TrainConfig.eval_every=4"]), env=env,
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stderr[-3000:]
+  evals = [json.loads(l)["eval"] for l in (wd / "metrics.jsonl").read_text().splitlines()
+           if '"eval"' in l]
+  out = tmp_path / "ppl.json"
+  ppl = subprocess.run([sys.executable, str(REPO / "experiments/perplexity.py"), "--checkpoint",
+                        str(wd), "--max_batches", "1", "--out", str(out)], env=env, cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
+  assert ppl.returncode == 0, ppl.stderr[-3000:]
+  got = json.loads(out.read_text())
+  assert got["step"] == 4 and got["tokens"] == evals[-1]["tokens"]
+  np.testing.assert_allclose(got["loss"], evals[-1]["loss"], rtol=1e-6)
+  np.testing.assert_allclose(got["perplexity"], np.exp(got["loss"]), rtol=1e-9)
