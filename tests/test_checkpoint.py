@@ -282,7 +282,10 @@ def test_abstract_tree_mismatch_names_key_paths(two_steps, state):
 
 
 def _data_files(step_dir, item="params"):
-  files = glob.glob(os.path.join(step_dir, item, "ocdbt.process_*", "d", "*"))
+  # OCDBT keeps data both per process (ocdbt.process_*/d) and, once the save is
+  # finalised, in the item's merged d/ that its top-level manifest may point to.
+  files = (glob.glob(os.path.join(step_dir, item, "ocdbt.process_*", "d", "*")) +
+           glob.glob(os.path.join(step_dir, item, "d", "*")))
   assert files
   return files
 
