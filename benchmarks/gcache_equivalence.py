@@ -47,10 +47,9 @@ def main():
     res[g_cache] = (np.stack(outs), np.stack(gs))
   _, aux = fwd(p, t[:, :a.prompt], config=c, return_aux=True)
   g_prompt = jnp.stack([x["G_LM"] for x in aux])
-  full, _ = fwd(p, t, config=c, g_lm=g_prompt)
-  full = np.asarray(full[0, a.prompt - 1:n - 1], np.float64)
   # decode step i consumes token prompt+i and predicts prompt+i+1; forward row prompt+i.
-  full = np.asarray(fwd(p, t, config=c, g_lm=g_prompt)[0][0, a.prompt:n], np.float64)
+  full, _ = fwd(p, t, config=c, g_lm=g_prompt)
+  full = np.asarray(full[0, a.prompt:n], np.float64)
   for g_cache, (outs, gs) in res.items():
     print(f"G-cache {'on ' if g_cache else 'off'}: max |decode logits - forward logits| = "
           f"{np.max(np.abs(outs - full)):.3e} (max |logit| {np.max(np.abs(full)):.2f})")
