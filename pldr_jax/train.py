@@ -236,7 +236,13 @@ def make_train_step(config: PLDRConfig, tc: TrainConfig, tx, mesh, g_lm=None):
 
   jitted = jax.jit(step, in_shardings=(shardings, {"tokens": bs, "mask": bs}, replicated),
                    out_shardings=(shardings, replicated), donate_argnums=(0,))
-  return lambda state, batch: jitted(state, batch, g_lm)
+
+  def train_step(state, batch):
+    return jitted(state, batch, g_lm)
+
+  # For compile-time measurement and HLO dumps: train_step.lower(state, batch).compile().
+  train_step.lower = lambda state, batch: jitted.lower(state, batch, g_lm)
+  return train_step
 
 
 def make_eval_step(config: PLDRConfig, mesh, g_lm=None):

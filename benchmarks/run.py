@@ -1,0 +1,253 @@
+#!/usr/bin/env python
+"""The benchmark suite: `python benchmarks/run.py --suite quick` (under 10 minutes on CPU).
+
+Runs, in one go and on one machine:
+  ceilings   read bandwidth of a 1 GiB array and the fp32/bf16 matmul rate;
+  decode     per-token latency / tokens/s of every decode mode
+             (benchmarks/decode_bench.py) at batch 1 and 8 over lengths, for
+             `tiny` and `pldrv51_110m`, with the fraction of the memory-
+             bandwidth floor (bytes read per step / measured bandwidth);
+  prefill    prefill seconds per length;
+  train      tokens/s and MFU of the train step on 1 and 8 (forced) devices,
+             each in its own process (benchmarks/train_bench.py);
+  compile    decode-step / train-step compile times and the number of
+             compilations while generating 20 prompts of assorted lengths;
+  memory     decode-state + G-cache bytes per mode and length (shapes only).
+
+Writes benchmarks/results/suite_<suite>_<date>.json (every row names machine,
+device, JAX version and date) and regenerates benchmarks/results/RESULTS.md and
+the PNG plots from the newest suite file (benchmarks/report.py).
+
+Suites: `quick` (the lengths and configs below, a few timed steps each), `full`
+(lengths 256..8192 everywhere, 110M on 8 devices, more steps). `--only
+decode,train` runs a subset (the report then uses what the file holds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+
+from benchmarks import common, compile_bench, decode_bench, report  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+# Per suite: what to run. Decode entries: (preset, weights, batches, lengths, modes).
+SUITES = {
+    "quick": {
+        "decode": [
+            ("tiny", "float32", (1, 8), (256, 1024, 4096, 8192), decode_bench.MODES),
+            ("pldrv51_110m", "float32", (1,), (1024, 4096, 8192),
+             ("kv", "kv+g", "sdpa", "h2o", "lambda", "less")),
+            ("pldrv51_110m", "float32", (1,), (256,), ("recompute",)),
+            ("pldrv51_110m", "float32", (8,), (1024, 8192), ("kv+g", "sdpa", "less")),
+            ("pldrv51_110m", "bfloat16", (1,), (1024,), ("kv+g", "sdpa")),
+        ],
+        "decode_steps": {"tiny": 20, "pldrv51_110m": 8},
+        "prefill": [("tiny", (1,), (256, 1024, 4096, 8192)), ("pldrv51_110m", (1,), (1024,))],
+        "train": [  # (preset, batch, seq, steps, devices, compute dtype)
+            ("tiny", 16, 128, 10, 1, "float32"),
+            ("tiny", 16, 128, 10, 8, "float32"),
+            ("pldrv51_110m", 1, 512, 2, 1, "float32"),
+        ],
+        "memory_lengths": (256, 1024, 4096, 8192),
+        "ceilings": {"gib": 1.0, "n": 2048, "repeats": 5},
+        "compile": {"num_prompts": 20, "max_len": 512},
+    },
+    "full": {
+        "decode": [
+            ("tiny", "float32", (1, 8), (256, 512, 1024, 2048, 4096, 8192), decode_bench.MODES),
+            ("pldrv51_110m", "float32", (1, 8), (256, 1024, 2048, 4096, 8192),
+             ("kv", "kv+g", "sdpa", "h2o", "lambda", "less")),
+            ("pldrv51_110m", "float32", (1,), (256, 1024), ("recompute",)),
+            ("pldrv51_110m", "bfloat16", (1, 8), (1024, 8192), ("kv+g", "sdpa", "less")),
+        ],
+        "decode_steps": {"tiny": 40, "pldrv51_110m": 16},
+        "prefill": [("tiny", (1, 8), (256, 1024, 4096, 8192)),
+                    ("pldrv51_110m", (1,), (256, 1024, 4096))],
+        "train": [
+            ("tiny", 16, 128, 20, 1, "float32"),
+            ("tiny", 16, 128, 20, 8, "float32"),
+            ("pldrv51_110m", 2, 1024, 3, 1, "float32"),
+            ("pldrv51_110m", 8, 1024, 2, 8, "float32"),
+            ("pldrv51_110m", 2, 1024, 3, 1, "bfloat16"),
+        ],
+        "memory_lengths": (256, 512, 1024, 2048, 4096, 8192),
+        "ceilings": {"gib": 2.0, "n": 4096, "repeats": 10},
+        "compile": {"num_prompts": 20, "max_len": 2048},
+    },
+}
+# A seconds-long pass over every section (tests/test_benchmarks.py); numbers meaningless.
+SUITES["smoke"] = {
+    "decode": [("tiny", "float32", (1,), (64,), decode_bench.MODES),
+               ("tiny", "float32", (2,), (128,), ("kv+g", "less")),
+               ("tiny", "bfloat16", (1,), (64,), ("kv+g",))],
+    "decode_steps": {"tiny": 2},
+    "prefill": [("tiny", (1,), (64,))],
+    "train": [("tiny", 4, 32, 1, 2, "float32")],
+    "memory_lengths": (64, 128),
+    "budget": 32,
+    "ceilings": {"gib": 0.0625, "n": 256, "repeats": 2},
+    "compile": {"num_prompts": 3, "max_len": 32, "max_new_tokens": 4},
+}
+GPU_TRAIN = [("pldrv51_110m", 32, 1024, 10, 1, "bfloat16"),
+             ("pldrv51_110m", 64, 1024, 10, 1, "bfloat16")]
+SECTIONS = ("ceilings", "decode", "prefill", "train", "compile", "memory")
+
+
+def log(msg: str) -> None:
+  print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run_decode(spec, ceil, rows):
+  bw = ceil["read_bandwidth"]["bytes_per_s"] if ceil else None
+  for preset, weights, batches, lengths, modes in spec["decode"]:
+    for batch in batches:
+      for length in lengths:
+        for mode in modes:
+          case = decode_bench.DecodeCase(preset, mode, batch, length, weights,
+                                         budget=spec.get("budget", 256),
+                                         steps=spec["decode_steps"][preset])
+          try:
+            r = decode_bench.run_case(case)
+          except Exception as e:  # a failed case is recorded, the suite goes on
+            r = {**case.__dict__, "error": f"{type(e).__name__}: {e}"}
+            log(f"decode {preset} {weights} b{batch} L{length} {mode}: FAILED {r['error']}")
+            rows.append(r)
+            continue
+          if bw:
+            r["bandwidth_floor_ms"] = 1e3 * r["bytes_per_token"] / bw
+            r["fraction_of_bandwidth_floor"] = r["bandwidth_floor_ms"] / r["latency_ms"]
+          rows.append(r)
+          log(f"decode {preset} {weights} b{batch} L{length} {mode:9s} "
+              f"{r['latency_ms']:9.3f} ms/step {r['tokens_per_s']:10.1f} tok/s "
+              f"floor {r.get('fraction_of_bandwidth_floor', float('nan')):.2f} "
+              f"(compile {r['compile_s']:.1f}s)")
+
+
+def run_prefill(spec, rows):
+  for preset, batches, lengths in spec["prefill"]:
+    for batch in batches:
+      for length in lengths:
+        for mode in ("kv+g", "sdpa", "less"):
+          try:
+            r = decode_bench.prefill_time(preset, mode, batch, length,
+                                          budget=spec.get("budget", 256))
+          except Exception as e:
+            r = {"preset": preset, "mode": mode, "batch": batch, "length": length,
+                 "error": f"{type(e).__name__}: {e}"}
+          rows.append(r)
+          log(f"prefill {preset} b{batch} L{length} {mode}: "
+              f"{r.get('prefill_s', float('nan')):.3f} s")
+
+
+def run_train(spec, ceil, rows, on_gpu: bool):
+  cases = list(spec["train"]) + (GPU_TRAIN if on_gpu else [])
+  mm = ceil["matmul"] if ceil else None
+  for preset, batch, seq, steps, devices, dtype in cases:
+    if on_gpu and devices > 1:
+      continue  # one GPU: forced host devices are a CPU-only measurement
+    env = dict(os.environ)
+    flags = [f for f in env.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    if devices > 1:
+      flags.append(f"--xla_force_host_platform_device_count={devices}")
+    env["XLA_FLAGS"] = " ".join(flags)
+    cmd = [sys.executable, "-m", "benchmarks.train_bench", "--preset", preset, "--batch",
+           str(batch), "--seq", str(seq), "--steps", str(steps), "--compute_dtype", dtype]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+      tail = (proc.stderr or proc.stdout)[-600:]
+      r = {"preset": preset, "batch": batch, "seq": seq, "devices": devices,
+           "compute_dtype": dtype, "error": f"exit {proc.returncode}: {tail}"}
+      log(f"train {preset} b{batch}x{seq} {devices} dev {dtype}: FAILED ({tail[-200:]})")
+    else:
+      r = json.loads(lines[-1][len("RESULT "):])
+      if mm:
+        ceiling = mm["bfloat16"] if dtype == "bfloat16" and on_gpu else mm["float32"]
+        r["matmul_ceiling_flops_per_s"] = ceiling
+        r["mfu"] = r["model_flops_per_s"] / ceiling
+      log(f"train {preset} b{batch}x{seq} {devices} dev {dtype}: {r['tokens_per_s']:.1f} tok/s, "
+          f"{r['model_flops_per_s'] / 1e9:.2f} GFLOP/s, MFU {r.get('mfu', float('nan')):.3f}, "
+          f"compile {r['compile_s']:.1f}s ({time.perf_counter() - t0:.0f}s)")
+    rows.append(r)
+
+
+def run_memory(spec, rows):
+  for preset in ("tiny", "pldrv51_110m"):
+    for length in spec["memory_lengths"]:
+      for mode in ("kv", "kv+g", "sdpa", "h2o", "lambda", "less"):
+        r = decode_bench.state_memory(preset, mode, 1, length, budget=spec.get("budget", 256))
+        rows.append(r)
+  log(f"memory: {len(rows)} rows")
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--suite", choices=sorted(SUITES), default="quick")
+  ap.add_argument("--only", default=None, help=f"comma-separated subset of {SECTIONS}")
+  ap.add_argument("--out", default=str(RESULTS))
+  ap.add_argument("--no_report", action="store_true")
+  a = ap.parse_args(argv)
+  sections = SECTIONS if not a.only else tuple(s.strip() for s in a.only.split(","))
+  unknown = set(sections) - set(SECTIONS)
+  if unknown:
+    ap.error(f"unknown sections {sorted(unknown)}; known: {SECTIONS}")
+  spec = SUITES[a.suite]
+  on_gpu = jax.devices()[0].platform == "gpu"
+  t_start = time.perf_counter()
+  record = {"suite": a.suite, "environment": common.environment(), "sections": list(sections)}
+  log(f"suite {a.suite} on {record['environment']['device']} "
+      f"({record['environment']['cpu']}, {record['environment']['cpu_count']} cores), "
+      f"jax {jax.__version__}")
+  ceil = None
+  if "ceilings" in sections:
+    ceil = common.ceilings(**spec["ceilings"], gpu=on_gpu)
+    record["ceilings"] = ceil
+    log(f"ceilings: read {ceil['read_bandwidth']['bytes_per_s'] / 1e9:.2f} GB/s "
+        f"({ceil['read_bandwidth']['best_method']}), matmul fp32 "
+        f"{ceil['matmul']['float32'] / 1e9:.1f} GFLOP/s, bf16 "
+        f"{ceil['matmul']['bfloat16'] / 1e9:.1f} GFLOP/s")
+  for name, fn in (("compile", lambda rows: rows.append(compile_bench.generate_counts(**spec["compile"]))),
+                   ("memory", lambda rows: run_memory(spec, rows)),
+                   ("decode", lambda rows: run_decode(spec, ceil, rows)),
+                   ("prefill", lambda rows: run_prefill(spec, rows)),
+                   ("train", lambda rows: run_train(spec, ceil, rows, on_gpu))):
+    if name in sections:
+      t0 = time.perf_counter()
+      rows = []
+      fn(rows)
+      record[name] = rows
+      log(f"{name} done in {time.perf_counter() - t0:.0f}s")
+      if name == "compile":
+        c = rows[-1]
+        log(f"compile: {c['compilations']} compilations for {c['num_prompts']} prompts in "
+            f"{c['num_buckets_used']} buckets ({'ok' if c['ok'] else 'TOO MANY'})")
+  record["wall_s"] = time.perf_counter() - t_start
+  out = Path(a.out)
+  out.mkdir(parents=True, exist_ok=True)
+  stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%M%S")
+  path = out / f"suite_{a.suite}_{stamp}.json"
+  path.write_text(json.dumps(record, indent=1))
+  log(f"wrote {path} ({record['wall_s']:.0f}s)")
+  if not a.no_report:
+    written = report.write_report(path, out)
+    log("report: " + ", ".join(str(p) for p in written))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,93 @@
+"""Training benchmark: tokens/s, model FLOP/s and compile time of the jitted train step.
+
+Run as a module so that the device count can be forced before JAX starts:
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
+    python -m benchmarks.train_bench --preset tiny --batch 16 --seq 128 --steps 5
+
+It prints one JSON row. benchmarks/run.py runs it in a subprocess per
+(config, device count) and divides model FLOP/s by the matmul ceiling it
+measured in the same run (model FLOPs utilisation).
+
+Model FLOPs per token come from the config (pldr_jax.train.flops_per_token:
+dense layers, attention scores and values, q G_LM, LM head, and the metric
+learner + power-law step amortised over the sequence; forward + backward =
+3x forward). The mesh is ('data', 'fsdp') with every device on 'data' unless
+--fsdp is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+from pldr_jax import config as cfg  # noqa: E402
+from pldr_jax import train  # noqa: E402
+
+
+def run(preset: str, batch: int, seq: int | None, steps: int, compute_dtype: str = "float32",
+        fsdp: int = 1, g_mode: str | None = None) -> dict:
+  c = cfg.preset(preset, compute_dtype=compute_dtype)
+  if g_mode:
+    c = c.replace(g_mode=g_mode)
+  seq = seq or c.max_len
+  if seq > c.max_len:
+    c = c.replace(max_len=seq)
+  n = jax.device_count()
+  tc = train.TrainConfig(num_steps=1000, warmup_steps=10, mesh_data=n // fsdp, mesh_fsdp=fsdp)
+  tx = train.make_optimizer(tc)
+  mesh = train.make_mesh(tc)
+  with jax.set_mesh(mesh):
+    state = train.init_train_state(c, tc, tx, mesh)
+    step = train.make_train_step(c, tc, tx, mesh)
+    toks = np.random.default_rng(0).integers(4, c.vocab_size, (batch, seq)).astype(np.int32)
+    data = train.global_batch({"tokens": toks, "mask": np.ones_like(toks)}, mesh)
+    t0 = time.perf_counter()
+    step.lower(state, data).compile()
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    state, m = step(state, data)
+    jax.block_until_ready(m)
+    first_s = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+      t0 = time.perf_counter()
+      state, m = step(state, data)
+      jax.block_until_ready(m)
+      times.append(time.perf_counter() - t0)
+  dt = float(np.median(times))
+  tps = batch * seq / dt
+  fpt = train.flops_per_token(c, seq)
+  return {"preset": preset, "g_mode": c.g_mode, "batch": batch, "seq": seq,
+          "compute_dtype": compute_dtype, "devices": n, "fsdp": fsdp, "steps": steps,
+          "step_s": dt, "step_min_s": float(np.min(times)), "tokens_per_s": tps,
+          "flops_per_token": fpt, "model_flops_per_s": fpt * tps, "compile_s": compile_s,
+          "first_step_s": first_s, "loss": float(m["loss"]), **common.environment()}
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--preset", default="tiny")
+  ap.add_argument("--batch", type=int, default=16)
+  ap.add_argument("--seq", type=int, default=None)
+  ap.add_argument("--steps", type=int, default=5)
+  ap.add_argument("--compute_dtype", default="float32")
+  ap.add_argument("--fsdp", type=int, default=1)
+  ap.add_argument("--g_mode", default=None)
+  a = ap.parse_args(argv)
+  row = run(a.preset, a.batch, a.seq, a.steps, a.compute_dtype, a.fsdp, a.g_mode)
+  print("RESULT " + json.dumps(row))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

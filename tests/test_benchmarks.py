@@ -1,0 +1,89 @@
+"""The benchmark suite runs end to end (smoke suite: every section, tiny config).
+
+No timing is asserted (benchmarks are scripts, not timed tests); these tests
+check that every section produces well-formed rows, that the byte accounting
+behind the bandwidth-floor fractions is right, and that the report is written.
+"""
+
+import json
+import math
+
+import jax
+import numpy as np
+
+from benchmarks import decode_bench, report, run
+from pldr_jax import config as cfg
+from pldr_jax import model
+
+
+def test_read_param_bytes_counts_what_a_decode_step_reads():
+  c = cfg.tiny()
+  params = model.init_params(c, jax.random.key(0))
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  total = sum(x.size * 4 for _, x in leaves)
+  embed = params["embed"].size * 4
+  plga = sum(x.size * 4 for p, x in leaves
+             if any(getattr(k, "key", None) in ("res_units", "ln_a", "plga") for k in p))
+  assert plga > 0
+  b = 3
+  row = b * c.d_model * 4
+  # G recomputed: everything but the unused embedding rows.
+  assert decode_bench.read_param_bytes(params, c, "kv", b) == total - embed + row
+  # With the G-cache the metric learner and power-law tensors are not read.
+  assert decode_bench.read_param_bytes(params, c, "kv+g", b) == total - embed + row - plga
+  assert decode_bench.read_param_bytes(params, c, "less", b) == total - embed + row - plga
+
+
+def test_state_memory_full_cache_grows_sparse_does_not():
+  small = decode_bench.state_memory("tiny", "kv+g", 1, 128, budget=32)
+  big = decode_bench.state_memory("tiny", "kv+g", 1, 1024, budget=32)
+  c = cfg.tiny()
+  per_slot = c.num_layers * 2 * c.num_heads * c.head_dim * 4
+  assert big["state_bytes"] - small["state_bytes"] == (1024 - 128) * per_slot
+  for mode in ("h2o", "lambda", "less"):
+    a = decode_bench.state_memory("tiny", mode, 1, 128, budget=32)
+    z = decode_bench.state_memory("tiny", mode, 1, 1024, budget=32)
+    assert a["state_bytes"] == z["state_bytes"] > 0
+  less = decode_bench.state_memory("tiny", "less", 1, 128, budget=32, rank=8)
+  h2o = decode_bench.state_memory("tiny", "h2o", 1, 128, budget=32)
+  # H [R, dk] + z [R] per head and layer, float32.
+  assert less["state_bytes"] - h2o["state_bytes"] == c.num_layers * c.num_heads * 8 * (
+      c.head_dim + 1) * 4
+
+
+def test_smoke_suite_writes_every_section_and_the_report(tmp_path):
+  assert run.main(["--suite", "smoke", "--out", str(tmp_path)]) == 0
+  files = list(tmp_path.glob("suite_smoke_*.json"))
+  assert len(files) == 1
+  rec = json.loads(files[0].read_text())
+  env = rec["environment"]
+  for k in ("machine", "device", "jax", "date", "cpu_count"):
+    assert env[k]
+  assert rec["ceilings"]["read_bandwidth"]["bytes_per_s"] > 0
+  assert rec["ceilings"]["matmul"]["float32"] > 0
+  dec = rec["decode"]
+  assert not [r for r in dec if "error" in r], [r["error"] for r in dec if "error" in r]
+  assert {r["mode"] for r in dec} == set(decode_bench.MODES)
+  for r in dec:
+    assert r["latency_ms"] > 0 and math.isfinite(r["tokens_per_s"])
+    assert 0 < r["fraction_of_bandwidth_floor"]
+    assert r["bytes_per_token"] > 0
+  kvg = [r for r in dec if r["mode"] == "kv+g" and r["batch"] == 2][0]
+  c = cfg.tiny()
+  assert kvg["state_bytes"] == c.num_layers * 2 * 2 * 128 * c.num_heads * c.head_dim * 4 + 2 * 4
+  (train,) = rec["train"]
+  assert "error" not in train, train.get("error")
+  assert train["devices"] == 2 and train["tokens_per_s"] > 0 and 0 < train["mfu"]
+  assert np.isfinite(train["loss"])
+  (comp,) = rec["compile"]
+  assert comp["ok"] and comp["compilations"] == comp["num_buckets_used"]
+  assert rec["memory"] and rec["prefill"]
+  text = (tmp_path / "RESULTS.md").read_text()
+  for heading in ("Machine ceilings", "Targets", "## Decode", "## Prefill", "## Training",
+                  "Compilations while decoding", "Decode-state memory"):
+    assert heading in text
+  assert (tmp_path / "plots" / "decode_state_memory.png").exists()
+  # The report regenerates from the JSON alone.
+  (tmp_path / "RESULTS.md").unlink()
+  assert report.main([str(files[0])]) == 0
+  assert (tmp_path / "RESULTS.md").exists()
