@@ -116,6 +116,22 @@ def pad_prompts(prompts, config: PLDRConfig, max_new_tokens: int,
   return tokens, lengths
 
 
+def auto_cache_len(width: int, max_new_tokens: int, config: PLDRConfig,
+                   buckets: Sequence[int] | None = None) -> int:
+  """The KV-cache size for prompts padded to `width`: the smallest length bucket
+  holding width + max_new_tokens (capped at the context).
+
+  A decode step reads every cache slot, so a cache sized to the request rather
+  than to the context makes short generations cheaper; being a function of the
+  prompt bucket, it adds no compilations.
+  """
+  need = width + max_new_tokens
+  if need >= config.max_len:
+    return config.max_len
+  return min(bucket_length(need, tuple(buckets or default_buckets(config.max_len))
+                           + (config.max_len,)), config.max_len)
+
+
 TRACE_COUNT = {"generate": 0}
 
 
@@ -167,8 +183,9 @@ def generate(params, prompts, *, config: PLDRConfig, max_new_tokens: int,
   Returns one list of new token ids per prompt (ending at the stop token, if
   it was produced). The decode loop runs in one jitted `lax.while_loop`.
   """
-  cache_len = config.max_len if cache_len is None else cache_len
   tokens, lengths = pad_prompts(prompts, config, max_new_tokens, buckets, cache_len)
+  if cache_len is None:
+    cache_len = auto_cache_len(tokens.shape[1], max_new_tokens, config, buckets)
   key = jax.random.key(0) if key is None else key
   g_lm = model.resolve_g_lm(config, g_lm)
   out, num = generate_tokens(params, tokens, lengths, key, sampling.as_arrays(), g_lm,
@@ -188,8 +205,9 @@ def stream(params, prompts, *, config: PLDRConfig, max_new_tokens: int,
   iteration ends when every sequence stopped or after max_new_tokens steps.
   Draws the same tokens as `generate` with the same key.
   """
-  cache_len = config.max_len if cache_len is None else cache_len
   tokens, lengths = pad_prompts(prompts, config, max_new_tokens, buckets, cache_len)
+  if cache_len is None:
+    cache_len = auto_cache_len(tokens.shape[1], max_new_tokens, config, buckets)
   key = jax.random.key(0) if key is None else key
   g_lm = model.resolve_g_lm(config, g_lm)
   arrays = sampling.as_arrays()

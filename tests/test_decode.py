@@ -223,6 +223,23 @@ def test_generate_no_recompile_within_bucket():
   assert gen.TRACE_COUNT["generate"] == before + 1
 
 
+def test_generate_sizes_the_cache_to_the_request():
+  """The default cache is the smallest bucket holding prompt bucket + new tokens (a
+  decode step reads every slot); the tokens equal those of a context-sized cache."""
+  c = cfg.tiny(**F64).replace(max_len=128)
+  p = _params(c)
+  assert gen.auto_cache_len(16, 6, c) == 32
+  assert gen.auto_cache_len(16, 16, c) == 32
+  assert gen.auto_cache_len(64, 60, c) == 128
+  assert gen.auto_cache_len(100, 28, c) == 128  # never beyond the context
+  prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
+  auto = gen.generate(p, prompts, config=c, max_new_tokens=6)
+  full = gen.generate(p, prompts, config=c, max_new_tokens=6, cache_len=c.max_len)
+  assert auto == full
+  streamed = np.stack(list(gen.stream(p, prompts, config=c, max_new_tokens=6)), 1)
+  assert streamed.tolist() == full
+
+
 def test_stop_token_and_per_sequence_lengths():
   c = cfg.tiny()
   p = _params(c)
