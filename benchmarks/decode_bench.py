@@ -160,7 +160,7 @@ def run_case(case: DecodeCase) -> dict:
     g_cache = case.mode != "kv"
     _, small, gcache = decode.prefill_jit(params, toks, lens, config=c, cache_len=prompt,
                                           g_cache=g_cache)
-    shape = (b, case.length, c.num_heads, c.head_dim)
+    shape = (b, c.num_heads, case.length, c.head_dim)
     state = {"lengths": start,
              "layers": [{**{k: v for k, v in layer.items() if k not in ("k", "v")},
                          "k": jnp.zeros(shape, layer["k"].dtype),

@@ -2,7 +2,8 @@
 
 Two pytrees travel between steps:
   * the decode state (donated each step): per layer k (after rotary) and v in
-    fixed buffers [B, T, H, dk] of T = cache_len slots, the per-sequence
+    fixed head-major buffers [B, H, T, dk] of T = cache_len slots (the layout
+    the step's two matrix products read without a transpose), the per-sequence
     `lengths` [B], and (causal metric without G-cache) the running raw sum of
     q q^T [B, H, dk, dk] that the metric input is built from;
   * the G-cache (constant, never donated): per layer the deductive tensors
@@ -30,10 +31,30 @@ from pldr_jax.config import PLDRConfig
 
 
 def _write(buf: jax.Array, new: jax.Array, pos: jax.Array) -> jax.Array:
-  """buf: [B, T, ...]; new: [B, S, ...]; pos: int [B] -> buf with new at [b, pos_b:pos_b+S]."""
+  """buf: [B, H, T, dk]; new: [B, S, H, dk]; pos: int [B] -> buf with new at
+  [b, :, pos_b:pos_b+S]."""
+  new = jnp.swapaxes(new, 1, 2).astype(buf.dtype)  # [B, H, S, dk]
+
   def one(b, n, p):
-    return jax.lax.dynamic_update_slice(b, n.astype(b.dtype), (p,) + (jnp.zeros((), p.dtype),) * (b.ndim - 1))
+    z = jnp.zeros((), p.dtype)
+    return jax.lax.dynamic_update_slice(b, n, (z, p, z))
   return jax.vmap(one)(buf, new, pos)
+
+
+def _write_one(buf: jax.Array, new: jax.Array, pos: jax.Array) -> jax.Array:
+  """buf: [B, H, T, dk]; new: [B, H, dk]; pos: int [B] -> buf with new at [b, :, pos_b].
+
+  One scatter with explicit (batch, head, slot) indices: with the state donated
+  XLA:CPU writes it in place, and the step's attention then reads the updated
+  buffer without a copy (a vmapped dynamic_update_slice, or reading the old
+  cache beside the write, makes it copy every layer's cache each step).
+  A position outside the cache is dropped.
+  """
+  b, h = buf.shape[:2]
+  bi = jnp.arange(b)[:, None]
+  hi = jnp.arange(h)[None, :]
+  return buf.at[bi, hi, pos[:, None]].set(new.astype(buf.dtype), mode="drop",
+                                         unique_indices=True)
 
 
 def _at_last(x: jax.Array, lengths: jax.Array) -> jax.Array:
@@ -56,7 +77,7 @@ def prefill(params: dict, tokens: jax.Array, lengths: jax.Array, *, config: PLDR
   logits, auxes = model.forward(params, tokens, lengths, config=config, g_lm=g_lm,
                                 return_aux=True)
   cd = jnp.dtype(config.compute_dtype)
-  zeros = jnp.zeros((b, cache_len, config.num_heads, config.head_dim), cd)
+  zeros = jnp.zeros((b, config.num_heads, cache_len, config.head_dim), cd)
   start = jnp.zeros((b,), jnp.int32)
   layers, glayers = [], []
   for aux in auxes:
@@ -119,11 +140,11 @@ def decode_step(params: dict, gcache: dict, state: dict, tokens: jax.Array, *,
   for layer_p, layer_s, layer_g in zip(params["layers"], state["layers"], gcache["layers"]):
     q, k, v = model.qkv(layer_p, x, positions, config)
     g, layer_s, aux = _decode_g(layer_p, layer_s, layer_g, q, config, g_cache)
-    layer_s = {**layer_s, "k": _write(layer_s["k"], k, pos), "v": _write(layer_s["v"], v, pos)}
-    t = layer_s["k"].shape[1]
-    slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    mask = plga.causal_mask(positions, slots, pos + 1)
-    out, _ = plga.plga_attention(q, layer_s["k"], layer_s["v"], g, mask)
+    layer_s = {**layer_s, "k": _write_one(layer_s["k"], k[:, 0], pos),
+               "v": _write_one(layer_s["v"], v[:, 0], pos)}
+    t = layer_s["k"].shape[2]
+    visible = jnp.arange(t, dtype=jnp.int32)[None, :] <= pos[:, None]  # [B, T]
+    out = plga.cached_attention(q[:, 0], layer_s["k"], layer_s["v"], g, visible)[:, None]
     x = model.finish_layer(layer_p, x, out, config)
     new_layers.append(layer_s)
     deductive.append(aux)

@@ -59,6 +59,24 @@ def plga_attention(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array | None
   return out, logits
 
 
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array | None,
+                     visible: jax.Array) -> jax.Array:
+  """PLGA of one new query per sequence over a head-major KV-cache (decode).
+
+  q: [B, H, dk]; k, v: [B, H, T, dk] (the new pair already written);
+  g: see `apply_g` (None: identity); visible: bool [B, T].
+  Returns [B, H, dk] in v.dtype.
+
+  The cache is the left operand of both products ([T, dk] @ [dk] and
+  [T] @ [T, dk] per head), the layout XLA reads without transposing it.
+  """
+  ft = nn.upcast(q.dtype)
+  qg = apply_g(q[:, None], g)[:, 0].astype(ft)
+  logits = jnp.einsum("bhtd,bhd->bht", k.astype(ft), qg) / math.sqrt(q.shape[-1])
+  probs = masked_softmax(logits, visible[:, None, :])
+  return jnp.einsum("bht,bhtd->bhd", probs.astype(v.dtype), v)
+
+
 def causal_mask(q_pos: jax.Array, k_pos: jax.Array, k_len: jax.Array) -> jax.Array:
   """Key s visible to query t iff pos_s <= pos_t and pos_s < length.
 
