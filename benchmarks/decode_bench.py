@@ -125,7 +125,7 @@ def _policy(case: DecodeCase):
 _COMPILED: dict = {}  # (compiled decode step, compile seconds) per (config, mode, shapes)
 
 
-def run_case(case: DecodeCase) -> dict:
+def run_case(case: DecodeCase, _build_only: bool = False) -> dict:
   """Times one decode case; returns a result row."""
   c = make_config(case.preset, case.length, case.weights, identity=case.mode == "sdpa")
   params = _params(case.preset, c.compute_dtype, c.g_mode)
@@ -155,7 +155,7 @@ def run_case(case: DecodeCase) -> dict:
   prompt = 16
   toks = jnp.asarray(rng.integers(4, c.vocab_size, (b, prompt)), jnp.int32)
   lens = jnp.full((b,), prompt, jnp.int32)
-  start = jnp.full((b,), case.length - case.steps - 2, jnp.int32)
+  start = jnp.full((b,), case.length - case.steps - 5, jnp.int32)
   if case.mode in FULL_MODES:
     g_cache = case.mode != "kv"
     _, small, gcache = decode.prefill_jit(params, toks, lens, config=c, cache_len=prompt,
@@ -181,22 +181,51 @@ def run_case(case: DecodeCase) -> dict:
     t0 = time.perf_counter()
     _COMPILED[key] = (lowered.compile(), time.perf_counter() - t0)
   compiled, row["compile_s"] = _COMPILED[key]
-  extra = (kernels,) if case.mode not in FULL_MODES else ()
-  step = lambda state: compiled(params, gcache, state, tok, *extra)
+  extra = (kernels, None) if case.mode not in FULL_MODES else ()  # kernels, active
+  step_params = decode.decode_params(params, c, case.mode != "kv")
+  step = lambda state: compiled(step_params, gcache, state, tok, *extra)
   row["state_bytes"] = common.tree_bytes(state)
   row["gcache_bytes"] = common.tree_bytes(gcache)
   row["bytes_per_token"] = (read_param_bytes(params, c, case.mode, b) + row["state_bytes"]
                             + _gcache_read_bytes(gcache, case.mode))
-  logits, state = step(state)  # warm-up (and the jit cache fill of the call path)
+  if _build_only:
+    return row, step, state
+  steps = case.steps
+  if case.weights != "float32" and jax.devices()[0].platform == "cpu":
+    steps = min(steps, 4)  # XLA:CPU bf16 dots are ~10x slower than fp32: keep it short
+  for _ in range(3):  # warm-up: first touches of the buffers
+    logits, state = step(state)
   common.block(logits)
   times = []
-  for _ in range(case.steps):
+  for _ in range(steps):
     t0 = time.perf_counter()
     logits, state = step(state)
     common.block(logits)
     times.append(time.perf_counter() - t0)
   row.update(_latency(times, b))
   return row
+
+
+def paired(cases: list[DecodeCase], rounds: int = 30) -> list[dict]:
+  """Times several decode cases step by step in alternation (a, b, c, a, b, c, ...),
+  so that drift of a shared machine hits all of them alike; for A-vs-B ratios
+  such as the G-cache overhead over SDPA. Returns one row per case."""
+  built = [run_case(c, _build_only=True) for c in cases]
+  rows = [r for r, _, _ in built]
+  steps = [s for _, s, _ in built]
+  states = [st for _, _, st in built]
+  times = [[] for _ in cases]
+  for r in range(rounds + 3):
+    for i, step in enumerate(steps):
+      t0 = time.perf_counter()
+      logits, states[i] = step(states[i])
+      common.block(logits)
+      if r >= 3:
+        times[i].append(time.perf_counter() - t0)
+  for row, t, c in zip(rows, times, cases):
+    row.update(_latency(t, c.batch))
+    row["paired_with"] = [x.mode for x in cases]
+  return rows
 
 
 def _latency(times, batch) -> dict:

@@ -47,15 +47,18 @@ RESULTS = ROOT / "benchmarks" / "results"
 SUITES = {
     "quick": {
         "decode": [
-            ("tiny", "float32", (1, 8), (256, 1024, 4096, 8192), decode_bench.MODES),
+            ("tiny", "float32", (1, 8), (256, 1024, 4096, 8192),
+             tuple(m for m in decode_bench.MODES if m != "recompute")),
+            ("tiny", "float32", (1, 8), (256, 1024), ("recompute",)),
             ("pldrv51_110m", "float32", (1,), (1024, 4096, 8192),
              ("kv", "kv+g", "sdpa", "h2o", "lambda", "less")),
             ("pldrv51_110m", "float32", (1,), (256,), ("recompute",)),
             ("pldrv51_110m", "float32", (8,), (1024, 8192), ("kv+g", "sdpa", "less")),
-            ("pldrv51_110m", "bfloat16", (1,), (1024,), ("kv+g", "sdpa")),
+            ("pldrv51_110m", "bfloat16", (1,), (1024,), ("kv+g",)),
         ],
-        "decode_steps": {"tiny": 20, "pldrv51_110m": 8},
-        "prefill": [("tiny", (1,), (256, 1024, 4096, 8192)), ("pldrv51_110m", (1,), (1024,))],
+        "decode_steps": {"tiny": 20, "pldrv51_110m": 16},
+        "paired": [("pldrv51_110m", 1, (1024, 4096, 8192), 30)],
+        "prefill": [("tiny", (1,), (1024, 8192)), ("pldrv51_110m", (1,), (1024,))],
         "train": [  # (preset, batch, seq, steps, devices, compute dtype)
             ("tiny", 16, 128, 10, 1, "float32"),
             ("tiny", 16, 128, 10, 8, "float32"),
@@ -74,6 +77,7 @@ SUITES = {
             ("pldrv51_110m", "bfloat16", (1, 8), (1024, 8192), ("kv+g", "sdpa", "less")),
         ],
         "decode_steps": {"tiny": 40, "pldrv51_110m": 16},
+        "paired": [("pldrv51_110m", b, (256, 1024, 4096, 8192), 60) for b in (1, 8)],
         "prefill": [("tiny", (1, 8), (256, 1024, 4096, 8192)),
                     ("pldrv51_110m", (1,), (256, 1024, 4096))],
         "train": [
@@ -94,6 +98,7 @@ SUITES["smoke"] = {
                ("tiny", "float32", (2,), (128,), ("kv+g", "less")),
                ("tiny", "bfloat16", (1,), (64,), ("kv+g",))],
     "decode_steps": {"tiny": 2},
+    "paired": [("tiny", 1, (64,), 3)],
     "prefill": [("tiny", (1,), (64,))],
     "train": [("tiny", 4, 32, 1, 2, "float32")],
     "memory_lengths": (64, 128),
@@ -103,7 +108,7 @@ SUITES["smoke"] = {
 }
 GPU_TRAIN = [("pldrv51_110m", 32, 1024, 10, 1, "bfloat16"),
              ("pldrv51_110m", 64, 1024, 10, 1, "bfloat16")]
-SECTIONS = ("ceilings", "decode", "prefill", "train", "compile", "memory")
+SECTIONS = ("ceilings", "decode", "gcache", "prefill", "train", "compile", "memory")
 
 
 def log(msg: str) -> None:
@@ -134,6 +139,19 @@ def run_decode(spec, ceil, rows):
               f"{r['latency_ms']:9.3f} ms/step {r['tokens_per_s']:10.1f} tok/s "
               f"floor {r.get('fraction_of_bandwidth_floor', float('nan')):.2f} "
               f"(compile {r['compile_s']:.1f}s)")
+
+
+def run_gcache(spec, rows):
+  """KV+G-cache vs same-size SDPA decode, timed step by step in alternation."""
+  for preset, batch, lengths, rounds in spec["paired"]:
+    for length in lengths:
+      cases = [decode_bench.DecodeCase(preset, m, batch, length) for m in ("kv+g", "sdpa")]
+      a, b = decode_bench.paired(cases, rounds)
+      over = a["latency_ms"] / b["latency_ms"] - 1.0
+      rows += [{**a, "overhead_vs_sdpa": over}, b]
+      log(f"gcache {preset} b{batch} L{length}: KV+G {a['latency_ms']:.3f} ms, SDPA "
+          f"{b['latency_ms']:.3f} ms (medians of {rounds} alternating steps): "
+          f"overhead {100 * over:+.1f}%")
 
 
 def run_prefill(spec, rows):
@@ -224,6 +242,7 @@ def main(argv=None) -> int:
   for name, fn in (("compile", lambda rows: rows.append(compile_bench.generate_counts(**spec["compile"]))),
                    ("memory", lambda rows: run_memory(spec, rows)),
                    ("decode", lambda rows: run_decode(spec, ceil, rows)),
+                   ("gcache", lambda rows: run_gcache(spec, rows)),
                    ("prefill", lambda rows: run_prefill(spec, rows)),
                    ("train", lambda rows: run_train(spec, ceil, rows, on_gpu))):
     if name in sections:

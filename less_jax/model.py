@@ -71,6 +71,7 @@ from less_jax import cache as cache_lib
 from less_jax import kernels as kernels_lib
 from less_jax import parallel as parallel_lib
 from less_jax import policies as policies_lib
+from pldr_jax import decode as pdecode
 from pldr_jax import model as pmodel
 from pldr_jax import plga
 from pldr_jax.config import PLDRConfig
@@ -389,11 +390,25 @@ def less_prefill_jit(params, tokens, lengths, kernels=None, g_lm=None, *, config
 
 
 @functools.partial(jax.jit, static_argnames=("config", "policy"), donate_argnames=("state",))
-def less_decode_step_jit(params, gcache, state, tokens, kernels=None, active=None, *,
-                         config, policy):
-  """Jitted `less_decode_step`: the state is donated; params, G-cache, kernels are not."""
+def _less_decode_step_jitted(params, gcache, state, tokens, kernels=None, active=None, *,
+                             config, policy):
   return less_decode_step(params, gcache, state, tokens, config=config, policy=policy,
                           kernels=kernels, active=active)
+
+
+def less_decode_step_jit(params, gcache, state, tokens, kernels=None, active=None, *,
+                         config, policy):
+  """Jitted `less_decode_step`: the state is donated; params, G-cache, kernels are not.
+  Decode reads G_LM from the G-cache, so the metric learner and power-law tensors
+  are not passed (pldr_jax.decode.decode_params)."""
+  return _less_decode_step_jitted(pdecode.decode_params(params, config), gcache, state, tokens,
+                                  kernels, active, config=config, policy=policy)
+
+
+less_decode_step_jit.lower = (
+    lambda params, gcache, state, tokens, kernels=None, active=None, *, config, policy:
+    _less_decode_step_jitted.lower(pdecode.decode_params(params, config), gcache, state,
+                                   tokens, kernels, active, config=config, policy=policy))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "policy"))

@@ -79,7 +79,8 @@ def test_smoke_suite_writes_every_section_and_the_report(tmp_path):
   assert comp["ok"] and comp["compilations"] == comp["num_buckets_used"]
   assert rec["memory"] and rec["prefill"]
   text = (tmp_path / "RESULTS.md").read_text()
-  for heading in ("Machine ceilings", "Targets", "## Decode", "## Prefill", "## Training",
+  assert len(rec["gcache"]) == 2 and "overhead_vs_sdpa" in rec["gcache"][0]
+  for heading in ("Machine ceilings", "Targets", "## Decode", "## Prefill", "## Training", "G-cache overhead",
                   "Compilations while decoding", "Decode-state memory"):
     assert heading in text
   assert (tmp_path / "plots" / "decode_state_memory.png").exists()
