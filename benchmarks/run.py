@@ -57,7 +57,7 @@ SUITES = {
             ("pldrv51_110m", "bfloat16", (1,), (1024,), ("kv+g",)),
         ],
         "decode_steps": {"tiny": 20, "pldrv51_110m": 16},
-        "paired": [("pldrv51_110m", 1, (1024, 4096, 8192), 30)],
+        "paired": [("pldrv51_110m", 1, (1024, 8192), 24)],
         "prefill": [("tiny", (1,), (1024, 8192)), ("pldrv51_110m", (1,), (1024,))],
         "train": [  # (preset, batch, seq, steps, devices, compute dtype)
             ("tiny", 16, 128, 10, 1, "float32"),
