@@ -30,17 +30,6 @@ from pldr_jax import metric, model, plga, power_law
 from pldr_jax.config import PLDRConfig
 
 
-def _write(buf: jax.Array, new: jax.Array, pos: jax.Array) -> jax.Array:
-  """buf: [B, H, T, dk]; new: [B, S, H, dk]; pos: int [B] -> buf with new at
-  [b, :, pos_b:pos_b+S]."""
-  new = jnp.swapaxes(new, 1, 2).astype(buf.dtype)  # [B, H, S, dk]
-
-  def one(b, n, p):
-    z = jnp.zeros((), p.dtype)
-    return jax.lax.dynamic_update_slice(b, n, (z, p, z))
-  return jax.vmap(one)(buf, new, pos)
-
-
 def _write_one(buf: jax.Array, new: jax.Array, pos: jax.Array) -> jax.Array:
   """buf: [B, H, T, dk]; new: [B, H, dk]; pos: int [B] -> buf with new at [b, :, pos_b].
 
@@ -78,10 +67,11 @@ def prefill(params: dict, tokens: jax.Array, lengths: jax.Array, *, config: PLDR
                                 return_aux=True)
   cd = jnp.dtype(config.compute_dtype)
   zeros = jnp.zeros((b, config.num_heads, cache_len, config.head_dim), cd)
-  start = jnp.zeros((b,), jnp.int32)
   layers, glayers = [], []
   for aux in auxes:
-    layer = {"k": _write(zeros, aux["k"], start), "v": _write(zeros, aux["v"], start)}
+    # The prompt fills slots [0, S) of the head-major cache.
+    layer = {name: zeros.at[:, :, :s].set(jnp.swapaxes(aux[name], 1, 2).astype(cd))
+             for name in ("k", "v")}
     g = {}
     if "A" in aux:  # learned G
       pick = (lambda t: _at_last(t, lengths)) if config.causal_metric else (lambda t: t)
@@ -133,7 +123,6 @@ def decode_step(params: dict, gcache: dict, state: dict, tokens: jax.Array, *,
   list of the deductive tensors used (G_LM, and A/A_LM/A_P when recomputed).
   """
   pos = state["lengths"]
-  b = tokens.shape[0]
   x = model.embed(params, tokens[:, None], config)
   positions = pos[:, None]
   new_layers, deductive = [], []
