@@ -16,7 +16,8 @@ Modes (each on the same weights; `sdpa` is the same-size model with G = I):
 The decode position is `length`: the full-cache modes hold a cache of
 `length` slots (their step reads all of it), the sparse modes hold `budget`
 slots whatever the position. The decode state is built by prefilling a short
-prompt and then moving the position to `length - steps - 1`: step costs are
+prompt and then moving the position to `length - steps - 5` (3 warm-up steps,
+then the timed ones, end just below `length`): step costs are
 fixed by shapes, not by cache contents, so this times decoding at `length`
 tokens without paying a full prefill of `length` tokens for every mode.
 Prefill itself is timed separately (`prefill_time`).
@@ -47,7 +48,6 @@ from pldr_jax import decode, model
 MODES = ("recompute", "kv", "kv+g", "sdpa", "h2o", "lambda", "less")
 FULL_MODES = ("kv", "kv+g", "sdpa")
 SPARSE_MODES = ("h2o", "lambda", "less")
-PLDR_ONLY = ("kv",)  # meaningless for an identity-G model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,18 +94,13 @@ def _kernels(c, rank: int, hidden: int):
 
 
 def read_param_bytes(params: dict, c, mode: str, batch: int) -> int:
-  """Bytes of the parameters a decode step reads (see the module docstring)."""
-  skip_plga = mode != "kv" and mode != "recompute"
-  total = 0
-  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-    nbytes = leaf.size * leaf.dtype.itemsize
-    if names and names[0] == "embed":
-      nbytes = batch * leaf.shape[1] * leaf.dtype.itemsize
-    elif skip_plga and any(n in ("res_units", "ln_a", "plga") for n in names):
-      nbytes = 0
-    total += nbytes
-  return int(total)
+  """Bytes of the parameters a decode step reads (see the module docstring):
+  pldr_jax.decode.decode_params (the G network only without a G-cache), with
+  B rows of the embedding table instead of all of it."""
+  read = decode.decode_params(params, c, g_cache=mode not in ("kv", "recompute"))
+  emb = read["embed"]
+  return int(common.tree_bytes(read) - emb.size * emb.dtype.itemsize
+             + batch * emb.shape[1] * emb.dtype.itemsize)
 
 
 def _gcache_read_bytes(gcache: dict, mode: str) -> int:
@@ -126,7 +121,8 @@ _COMPILED: dict = {}  # (compiled decode step, compile seconds) per (config, mod
 
 
 def run_case(case: DecodeCase, _build_only: bool = False) -> dict:
-  """Times one decode case; returns a result row."""
+  """Times one decode case; returns a result row. With _build_only (for
+  `paired`): returns (row without timings, step function, state) untimed."""
   c = make_config(case.preset, case.length, case.weights, identity=case.mode == "sdpa")
   params = _params(case.preset, c.compute_dtype, c.g_mode)
   rng = np.random.default_rng(0)
