@@ -6,14 +6,23 @@ One checkpoint per step, `<directory>/<step>/`, written by an Orbax
   params       parameter pytree (StandardSave; nested dicts and lists)
   opt_state    optax state pytree (StandardSave; namedtuples come back as such
                because restores go into an abstract tree of the same structure)
-  data_state   JSON: the data iterator's `get_state()`
+  data_state   JSON: every process's data iterator `get_state()` (each host
+               reads its own shard and gets its own position back)
   meta         JSON: `step`, the config as a dict, anything else the caller adds
   g_lm         (optional) frozen G_LM tensors, e.g. {'G_LM': [L, H, dk, dk]};
                readable alone with `load_g_lm` without knowing any other structure
-  manifest     JSON: key path, shape, dtype and a 32-bit fingerprint of every
-               leaf of params/opt_state/g_lm: restores check the abstract trees
-               against it (naming the key paths that differ) and the restored
-               data against the fingerprints (zstd chunks carry no checksum)
+  checksums.json  a plain file: size and CRC-32 of every file of every item,
+               and the items saved without arrays
+
+Integrity. Structure, shapes and dtypes are checked against Orbax's own item
+metadata (naming the key paths that differ). Orbax and TensorStore checksum
+their indexes and OCDBT nodes but not the zstd-compressed chunks, so a flipped
+byte in the data can decode to wrong values silently: the checksums cover that.
+They are computed by process 0 from the files themselves, once Orbax has
+finalised them (its post-finalisation callback, in the background, inside the
+still temporary step directory, so a finished step always has them). No device
+code and no collectives: every process verifies the same files and gets the
+same answer, whatever the mesh or the number of processes, at save or restore.
 
 Saves are asynchronous by default (the device-to-host copy blocks, the writes
 run in the background) and keep the newest `keep` checkpoints. Orbax writes each
@@ -42,15 +51,18 @@ disk, so an older checkpoint stays usable after a newer one fails to load.
     params = Checkpointer(directory).restore_params(abstract_params=...)
     g = load_g_lm(directory)["G_LM"]               # fixed-G runs
 
-Paths are local (POSIX) directories: the step listing and the item checks use
-`os`, not `etils.epath`.
+Paths are local (POSIX) directories (on a file system every host sees when
+there are several): the step listing and the checks use `os`, not `etils.epath`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
+import threading
+import zlib
 from typing import Any, Mapping
 
 import jax
@@ -59,15 +71,19 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from pldr_jax import distributed
+
 __all__ = ["CheckpointError", "Checkpointer", "abstract_like", "load_g_lm", "load_meta"]
 
 log = logging.getLogger(__name__)
 
-PARAMS, OPT_STATE, DATA_STATE, META, G_LM, MANIFEST = (
-    "params", "opt_state", "data_state", "meta", "g_lm", "manifest")
-_FORMAT = "pldr_jax.checkpoint/1"
+PARAMS, OPT_STATE, DATA_STATE, META, G_LM = "params", "opt_state", "data_state", "meta", "g_lm"
+CHECKSUMS = "checksums.json"  # a file beside the items, not an Orbax item
+_FORMAT = "pldr_jax.checkpoint/2"
+_CHECKSUM = "crc32-per-file"
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's marker of an unfinished save
-_FINGERPRINT = "u32-odd-weighted-sum-v1"  # see _fingerprints
+_PER_PROCESS = "per_process"  # data_state item: {"per_process": [state of process 0, ...]}
+_BLOCK = 1 << 24
 _MAX_LISTED = 8
 
 
@@ -148,120 +164,80 @@ def _listed(paths) -> str:
   return ", ".join(paths[:_MAX_LISTED]) + more
 
 
-# ---------------------------------------------------------------- fingerprints
+# ---------------------------------------------------------------- checksums
 
-def _words(dtype) -> tuple[Any, int] | None:
-  """(unsigned word type, words per element) to read an array's bits, or None."""
-  dt = np.dtype(dtype)
-  if dt == np.bool_:
-    return np.uint8, 1
-  known = dt.kind in "fiu" or dt.name == "bfloat16" or dt.name.startswith("float8")
-  if not known or dt.itemsize not in (1, 2, 4, 8):
-    return None  # complex, int4, strings, ...: not fingerprinted
-  return ({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint32}[dt.itemsize],
-          2 if dt.itemsize == 8 else 1)
+def _item_files(item_dir: str) -> list[str]:
+  """Every file under an item directory, as sorted paths relative to it."""
+  out = []
+  for root, _, files in os.walk(item_dir):
+    out.extend(os.path.relpath(os.path.join(root, f), item_dir) for f in files)
+  return sorted(out)
 
 
-def _as_words(x, xp):
-  """The array's bits as uint32 words (xp: jnp or np); 8-byte elements become [..., 2]."""
-  word, per = _words(x.dtype)
-  if x.dtype == xp.bool_:
-    return x.astype(xp.uint32)
-  if xp is np:
-    flat = np.asarray(x).reshape(-1)  # C order; a copy where x is not contiguous
-    return flat.view(word).reshape(x.shape + ((2,) if per == 2 else ())).astype(np.uint32)
-  if per == 2:
-    return jax.lax.bitcast_convert_type(x, jnp.uint32)  # [..., 2], low word first
-  return jax.lax.bitcast_convert_type(x, word).astype(jnp.uint32)
+def _file_crc32(path: str) -> tuple[int, int]:
+  """(size, CRC-32) of a file, read in blocks."""
+  crc, size = 0, 0
+  with open(path, "rb") as f:
+    while block := f.read(_BLOCK):
+      crc = zlib.crc32(block, crc)
+      size += len(block)
+  return size, crc
 
 
-@jax.jit
-def _shard_fingerprint(x, offsets, strides):
-  """This shard's part of the fingerprint: offsets/strides place it in the whole array."""
-  u = _as_words(x, jnp)
-  idx = jnp.zeros(u.shape, jnp.uint32)
-  for dim in range(u.ndim):
-    idx = idx + (jax.lax.broadcasted_iota(jnp.uint32, u.shape, dim) + offsets[dim]) * strides[dim]
-  return jnp.sum(u * (idx * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
+def _item_checksums(item_dir: str) -> dict[str, list[int]]:
+  """{relative path: [size, crc32]} of every file of one item."""
+  return {rel: list(_file_crc32(os.path.join(item_dir, rel))) for rel in _item_files(item_dir)}
 
 
-def _word_strides(shape, dtype) -> tuple[tuple[int, ...], np.ndarray]:
-  wshape = tuple(shape) + ((2,) if _words(dtype)[1] == 2 else ())
-  strides, acc = [], 1
-  for n in reversed(wshape):
-    strides.append(acc % 2**32)
-    acc *= n
-  return wshape, np.asarray(strides[::-1], np.uint32)
+def _write_checksums(step_dir: str, items, empty_items) -> None:
+  """The checksum record of a finished (not yet renamed) step directory."""
+  record = {"format": _FORMAT, "checksum": _CHECKSUM, "empty_items": sorted(empty_items),
+            "items": {k: _item_checksums(os.path.join(step_dir, k)) for k in sorted(items)}}
+  tmp = os.path.join(step_dir, CHECKSUMS + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump(record, f)
+  os.replace(tmp, os.path.join(step_dir, CHECKSUMS))
 
 
-def _np_fingerprint(x) -> int:
-  u = _as_words(np.asarray(x), np).reshape(-1).astype(np.uint64)
-  w = np.arange(u.size, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
-  return int(np.sum(u * w, dtype=np.uint64) & np.uint64(0xFFFFFFFF))  # wraps mod 2^64
+def _read_checksums(step_dir: str) -> dict | None:
+  """The checksum record, or None (with a warning) for a checkpoint written without one."""
+  path = os.path.join(step_dir, CHECKSUMS)
+  if not os.path.exists(path):
+    log.warning("%s has no %s: abstract trees are checked against Orbax's metadata but the "
+                "files are not verified", step_dir, CHECKSUMS)
+    return None
+  try:
+    with open(path) as f:
+      record = json.load(f)
+  except (OSError, ValueError) as e:
+    raise CheckpointError(path, f"checkpoint is corrupt: bad checksum file: {_describe(e)}") from e
+  if (not isinstance(record, dict) or record.get("format") != _FORMAT
+      or record.get("checksum") != _CHECKSUM or not isinstance(record.get("items"), dict)
+      or not isinstance(record.get("empty_items"), list)):
+    raise CheckpointError(path, "checkpoint is corrupt or from an unknown version: "
+                                "bad checksum file")
+  return record
 
 
-def _fingerprints(tree) -> dict[str, int]:
-  """{key path: fingerprint} of every array leaf.
-
-  fingerprint = sum_i u_i * (2 i + 1) mod 2^32 over the array's bits u as uint32
-  words in C order (8-byte elements: low word first). A change to any single
-  element changes it (odd weights are invertible mod 2^32). jax arrays are
-  fingerprinted shard by shard where they live (no collectives, no gathers) and
-  the parts added on the host; NumPy arrays on the host. Same number either way.
-  """
-  parts: dict[str, list] = {}
-  out: dict[str, int] = {}
-  for k, v in _flat(tree).items():
-    if not hasattr(v, "dtype") or _words(v.dtype) is None:
-      continue
-    if isinstance(v, jax.Array):
-      wshape, strides = _word_strides(v.shape, v.dtype)
-      parts[k] = []
-      for shard in v.addressable_shards:
-        if shard.replica_id != 0:
-          continue  # count replicated data once
-        offsets = [sl.indices(n)[0] for sl, n in zip(shard.index, v.shape)]
-        offsets = np.asarray(offsets + [0] * (len(wshape) - len(offsets)), np.uint32)
-        parts[k].append(_shard_fingerprint(shard.data, offsets, strides))
-    elif isinstance(v, (np.ndarray, np.generic)):
-      out[k] = _np_fingerprint(v)
-  host = jax.device_get(parts)
-  totals = {k: sum(int(p) for p in ps) % 2**32 for k, ps in host.items()}
-  if jax.process_count() > 1 and totals:  # shards with replica_id 0 live on different hosts
-    from jax.experimental import multihost_utils
-    keys = sorted(totals)
-    gathered = np.asarray(multihost_utils.process_allgather(
-        np.asarray([totals[k] for k in keys], np.uint32)), np.uint64)
-    totals = dict(zip(keys, (int(x) % 2**32 for x in gathered.reshape(-1, len(keys)).sum(0))))
-  out.update(totals)
-  return out
-
-
-def _manifest_entries(tree) -> dict[str, dict]:
-  """{key path: {'shape', 'dtype', 'fingerprint'}} per array leaf, {'type'} per other leaf."""
-  prints = _fingerprints(tree)
-  out = {}
-  for k, v in _flat(tree).items():
-    if hasattr(v, "shape") and hasattr(v, "dtype"):
-      out[k] = {"shape": [int(n) for n in v.shape], "dtype": np.dtype(v.dtype).name}
-      if k in prints:
-        out[k]["fingerprint"] = prints[k]
-    else:
-      out[k] = {"type": type(v).__name__}
-  return out
-
-
-def _verify(step_dir, item: str, tree, entries: Mapping[str, dict] | None):
-  """Fingerprints of the restored `tree` against the manifest's."""
-  if not entries:
+def _verify_files(step_dir: str, record: dict | None, items) -> None:
+  """Every file of `items` against the record written at save time (all processes alike)."""
+  if record is None:
     return
-  got = _fingerprints(tree)
-  bad = [k for k, v in got.items() if entries.get(k, {}).get("fingerprint", v) != v]
-  if bad:
-    raise CheckpointError(
-        os.path.join(step_dir, item),
-        f"checkpoint is corrupt: item '{item}' restored with data that does not match "
-        f"the fingerprints written at save time, at {_listed(bad)}")
+  for item in items:
+    want = record["items"].get(item)
+    if want is None:
+      continue  # saved without arrays, or not an item of this step
+    item_dir = os.path.join(step_dir, item)
+    missing = [rel for rel in want if not os.path.isfile(os.path.join(item_dir, rel))]
+    if missing:
+      raise CheckpointError(item_dir, f"checkpoint is corrupt or unreadable: file(s) of item "
+                                      f"'{item}' missing: {_listed(missing)}")
+    bad = [rel for rel, (size, crc) in want.items()
+           if _file_crc32(os.path.join(item_dir, rel)) != (size, crc)]
+    if bad:
+      raise CheckpointError(item_dir, f"checkpoint is corrupt or unreadable: file(s) of item "
+                                      f"'{item}' differ from the checksums written at save "
+                                      f"time: {_listed(bad)}")
 
 
 # ---------------------------------------------------------------- JSON items
@@ -347,13 +323,8 @@ def _describe(e: BaseException) -> str:
   return first[:500]
 
 
-def _layout_from_manifest(entries: Mapping[str, dict]) -> dict[str, tuple]:
-  return {k: (tuple(e["shape"]), e["dtype"]) if "shape" in e else (None, None)
-          for k, e in entries.items()}
-
-
 def _layout_from_metadata(metadata_tree) -> dict[str, tuple]:
-  """The same from Orbax's own item metadata (checkpoints without a manifest)."""
+  """{key path: (shape, dtype)} from Orbax's own item metadata."""
   return {k: (tuple(m.shape) if getattr(m, "shape", None) is not None else None,
               getattr(m, "dtype", None)) for k, m in _flat(metadata_tree).items()}
 
@@ -393,18 +364,38 @@ def _check_layout(item_dir: str, item: str, saved: dict[str, tuple], abstract) -
 def _handlers() -> dict:
   return {PARAMS: ocp.StandardCheckpointHandler(), OPT_STATE: ocp.StandardCheckpointHandler(),
           G_LM: ocp.PyTreeCheckpointHandler(), DATA_STATE: ocp.JsonCheckpointHandler(),
-          META: ocp.JsonCheckpointHandler(), MANIFEST: ocp.JsonCheckpointHandler()}
+          META: ocp.JsonCheckpointHandler()}
 
 
-def _manager_options(keep: int | None, async_save: bool) -> ocp.CheckpointManagerOptions:
-  common = dict(create=False, enable_async_checkpointing=async_save,
-                cleanup_tmp_directories=False)
+def _manager_options(keep: int | None, on_finalized) -> ocp.CheckpointManagerOptions:
+  """Always asynchronous (a synchronous save is save + wait): the checksums are written by
+  Orbax's post-finalisation callback, inside the step's tmp directory, before its rename."""
+  common = dict(create=False, enable_async_checkpointing=True, cleanup_tmp_directories=False,
+                async_options=ocp.AsyncOptions(post_finalization_callback=on_finalized))
   if keep is None:
     return ocp.CheckpointManagerOptions(**common)  # Orbax's default keeps everything
   policies = getattr(ocp, "checkpoint_managers", None)
   if policies is not None and hasattr(policies, "LatestN"):  # max_to_keep is deprecated
     return ocp.CheckpointManagerOptions(preservation_policy=policies.LatestN(n=keep), **common)
   return ocp.CheckpointManagerOptions(max_to_keep=keep, **common)  # older Orbax
+
+
+def _pack_data_state(states: list) -> dict:
+  """The data_state item: one iterator state per process (each reads its own shard)."""
+  return {_PER_PROCESS: list(states)}
+
+
+def _unpack_data_state(item, where: str):
+  """This process's iterator state, or None (warned) when the process count changed."""
+  if not (isinstance(item, dict) and set(item) == {_PER_PROCESS}):
+    return item  # written by one process before per-process states existed
+  states = item[_PER_PROCESS]
+  if len(states) != jax.process_count():
+    log.warning("%s: the data position was saved by %d process(es) but %d are running; each "
+                "reads another shard now, so the data iterators start from the beginning",
+                where, len(states), jax.process_count())
+    return None
+  return states[jax.process_index()]
 
 
 class Checkpointer:
@@ -419,8 +410,9 @@ class Checkpointer:
       copied to host memory. Call `wait_until_finished()` or `close()` before
       relying on the files.
 
-  Usable as a context manager (`close` on exit). One process writes a
-  directory; any number may read it.
+  Usable as a context manager (`close` on exit). Every process of a run calls
+  `save` with the same step (one directory, on a file system all hosts see);
+  any number of processes may restore from it.
   """
 
   def __init__(self, directory, *, keep: int | None = 3, async_save: bool = True):
@@ -430,12 +422,28 @@ class Checkpointer:
     self.keep = keep
     self.async_save = async_save
     self._closed = False
+    self._pending: tuple[int, list, list] | None = None  # (step, items, empty items)
+    self._lock = threading.Lock()
     try:
       self._mngr = ocp.CheckpointManager(
-          self.directory, options=_manager_options(keep, async_save), item_handlers=_handlers())
+          self.directory, options=_manager_options(keep, self._on_finalized),
+          item_handlers=_handlers())
     except Exception as e:  # noqa: BLE001 - anything Orbax raises becomes a CheckpointError
       raise CheckpointError(self.directory,
                             f"cannot open the checkpoint directory: {_describe(e)}") from e
+
+  def _on_finalized(self) -> None:
+    """Orbax's post-finalisation callback (background thread, every process): process 0
+    writes the checksums of the finished files into the still temporary step directory."""
+    with self._lock:
+      pending, self._pending = self._pending, None
+    if pending is None or jax.process_index() != 0:
+      return
+    step, items, empty = pending
+    step_dir = os.path.join(self.directory, f"{step}{_TMP_SUFFIX}")
+    if not os.path.isdir(step_dir):  # another atomicity mode: finalised in place
+      step_dir = os.path.join(self.directory, str(step))
+    _write_checksums(step_dir, items, empty)
 
   # -- saving --
 
@@ -447,7 +455,8 @@ class Checkpointer:
       one is skipped (returns False) unless `force`; an existing step is never
       overwritten (CheckpointError).
     params, opt_state: pytrees of arrays (jax or numpy, any sharding).
-    data_state: JSON-serialisable dict (the data iterator's state).
+    data_state: JSON-serialisable dict (this process's data iterator state;
+      with several processes each one's is kept and restored to it).
     meta: JSON-serialisable dict; dataclasses (e.g. the PLDRConfig) become
       dicts, numpy scalars Python numbers. `meta['step']` is set to `step`.
     g_lm: optional pytree of the frozen G_LM arrays (fixed-G runs), saved as its
@@ -475,22 +484,24 @@ class Checkpointer:
       return False  # not after the latest saved step: skip before any work
     if not jax.tree.leaves(params):
       raise CheckpointError(self.directory, "params has no arrays")
-    manifest = {"format": _FORMAT, "fingerprint": _FINGERPRINT, "items": {}, "empty_items": []}
-    items = {DATA_STATE: ocp.args.JsonSave(data_json), META: ocp.args.JsonSave(meta_json)}
+    items = {DATA_STATE: ocp.args.JsonSave(_pack_data_state(distributed.gather_json(data_json))),
+             META: ocp.args.JsonSave(meta_json)}
+    empty = []
     for name, tree, save_args in ((PARAMS, params, ocp.args.StandardSave),
                                   (OPT_STATE, opt_state, ocp.args.StandardSave),
                                   (G_LM, g_lm, ocp.args.PyTreeSave)):
       if name == G_LM and g_lm is None:
         continue
       if not jax.tree.leaves(tree):  # e.g. optax.sgd's EmptyState(): Orbax cannot save it
-        manifest["empty_items"].append(name)
+        empty.append(name)
         continue
-      manifest["items"][name] = _manifest_entries(tree)
       items[name] = save_args(tree)
-    items[MANIFEST] = ocp.args.JsonSave(manifest)
     try:
       os.makedirs(self.directory, exist_ok=True)
-      return bool(self._mngr.save(step, args=ocp.args.Composite(**items), force=force))
+      self._mngr.wait_until_finished()  # the previous save's callback has run
+      with self._lock:
+        self._pending = (step, sorted(items), empty)
+      started = bool(self._mngr.save(step, args=ocp.args.Composite(**items), force=force))
     except ocp.checkpoint_manager.StepAlreadyExistsError as e:
       raise CheckpointError(os.path.join(self.directory, str(step)),
                             f"step {step} already exists; not overwritten") from e
@@ -498,6 +509,9 @@ class Checkpointer:
       raise
     except Exception as e:  # noqa: BLE001
       raise CheckpointError(self.directory, f"saving step {step} failed: {_describe(e)}") from e
+    if not self.async_save:
+      self.wait_until_finished()
+    return started
 
   def wait_until_finished(self) -> None:
     """Block until the background save (if any) is on disk; raises its error if it failed."""
@@ -542,19 +556,19 @@ class Checkpointer:
 
   # -- restoring --
 
-  def _prepare(self, step, abstract: dict):
-    """Resolve the step and check the abstract trees against the checkpoint.
+  def _prepare(self, step, abstract: dict, also=()):
+    """Resolve the step, verify the files and check the abstract trees against Orbax's metadata.
 
-    Returns (step, step_dir, manifest, stored): `stored` are the items to read;
-    an item saved empty (no arrays) is not stored and comes back as its
-    abstract tree.
+    also: further items (JSON) whose files are verified. Returns (step, step_dir,
+    stored): `stored` are the array items to read; an item saved empty (no
+    arrays) is not stored and comes back as its abstract tree.
     """
     self._check_open()
     self.wait_until_finished()  # our own newest save must be on disk first
     step = _resolve_step(self.directory, step)
     step_dir = os.path.join(self.directory, str(step))
-    manifest = _read_manifest(step_dir)
-    empty = set((manifest or {}).get("empty_items", []))
+    record = _read_checksums(step_dir)
+    empty = set((record or {}).get("empty_items", []))
     for item, tree in abstract.items():
       if tree is None:
         raise CheckpointError(step_dir, f"abstract_{item} is required (see abstract_like)")
@@ -564,24 +578,22 @@ class Checkpointer:
             f"checkpoint: '{item}' was saved without arrays but the abstract tree has "
             f"{_listed(_flat(tree))}")
     stored = {k: v for k, v in abstract.items() if k not in empty}
-    _require_items(step_dir, list(stored))
-    if manifest is not None:
-      layouts = {k: _layout_from_manifest(manifest["items"].get(k, {})) for k in stored}
-    else:
-      try:
-        metadata = self._mngr.item_metadata(step)
-        layouts = {}
-        for k in stored:
-          m = metadata[k] if k in metadata else None
-          if m is None:
-            raise ValueError(f"no metadata for item '{k}'")
-          layouts[k] = _layout_from_metadata(getattr(m, "tree", m))
-      except Exception as e:  # noqa: BLE001
-        raise CheckpointError(step_dir, "checkpoint is corrupt: cannot read its metadata: "
-                                        f"{_describe(e)}") from e
+    _require_items(step_dir, list(stored) + list(also))
+    _verify_files(step_dir, record, list(stored) + list(also))
+    try:
+      metadata = self._mngr.item_metadata(step)
+      layouts = {}
+      for k in stored:
+        m = metadata[k] if k in metadata else None
+        if m is None:
+          raise ValueError(f"no metadata for item '{k}'")
+        layouts[k] = _layout_from_metadata(getattr(m, "tree", m))
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointError(step_dir, "checkpoint is corrupt or unreadable: cannot read its "
+                                      f"metadata: {_describe(e)}") from e
     for item, tree in stored.items():
       _check_layout(os.path.join(step_dir, item), item, layouts[item], tree)
-    return step, step_dir, manifest, stored
+    return step, step_dir, stored
 
   def restore(self, step: int | None = None, *, abstract_params, abstract_opt_state) -> dict:
     """Restore a whole training state (the latest finished step when `step` is None).
@@ -589,33 +601,27 @@ class Checkpointer:
     abstract_params, abstract_opt_state: trees of ShapeDtypeStruct (see
       `abstract_like`) with the saved structure, shapes and dtypes; each array
       comes back with the requested sharding.
-    Returns {'params', 'opt_state', 'data_state', 'meta', 'step'}.
+    Returns {'params', 'opt_state', 'data_state', 'meta', 'step'}; data_state is
+    this process's (None, with a warning, if the number of processes changed).
     Raises CheckpointError for a missing directory, no checkpoints, an unknown
     step (the message lists the available ones), a corrupt checkpoint, or an
     abstract tree that does not match (the message names the key paths).
     """
     abstract = {PARAMS: abstract_params, OPT_STATE: abstract_opt_state}
-    step, step_dir, manifest, stored = self._prepare(step, abstract)
-    _require_items(step_dir, [DATA_STATE, META])
+    step, step_dir, stored = self._prepare(step, abstract, also=(DATA_STATE, META))
     args = {k: ocp.args.StandardRestore(v) for k, v in stored.items()}
     args.update({DATA_STATE: ocp.args.JsonRestore(), META: ocp.args.JsonRestore()})
     out = self._orbax_restore(step, step_dir, ocp.args.Composite(**args))
-    trees = {}
-    for item in (PARAMS, OPT_STATE):
-      if item in stored:
-        trees[item] = out[item]
-        _verify(step_dir, item, trees[item], _entries(manifest, item))
-      else:
-        trees[item] = abstract[item]  # saved without arrays: the structure is the value
+    trees = {k: out[k] if k in stored else abstract[k] for k in (PARAMS, OPT_STATE)}
     return {"params": trees[PARAMS], "opt_state": trees[OPT_STATE],
-            "data_state": out[DATA_STATE], "meta": out[META], "step": step}
+            "data_state": _unpack_data_state(out[DATA_STATE], step_dir),
+            "meta": out[META], "step": step}
 
   def restore_params(self, step: int | None = None, *, abstract_params):
     """Only the parameters (for generation/eval: no optimizer state needed)."""
-    step, step_dir, manifest, _ = self._prepare(step, {PARAMS: abstract_params})
+    step, step_dir, _ = self._prepare(step, {PARAMS: abstract_params})
     out = self._orbax_restore(step, step_dir, ocp.args.Composite(
         **{PARAMS: ocp.args.StandardRestore(abstract_params)}))
-    _verify(step_dir, PARAMS, out[PARAMS], _entries(manifest, PARAMS))
     return out[PARAMS]
 
   def _orbax_restore(self, step: int, step_dir: str, args):
@@ -635,25 +641,6 @@ def _read_json_item(step_dir: str, item: str):
   except Exception as e:  # noqa: BLE001
     raise CheckpointError(
         path, f"checkpoint is corrupt: cannot read item '{item}': {_describe(e)}") from e
-
-
-def _read_manifest(step_dir: str) -> dict | None:
-  """The manifest, or None (with a warning) for a checkpoint written without one."""
-  if MANIFEST not in _items_present(step_dir):
-    log.warning("%s has no manifest item: abstract trees are checked against Orbax's "
-                "metadata and the restored data is not verified", step_dir)
-    return None
-  manifest = _read_json_item(step_dir, MANIFEST)
-  if (not isinstance(manifest, dict) or manifest.get("format") != _FORMAT
-      or manifest.get("fingerprint") != _FINGERPRINT
-      or not isinstance(manifest.get("items"), dict)):
-    raise CheckpointError(os.path.join(step_dir, MANIFEST),
-                          "checkpoint is corrupt or from an unknown version: bad manifest")
-  return manifest
-
-
-def _entries(manifest: dict | None, item: str) -> dict | None:
-  return None if manifest is None else manifest["items"].get(item)
 
 
 def load_meta(directory, step: int | None = None) -> dict:
@@ -682,20 +669,19 @@ def load_g_lm(directory, step: int | None = None):
   step = _resolve_step(directory, step)
   step_dir = os.path.join(directory, str(step))
   item_dir = os.path.join(step_dir, G_LM)
-  manifest = _read_manifest(step_dir)
+  record = _read_checksums(step_dir)
   if G_LM not in _items_present(step_dir):
-    if G_LM in (manifest or {}).get("empty_items", []):
+    if G_LM in (record or {}).get("empty_items", []):
       raise CheckpointError(item_dir, f"step {step} was saved with a g_lm that holds no arrays")
     raise CheckpointError(item_dir, f"step {step} has no g_lm item (saved with g_lm=None)")
+  _verify_files(step_dir, record, [G_LM])
   try:
     with ocp.PyTreeCheckpointer() as c:
       meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(item_dir))
       meta = getattr(meta, "item_metadata", meta)  # StepMetadata in some Orbax versions
       tree = getattr(meta, "tree", meta)
       restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-      g = c.restore(item_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+      return c.restore(item_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
   except Exception as e:  # noqa: BLE001
     raise CheckpointError(item_dir,
                           f"checkpoint is corrupt: cannot read g_lm: {_describe(e)}") from e
-  _verify(step_dir, G_LM, g, _entries(manifest, G_LM))
-  return g

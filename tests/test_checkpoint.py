@@ -116,7 +116,7 @@ def test_round_trip_bit_exact(tmp_path, state):
     _assert_bit_equal(ckpt.restore_params(abstract_params=abstract_like(params)), params)
   assert load_meta(d) == meta
   assert set(os.listdir(d / "5")) >= {"params", "opt_state", "data_state", "meta", "g_lm",
-                                      "manifest"}
+                                      "checksums.json"}
 
 
 def test_keep_n_async_and_skipped_steps(tmp_path, state):
@@ -303,7 +303,7 @@ def _delete_data(step_dir):
 
 def _flip_bytes(step_dir):
   # zstd chunks carry no checksum: some flips decode to wrong values silently,
-  # which only the fingerprints written at save time catch.
+  # which only the checksums written at save time catch.
   for f in _data_files(step_dir):
     b = bytearray(pathlib.Path(f).read_bytes())
     for i in range(len(b) // 2, min(len(b), len(b) // 2 + 8)):
@@ -323,15 +323,16 @@ def _delete_item(step_dir):
   shutil.rmtree(os.path.join(step_dir, "opt_state"))
 
 
-def _wrong_fingerprint(step_dir):
-  p = pathlib.Path(step_dir, "manifest", "metadata")
-  manifest = json.loads(p.read_text())
-  manifest["items"]["params"]["layers/0/wq/kernel"]["fingerprint"] += 1
-  p.write_text(json.dumps(manifest))
+def _wrong_checksum(step_dir):
+  p = pathlib.Path(step_dir, "checksums.json")
+  record = json.loads(p.read_text())
+  entry = record["items"]["params"]["_METADATA"]
+  entry[1] ^= 1
+  p.write_text(json.dumps(record))
 
 
-def _garbage_manifest(step_dir):
-  pathlib.Path(step_dir, "manifest", "metadata").write_text('{"format": 1}')
+def _garbage_checksums(step_dir):
+  pathlib.Path(step_dir, "checksums.json").write_text('{"format": 1}')
 
 
 # When a restore fails part-way, Orbax abandons its other read coroutines and closes
@@ -344,9 +345,9 @@ def _garbage_manifest(step_dir):
     (_garbage_array_metadata, "corrupt or unreadable"),
     (_garbage_json_item, "corrupt or unreadable"),
     (_delete_item, r"item\(s\) \['opt_state'\] missing"),
-    (_wrong_fingerprint, "does not match the fingerprints written at save time, at "
-                         "layers/0/wq/kernel"),
-    (_garbage_manifest, "bad manifest"),
+    (_wrong_checksum, r"file\(s\) of item 'params' differ from the checksums written at save "
+                      "time: _METADATA"),
+    (_garbage_checksums, "bad checksum file"),
 ])
 def test_corrupt_checkpoint_fails_cleanly_and_older_survives(two_steps, state, damage, reason):
   damage(str(two_steps / "2"))
@@ -363,8 +364,8 @@ def test_corrupt_checkpoint_fails_cleanly_and_older_survives(two_steps, state, d
   assert _snapshot(two_steps) == before  # nothing written, renamed or deleted
 
 
-def test_checkpoint_without_manifest_uses_orbax_metadata(two_steps, state):
-  shutil.rmtree(two_steps / "2" / "manifest")
+def test_checkpoint_without_checksums_still_restores(two_steps, state):
+  os.remove(two_steps / "2" / "checksums.json")
   _, params, opt_state, _ = state
   with Checkpointer(two_steps) as ckpt:
     _assert_bit_equal(_restore(ckpt, state)["opt_state"], opt_state)

@@ -1,0 +1,215 @@
+"""Multi-process start-up and the few cross-process helpers the training code needs.
+
+One code path for 1 device, N local devices and N processes: entry points call
+`add_arguments(parser)` and then `initialize(args)` before any other JAX call.
+
+  explicit   --coordinator_address HOST:PORT --num_processes N --process_id I
+             (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID)
+  automatic  none of them, but a cluster JAX detects by itself (SLURM job with
+             more than one task, TPU pod, Open MPI): `jax.distributed.initialize()`
+  single     otherwise: nothing is initialised
+
+On CPU the cross-process collectives go through gloo (set before initialising).
+Everything here is a no-op (or the obvious single-process answer) when
+`jax.process_count() == 1`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, NamedTuple
+
+__all__ = ["Launch", "add_arguments", "resolve", "initialize", "barrier", "any_process",
+           "gather_json", "run_once"]
+
+ENV_ADDRESS, ENV_COUNT, ENV_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
+
+
+class Launch(NamedTuple):
+  """How this process starts: mode is 'single', 'explicit' or 'auto'."""
+  mode: str
+  address: str | None = None
+  count: int | None = None
+  index: int | None = None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  """--coordinator_address, --num_processes, --process_id (defaults: the JAX_* env vars)."""
+  g = parser.add_argument_group("multi-process (jax.distributed)")
+  g.add_argument("--coordinator_address", default=None,
+                 help=f"HOST:PORT of process 0's coordinator (env {ENV_ADDRESS})")
+  g.add_argument("--num_processes", type=int, default=None,
+                 help=f"number of processes (env {ENV_COUNT})")
+  g.add_argument("--process_id", type=int, default=None,
+                 help=f"this process's index in [0, num_processes) (env {ENV_ID})")
+
+
+def _auto_detectable(environ: Mapping[str, str]) -> bool:
+  """Whether `jax.distributed.initialize()` can find the cluster on its own."""
+  slurm_tasks = environ.get("SLURM_NTASKS") or environ.get("SLURM_NPROCS")
+  if "SLURM_JOB_ID" in environ and slurm_tasks and slurm_tasks.isdigit():
+    return int(slurm_tasks) > 1
+  if "OMPI_COMM_WORLD_SIZE" in environ:
+    return environ["OMPI_COMM_WORLD_SIZE"].isdigit() and int(environ["OMPI_COMM_WORLD_SIZE"]) > 1
+  hosts = environ.get("TPU_WORKER_HOSTNAMES", "")
+  return len([h for h in hosts.split(",") if h.strip()]) > 1
+
+
+def resolve(address: str | None = None, count: int | None = None, index: int | None = None,
+            environ: Mapping[str, str] | None = None) -> Launch:
+  """How to start: flags first, then the JAX_* variables, then auto-detection.
+
+  Raises ValueError for an incomplete or inconsistent explicit setting.
+  """
+  environ = os.environ if environ is None else environ
+  address = address or environ.get(ENV_ADDRESS) or None
+
+  def number(value, var):
+    if value is not None:
+      return int(value)
+    raw = environ.get(var)
+    if raw is None or raw == "":
+      return None
+    try:
+      return int(raw)
+    except ValueError:
+      raise ValueError(f"{var}={raw!r} is not an integer") from None
+
+  count, index = number(count, ENV_COUNT), number(index, ENV_ID)
+  if address is None and count is None and index is None:
+    return Launch("auto") if _auto_detectable(environ) else Launch("single")
+  missing = [name for name, v in (("--coordinator_address", address),
+                                  ("--num_processes", count), ("--process_id", index))
+             if v is None]
+  if missing and not (count == 1 and address is None):
+    raise ValueError(f"multi-process start needs {', '.join(missing)} (or {ENV_ADDRESS}, "
+                     f"{ENV_COUNT}, {ENV_ID}); got coordinator_address={address!r}, "
+                     f"num_processes={count!r}, process_id={index!r}")
+  if count < 1 or (index is not None and not 0 <= index < count):
+    raise ValueError(f"process_id={index} must be in [0, num_processes={count})")
+  if count == 1:
+    return Launch("single")
+  return Launch("explicit", address, count, index)
+
+
+def initialize(args: argparse.Namespace | None = None) -> Launch:
+  """Start jax.distributed as `resolve` decides (idempotent); returns the decision."""
+  import jax
+  launch = resolve(getattr(args, "coordinator_address", None),
+                   getattr(args, "num_processes", None), getattr(args, "process_id", None))
+  if launch.mode == "single" or _already_initialized():
+    return launch
+  if not jax.config.jax_cpu_collectives_implementation:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if launch.mode == "explicit":
+    jax.distributed.initialize(coordinator_address=launch.address,
+                               num_processes=launch.count, process_id=launch.index)
+  else:
+    jax.distributed.initialize()
+  return launch
+
+
+def _already_initialized() -> bool:
+  try:
+    from jax._src import distributed
+    return distributed.global_state.client is not None
+  except (ImportError, AttributeError):  # private API moved: assume not
+    return False
+
+
+# ---------------------------------------------------------------- collectives
+
+def barrier(name: str) -> None:
+  """Wait until every process got here (no-op with one process)."""
+  import jax
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def any_process(flag: bool) -> bool:
+  """True on every process if `flag` is true on any (one small all-gather)."""
+  import jax
+  if jax.process_count() == 1:
+    return bool(flag)
+  import numpy as np
+  from jax.experimental import multihost_utils
+  return bool(np.any(multihost_utils.process_allgather(np.asarray([int(bool(flag))], np.int32))))
+
+
+def gather_json(obj) -> list:
+  """Every process's JSON-serialisable `obj`, in process order, on every process."""
+  import jax
+  if jax.process_count() == 1:
+    return [obj]
+  import numpy as np
+  from jax.experimental import multihost_utils
+  raw = np.frombuffer(json.dumps(obj, sort_keys=True).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.asarray([raw.size], np.int64)))
+  sizes = sizes.reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:raw.size] = raw
+  rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+  return [json.loads(bytes(row[:n]).decode()) for row, n in zip(rows, sizes)]
+
+
+def _broadcast_token() -> str:
+  """A random token drawn by process 0, the same on every process."""
+  import numpy as np
+  from jax.experimental import multihost_utils
+  mine = np.frombuffer(secrets.token_bytes(8), np.uint32).copy()
+  return "".join(f"{int(x):08x}" for x in multihost_utils.broadcast_one_to_all(mine))
+
+
+def run_once(fn: Callable[[], Any], marker_dir: str | os.PathLike, name: str, *,
+             timeout_s: float = 3600.0, poll_s: float = 0.2) -> Any:
+  """`fn()` on process 0 only; every process gets its JSON-serialisable result.
+
+  The others wait for a marker file `<marker_dir>/.<name>.<token>.json` (token:
+  drawn for this run, so a marker left by an earlier, killed run is never
+  read) that holds the result, or process 0's error, which they raise too.
+  `marker_dir` must be on a file system every host sees. Safe to rerun: `fn`
+  itself must reuse what an earlier run prepared.
+  """
+  import jax
+  if jax.process_count() == 1:
+    return fn()
+  marker_dir = Path(marker_dir)
+  marker = marker_dir / f".{name}.{_broadcast_token()}.json"
+  if jax.process_index() == 0:
+    try:
+      record = {"result": fn()}
+    except BaseException as e:
+      _write_atomic(marker, {"error": f"{type(e).__name__}: {e}"})
+      raise
+    _write_atomic(marker, record)
+  else:
+    record = _wait_for(marker, timeout_s, poll_s)
+    if "error" in record:
+      raise RuntimeError(f"process 0 failed to prepare {name}: {record['error']}")
+  barrier(f"pldr_jax.run_once.{name}")  # everyone has read it
+  if jax.process_index() == 0:
+    marker.unlink(missing_ok=True)
+  return record["result"]
+
+
+def _write_atomic(path: Path, record: dict) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(json.dumps(record))
+  os.replace(tmp, path)
+
+
+def _wait_for(path: Path, timeout_s: float, poll_s: float) -> dict:
+  deadline = time.monotonic() + timeout_s
+  while not path.exists():
+    if time.monotonic() > deadline:
+      raise TimeoutError(f"waited {timeout_s:.0f}s for process 0 to write {path}; is this "
+                         "directory on a file system every host sees?")
+    time.sleep(poll_s)
+  return json.loads(path.read_text())
