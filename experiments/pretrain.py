@@ -10,12 +10,22 @@ An unknown or misspelled binding is an error that names it. With
 embedded corpus is built into TFDS array_record and a SentencePiece model is
 trained on it (cached under <workdir>/data). After training, a few samples are
 generated from the saved checkpoint with the KV-cache and G-cache.
+
+Several processes (one per host, or several on one machine):
+  python experiments/pretrain.py ... --coordinator_address HOST:PORT \
+      --num_processes N --process_id I        (or JAX_COORDINATOR_ADDRESS, ...)
+Process 0 builds the dataset and tokenizer; the others wait for it.
+
+Ctrl-C or SIGTERM saves a checkpoint at the current step and exits 0; running
+the same command again resumes. `--restore_step S` resumes from step S instead
+of the newest good checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import dataclasses
+import shlex
 import sys
 from pathlib import Path
 
@@ -23,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import gin  # noqa: E402
 
+from pldr_jax import distributed  # noqa: E402
 from pldr_jax.config import PLDRConfig  # noqa: E402
 from pldr_jax.data import DataConfig, prepare_default_data  # noqa: E402
 from pldr_jax.train import TrainConfig  # noqa: E402
@@ -50,25 +61,35 @@ def experiment(model: PLDRConfig = gin.REQUIRED, train: TrainConfig = gin.REQUIR
               default_corpus_dir=default_corpus_dir, data_workdir=data_workdir)
 
 
-def maybe_init_distributed() -> None:
-  """Multi-host: initialise when the environment describes a cluster."""
-  import jax
-  if any(v in os.environ for v in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS",
-                                   "TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID",
-                                   "OMPI_COMM_WORLD_SIZE")):
-    jax.distributed.initialize()
-
-
 def resolve_data(run: dict) -> DataConfig:
+  """The run's DataConfig; the embedded corpus and its tokenizer are prepared once
+  (process 0; the others wait for its marker file in the data directory)."""
   data = run["data"]
   if data.dataset == "pldr_text_corpus" and data.tokenizer_path is None:
     fields = {f: getattr(data, f) for f in data.__dataclass_fields__
               if f not in ("dataset", "data_dir", "tokenizer_path", "vocab_size", "seq_len")}
-    data_root = run["data_workdir"] or Path(run["workdir"]) / "data"
-    data = prepare_default_data(data_root, vocab_size=data.vocab_size,
-                                seq_len=data.seq_len, corpus_dir=run["default_corpus_dir"],
-                                **fields)
+    data_root = Path(run["data_workdir"] or Path(run["workdir"]) / "data")
+
+    def prepare() -> dict:
+      return dataclasses.asdict(prepare_default_data(
+          data_root, vocab_size=data.vocab_size, seq_len=data.seq_len,
+          corpus_dir=run["default_corpus_dir"], **fields))
+
+    data = DataConfig(**distributed.run_once(prepare, data_root, "prepare_data"))
   return data
+
+
+def resume_command(argv: list[str]) -> str:
+  """The command line that resumes this run: the same one without --restore_step."""
+  out, skip = [], False
+  for a in argv:
+    if skip:
+      skip = False
+    elif a == "--restore_step":
+      skip = True
+    elif not a.startswith("--restore_step="):
+      out.append(a)
+  return shlex.join([Path(sys.executable).name] + out)
 
 
 def print_samples(run: dict, data: DataConfig) -> None:
@@ -96,17 +117,33 @@ def main(argv=None) -> int:
   parser.add_argument("--gin_param", action="append", default=[])
   parser.add_argument("--workdir", default=None, help="overrides experiment.workdir")
   parser.add_argument("--no_progress", action="store_true")
+  parser.add_argument("--restore_step", type=int, default=None,
+                      help="resume from this checkpoint step (default: the newest good one)")
+  distributed.add_arguments(parser)
   args = parser.parse_args(argv)
   gin.parse_config_files_and_bindings(args.gin_file, args.gin_param)
   run = experiment()
   if args.workdir:
     run["workdir"] = args.workdir
-  maybe_init_distributed()
-  from pldr_jax.trainer import run_pretraining
-  data = resolve_data(run)
-  result = run_pretraining(run["model"], run["train"], data, run["workdir"],
-                           g_source=run["g_source"], progress=not args.no_progress)
+  distributed.initialize(args)
+  from pldr_jax.trainer import disk_full_message, run_pretraining
+  try:
+    data = resolve_data(run)
+    result = run_pretraining(run["model"], run["train"], data, run["workdir"],
+                             g_source=run["g_source"], progress=not args.no_progress,
+                             restore_step=args.restore_step)
+  except Exception as e:  # noqa: BLE001 - a full disk may come wrapped (Orbax, TensorStore)
+    message = disk_full_message(e)
+    if message is None:
+      raise
+    print(message, file=sys.stderr)
+    return 1
   wd = Path(run["workdir"])
+  if result.interrupted:
+    argv = sys.argv if argv is None else [sys.argv[0]] + list(argv)
+    print(f"\nstopped by {result.interrupted} at step {result.final_step}; checkpoint saved in "
+          f"{wd / 'checkpoints'}.\nresume with: {resume_command(argv)}", flush=True)
+    return 0
   print(f"\nfinished at step {result.final_step}: train loss {result.train_loss:.4f}")
   if result.eval:
     print(f"validation: loss {result.eval['loss']:.4f}  perplexity {result.eval['perplexity']:.2f}"

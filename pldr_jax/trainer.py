@@ -1,29 +1,40 @@
 """The pretraining loop: data -> sharded train steps -> eval -> Orbax checkpoints.
 
 `run_pretraining` is what `experiments/pretrain.py` calls once gin has built
-the three frozen configs. It resumes from the newest checkpoint in
-`<workdir>/checkpoints` (params, optimizer state, step, data position), stops
-on a NaN/inf loss without touching what is saved, and stores the frozen G_LM
-as its own checkpoint item (learned models: G_LM of a fixed probe prompt;
-fixed-G runs: the G they used).
+the three frozen configs. The same code runs on 1 device, N local devices and
+N processes (every process calls it; see `pldr_jax.distributed`). It
+
+* resumes from the newest checkpoint in `<workdir>/checkpoints` that restores
+  (params, optimizer state, step, each process's data position); a corrupt or
+  partial newer one is reported, renamed `<step>.corrupt` and skipped, and
+  `restore_step` picks one (newer ones are renamed `<step>.replaced`);
+* keeps `metrics.jsonl` free of duplicate steps after a resume;
+* on SIGINT or SIGTERM saves a checkpoint at the current step and returns
+  (`RunResult.interrupted`), so the caller can exit 0;
+* stops on a NaN/inf loss without touching what is saved, and stores the
+  frozen G_LM as its own checkpoint item (learned models: G_LM of a fixed
+  probe prompt; fixed-G runs: the G they used).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import functools
 import json
 import math
 import os
+import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from pldr_jax import checkpoint as ckpt_lib
-from pldr_jax import g_modes, model, train
+from pldr_jax import distributed, g_modes, model, train
 from pldr_jax import params as params_lib
 from pldr_jax.config import ConfigError, PLDRConfig
 from pldr_jax.data import DataConfig, load_tokenizer, make_eval_batches, make_train_iterator
@@ -86,22 +97,29 @@ def restore_for_inference(ckdir, config: PLDRConfig, step: int | None = None):
   return params, stored_fixed_g(config, ckdir, step), step
 
 
-def probe_g_lm(params, config: PLDRConfig, probe_tokens: np.ndarray, g_lm=None) -> dict:
-  """G_LM (and A, A_LM) per layer from the probe prompt: arrays [L, H, dk, dk]."""
+def probe_g_lm(params, config: PLDRConfig, probe_tokens: np.ndarray, g_lm=None,
+               mesh=None) -> dict:
+  """G_LM (and A, A_LM) per layer from the probe prompt: arrays [L, H, dk, dk].
+
+  mesh: the params' mesh (the outputs come back replicated on it, so every
+  process can read them); None for params on one device.
+  """
   if g_lm is not None:
     return {"G_LM": np.asarray(g_lm, np.float32)}
   if not config.learned_g:
     return {}
-  _, ded = _probe_forward(params, jnp.asarray(probe_tokens[None]), config=config)
+  out = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  _, ded = _probe_forward(out)(params, np.asarray(probe_tokens[None], np.int32), config=config)
   # causal metric: the probe's summary is its last position
   last = (lambda x: x[0, -1]) if config.causal_metric else (lambda x: x[0])
   return {k: np.stack([np.asarray(last(d[k]), np.float32) for d in ded])
           for k in ("A", "A_LM", "G_LM")}
 
 
-_probe_forward = jax.jit(lambda p, t, config: model.forward(p, t, config=config,
-                                                             return_deductive=True),
-                         static_argnames=("config",))
+@functools.lru_cache(maxsize=8)
+def _probe_forward(out_sharding):
+  return jax.jit(lambda p, t, config: model.forward(p, t, config=config, return_deductive=True),
+                 static_argnames=("config",), out_shardings=out_sharding)
 
 
 @dataclasses.dataclass
@@ -112,21 +130,152 @@ class RunResult:
   eval: dict
   tokens_per_second: float | None
   losses: dict
+  interrupted: str | None = None  # the signal's name when SIGINT/SIGTERM stopped the run
 
 
 def _host_metrics(metrics) -> dict[str, float]:
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
+# ---------------------------------------------------------------- resuming
+
+def restore_newest_good(checkpointer: ckpt_lib.Checkpointer, abstract: dict,
+                        restore_step: int | None = None, warn: Callable[[str], None] = print
+                        ) -> tuple[dict | None, list[int]]:
+  """(restored state or None for a fresh start, the newer steps that failed to restore).
+
+  restore_step: restore exactly this step (an error if it fails). Otherwise the
+  newest finished step that restores; a corrupt or partial newer one is reported
+  through `warn`, naming both steps. Raises CheckpointError if checkpoints exist
+  but none restores (rather than silently training from scratch).
+  """
+  def restore(step):
+    return checkpointer.restore(step, abstract_params=abstract["params"],
+                                abstract_opt_state=abstract["opt_state"])
+
+  if restore_step is not None:
+    return restore(restore_step), []
+  failed: list[tuple[int, str]] = []
+  for step in reversed(checkpointer.all_steps()):
+    try:
+      restored = restore(step)
+    except ckpt_lib.CheckpointError as e:
+      if not _is_damage(e):
+        raise  # e.g. a model config that does not match the checkpoint: not a reason to skip
+      failed.append((step, e.reason))
+      continue
+    for bad, reason in failed:
+      warn(f"WARNING: checkpoint step {bad} in {checkpointer.directory} cannot be restored "
+           f"({reason}); falling back to step {step}")
+    return restored, [bad for bad, _ in failed]
+  if failed:
+    raise ckpt_lib.CheckpointError(
+        checkpointer.directory, "no checkpoint can be restored: " +
+        "; ".join(f"step {st}: {reason}" for st, reason in failed))
+  return None, []
+
+
+def _is_damage(e: ckpt_lib.CheckpointError) -> bool:
+  """A corrupt, partial or unreadable checkpoint (as opposed to a mismatch with the run)."""
+  return any(w in e.reason for w in ("corrupt", "incomplete", "unreadable"))
+
+
+def set_aside(directory: Path, steps, suffix: str) -> list[Path]:
+  """Rename step directories to `<step>.<suffix>[.N]` (Orbax then ignores them); process 0."""
+  moved = []
+  for step in steps:
+    src = Path(directory) / str(step)
+    dst, n = src.with_name(f"{step}.{suffix}"), 1
+    while dst.exists():
+      dst, n = src.with_name(f"{step}.{suffix}.{n}"), n + 1
+    src.rename(dst)
+    moved.append(dst)
+  return moved
+
+
+def trim_metrics(path: Path, last_step: int) -> None:
+  """Keep the records of steps <= last_step (a resume rewrites the later ones); drop
+  lines cut short by a kill."""
+  if not path.is_file():
+    return
+  kept = []
+  for line in path.read_text().splitlines():
+    try:
+      rec = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if isinstance(rec, dict) and int(rec.get("step", 0)) <= last_step:
+      kept.append(line)
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text("".join(k + "\n" for k in kept))
+  os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- stopping on a signal
+
+class StopSignals:
+  """Context manager: SIGINT/SIGTERM set `received` instead of killing the process.
+
+  A second signal while the first is handled raises KeyboardInterrupt (a hard stop).
+  Only installed in the main thread; the previous handlers come back on exit.
+  """
+
+  SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+  def __init__(self):
+    self.received: str | None = None
+    self._old = {}
+
+  def _handle(self, signum, frame):
+    if self.received is not None:
+      raise KeyboardInterrupt
+    self.received = signal.Signals(signum).name
+
+  def __enter__(self):
+    import threading
+    if threading.current_thread() is threading.main_thread():
+      self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+    return self
+
+  def __exit__(self, *exc):
+    for s, old in self._old.items():
+      signal.signal(s, old)
+
+
+def disk_full_message(exc: BaseException) -> str | None:
+  """One line for a 'No space left on device' anywhere in the exception chain, else None."""
+  seen = set()
+  while exc is not None and id(exc) not in seen:
+    seen.add(id(exc))
+    if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or \
+        "No space left on device" in str(exc):
+      where = getattr(exc, "filename", None) or getattr(exc, "path", None)
+      where = f" writing {where}" if where else ""
+      return (f"error: disk full (No space left on device){where}. Free some space and run "
+              "the same command again: it resumes from the newest finished checkpoint.")
+    exc = exc.__cause__ or exc.__context__
+  return None
+
+
+def _agree_on_batches(batches: list) -> list:
+  """Every process evaluates the same number of batches (the fewest any process has)."""
+  n = min(distributed.gather_json(len(batches)))
+  return batches[:n]
+
+
 def run_pretraining(config: PLDRConfig, tc: train.TrainConfig, data: DataConfig,
                     workdir: str | os.PathLike, *, g_source: str | None = None,
-                    progress: bool = True, stop_after: int | None = None) -> RunResult:
-  """Train (or resume) and checkpoint under `workdir`.
+                    progress: bool = True, stop_after: int | None = None,
+                    restore_step: int | None = None) -> RunResult:
+  """Train (or resume) and checkpoint under `workdir` (see the module docstring).
 
   stop_after: leave the loop after this many steps in this call (testing a
   resume without a kill); checkpoints and logs are as if the run was stopped.
+  restore_step: resume from this checkpoint step instead of the newest good one.
   """
   workdir = Path(workdir)
+  ckdir = workdir / "checkpoints"
+  main = jax.process_index() == 0
   mesh = train.make_mesh(tc)
   validate(config, tc, data, mesh)
   tokenizer = load_tokenizer(data.tokenizer_path)
@@ -136,107 +285,131 @@ def run_pretraining(config: PLDRConfig, tc: train.TrainConfig, data: DataConfig,
   workdir.mkdir(parents=True, exist_ok=True)
   tx = train.make_optimizer(tc)
   g_lm = fixed_g(config, tc, g_source)
-  checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=tc.keep_checkpoints)
   meta = {"model": dataclasses.asdict(config), "train": dataclasses.asdict(tc),
           "data": dataclasses.asdict(data)}
 
   with jax.set_mesh(mesh):
-    start = checkpointer.latest_step()
-    if start is None:
+    abstract = train.abstract_train_state(config, tx, mesh)
+    with ckpt_lib.Checkpointer(ckdir, keep=None) as reader:
+      restored, failed = restore_newest_good(reader, abstract, restore_step,
+                                             warn=print if main else lambda _: None)
+      start = 0 if restored is None else restored["step"]
+      newer = [st for st in reader.all_steps() if st > start and st not in failed]
+    if main:
+      for path in set_aside(ckdir, failed, "corrupt") + set_aside(ckdir, newer, "replaced"):
+        print(f"set aside {path.name}: the run continues from step {start}")
+      trim_metrics(workdir / "metrics.jsonl", start)
+    distributed.barrier("pldr_jax.trainer.resume")
+    if restored is None:
       state = train.init_train_state(config, tc, tx, mesh)
-      data_state, start = None, 0
+      data_state = None
     else:
-      abstract = train.abstract_train_state(config, tx, mesh)
-      restored = checkpointer.restore(start, abstract_params=abstract["params"],
-                                      abstract_opt_state=abstract["opt_state"])
       state = {"params": restored["params"], "opt_state": restored["opt_state"],
                "step": jax.device_put(jnp.int32(start), abstract["step"].sharding)}
       data_state = restored["data_state"]
-      g_lm = stored_fixed_g(config, workdir / "checkpoints", start)
-      print(f"resumed from {workdir / 'checkpoints'} at step {start}")
+      g_lm = stored_fixed_g(config, ckdir, start)
+      print(f"resumed from {ckdir} at step {start}")
+    checkpointer = ckpt_lib.Checkpointer(ckdir, keep=tc.keep_checkpoints)
     it = make_train_iterator(data, tokenizer, shard_index=jax.process_index(),
                              shard_count=jax.process_count(), state=data_state)
-    eval_batches = make_eval_batches(data.replace(max_eval_batches=tc.max_eval_batches)
-                                     if tc.max_eval_batches else data, tokenizer,
-                                     shard_index=jax.process_index(),
-                                     shard_count=jax.process_count())
+    eval_batches = _agree_on_batches(make_eval_batches(
+        data.replace(max_eval_batches=tc.max_eval_batches) if tc.max_eval_batches else data,
+        tokenizer, shard_index=jax.process_index(), shard_count=jax.process_count()))
     train_step = train.make_train_step(config, tc, tx, mesh, g_lm)
     eval_step = train.make_eval_step(config, mesh, g_lm)
     probe = np.asarray([2] + tokenizer.encode(PROBE_TEXT), np.int32)[:config.max_len]
 
-    writer = _summary_writer(workdir / "tensorboard")
-    metrics_file = open(workdir / "metrics.jsonl", "a")
+    writer = _summary_writer(workdir / "tensorboard") if main else _NoWriter()
+    metrics_file = open(workdir / "metrics.jsonl", "a") if main else _NoWriter()
     bar = _progress(progress, start, tc.num_steps)
     losses: dict[int, float] = {}
     last: dict[str, float] | None = None
     eval_metrics: dict = {}
     tokens_per_step = data.batch_size * jax.process_count() * data.seq_len
     t_first, n_timed = None, 0
+    interrupted = None
 
     def save(step: int, force: bool = False):
-      g_item = probe_g_lm(state["params"], config, probe, g_lm)
+      g_item = probe_g_lm(state["params"], config, probe, g_lm, mesh)
       checkpointer.save(step, params=state["params"], opt_state=state["opt_state"],
                         data_state=it.get_state(), meta={**meta, "step": step},
                         g_lm=g_item or None, force=force)
 
     try:
-      step = start
-      while step < tc.num_steps:
-        batch = train.global_batch(next(it), mesh)
-        state, metrics = train_step(state, batch)
-        step += 1
-        if t_first is None:
-          jax.block_until_ready(metrics)
-          t_first = time.perf_counter()
-        else:
-          n_timed += 1
-        is_log = step % tc.log_every == 0 or step == tc.num_steps
-        is_ckpt = step % tc.checkpoint_every == 0 or step == tc.num_steps
-        is_eval = step % tc.eval_every == 0 or step == tc.num_steps
-        if is_log or is_ckpt:
-          last = _host_metrics(metrics)
-          if not (math.isfinite(last["loss"]) and math.isfinite(last["grad_norm"])):
-            checkpointer.wait_until_finished()
-            kept = checkpointer.latest_step()
-            raise TrainingError(
-                f"loss is {last['loss']} (grad norm {last['grad_norm']}) at step {step}; "
-                f"stopping. The last good checkpoint (step {kept}) in "
-                f"{workdir / 'checkpoints'} is untouched.")
-          losses[step] = last["loss"]
-          elapsed = time.perf_counter() - t_first if t_first else 0.0
-          tps = n_timed * tokens_per_step / elapsed if elapsed > 0 and n_timed else float("nan")
-          record = {"step": step, **last, "tokens_per_second": tps}
-          metrics_file.write(json.dumps(record) + "\n")
-          metrics_file.flush()
-          for k in ("loss", "ce", "accuracy", "grad_norm", "learning_rate", "dag"):
-            if k in last:
-              writer.add_scalar(f"train/{k}", last[k], step)
-          writer.add_scalar("train/perplexity", math.exp(min(last["ce"], 50.0)), step)
-          writer.add_scalar("train/tokens_per_second", tps, step)
-          bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{tps:,.0f}")
-        if is_eval and eval_batches:
-          eval_metrics = train.evaluate(eval_step, state["params"], eval_batches, mesh)
-          for k in ("loss", "perplexity", "accuracy"):
-            writer.add_scalar(f"eval/{k}", eval_metrics[k], step)
-          metrics_file.write(json.dumps({"step": step, "eval": eval_metrics}) + "\n")
-          metrics_file.flush()
-          bar.write(f"step {step}: eval loss {eval_metrics['loss']:.4f} "
-                    f"ppl {eval_metrics['perplexity']:.2f} acc {eval_metrics['accuracy']:.4f}")
-        if is_ckpt:
-          save(step, force=step == tc.num_steps)
-        bar.update(1)
-        if stop_after is not None and step - start >= stop_after:
-          break
+      with StopSignals() as stop:
+        step = start
+        while step < tc.num_steps:
+          batch = train.global_batch(next(it), mesh)
+          state, metrics = train_step(state, batch)
+          step += 1
+          if t_first is None:
+            jax.block_until_ready(metrics)
+            t_first = time.perf_counter()
+          else:
+            n_timed += 1
+          is_log = step % tc.log_every == 0 or step == tc.num_steps
+          is_ckpt = step % tc.checkpoint_every == 0 or step == tc.num_steps
+          is_eval = step % tc.eval_every == 0 or step == tc.num_steps
+          if is_log or is_ckpt:
+            last = _host_metrics(metrics)
+            if not (math.isfinite(last["loss"]) and math.isfinite(last["grad_norm"])):
+              checkpointer.wait_until_finished()
+              kept = checkpointer.latest_step()
+              raise TrainingError(
+                  f"loss is {last['loss']} (grad norm {last['grad_norm']}) at step {step}; "
+                  f"stopping. The last good checkpoint (step {kept}) in "
+                  f"{ckdir} is untouched.")
+            losses[step] = last["loss"]
+            elapsed = time.perf_counter() - t_first if t_first else 0.0
+            tps = n_timed * tokens_per_step / elapsed if elapsed > 0 and n_timed else float("nan")
+            record = {"step": step, **last, "tokens_per_second": tps}
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+            for k in ("loss", "ce", "accuracy", "grad_norm", "learning_rate", "dag"):
+              if k in last:
+                writer.add_scalar(f"train/{k}", last[k], step)
+            writer.add_scalar("train/perplexity", math.exp(min(last["ce"], 50.0)), step)
+            writer.add_scalar("train/tokens_per_second", tps, step)
+            bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{tps:,.0f}")
+          if is_eval and eval_batches:
+            eval_metrics = train.evaluate(eval_step, state["params"], eval_batches, mesh)
+            for k in ("loss", "perplexity", "accuracy"):
+              writer.add_scalar(f"eval/{k}", eval_metrics[k], step)
+            metrics_file.write(json.dumps({"step": step, "eval": eval_metrics}) + "\n")
+            metrics_file.flush()
+            bar.write(f"step {step}: eval loss {eval_metrics['loss']:.4f} "
+                      f"ppl {eval_metrics['perplexity']:.2f} acc {eval_metrics['accuracy']:.4f}")
+          if is_ckpt:
+            save(step, force=step == tc.num_steps)
+          bar.update(1)
+          if distributed.any_process(stop.received is not None):
+            interrupted = stop.received or "a signal to another process"
+            if not is_ckpt:
+              save(step, force=True)
+            break
+          if stop_after is not None and step - start >= stop_after:
+            break
+        checkpointer.wait_until_finished()  # a signal now still finds the save complete
     finally:
-      checkpointer.wait_until_finished()
       checkpointer.close()
       bar.close()
       metrics_file.close()
       writer.close()
+    distributed.barrier("pldr_jax.trainer.saved")  # every process's files are final
 
   elapsed = time.perf_counter() - t_first if t_first else 0.0
   tps = n_timed * tokens_per_step / elapsed if n_timed and elapsed > 0 else None
-  return RunResult(str(workdir), step, last["loss"] if last else None, eval_metrics, tps, losses)
+  return RunResult(str(workdir), step, last["loss"] if last else None, eval_metrics, tps, losses,
+                   interrupted)
+
+
+class _NoWriter:
+  """Stands in for the metrics file and TensorBoard writer on processes other than 0."""
+
+  def write(self, *_):
+    pass
+
+  add_scalar = flush = close = write
 
 
 def _progress(enabled: bool, start: int, total: int):
