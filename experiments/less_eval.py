@@ -111,15 +111,21 @@ def kernel_path(kernels_root, policy: policies_lib.Policy) -> str:
 # ----------------------------------------------------------------------------
 # Scoring.
 
-def batch_lengths(mask) -> np.ndarray:
-  return np.maximum(np.sum(np.asarray(mask), axis=-1), 1).astype(np.int32)
+def model_inputs(tokens, mask):
+  """The model reads tokens[:, :-1] (as in pldr_jax.train.loss_fn): a sequence of n real
+  tokens runs n - 1 of them. tokens, mask: [B, S] -> (inputs [B, S-1], lengths [B])."""
+  tokens, mask = np.asarray(tokens), np.asarray(mask)
+  lengths = np.clip(mask.sum(axis=-1) - 1, 1, tokens.shape[1] - 1).astype(np.int32)
+  return jnp.asarray(tokens[:, :-1], jnp.int32), jnp.asarray(lengths)
 
 
 @jax.jit
 def _nll_terms(logits, tokens, mask):
-  """(sum of next-token NLL, number of counted targets); [PAD] targets ignored."""
-  logits = logits[:, :-1].astype(jnp.float32)
-  logp = jax.nn.log_softmax(logits, axis=-1)
+  """(sum of next-token NLL, number of counted targets); [PAD] targets ignored.
+
+  logits: [B, S-1, V] of the inputs tokens[:, :-1]; tokens, mask: [B, S].
+  """
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   tgt = jnp.take_along_axis(logp, tokens[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
   w = mask[:, 1:].astype(jnp.float32)
   return -jnp.sum(tgt * w), jnp.sum(w)
@@ -131,13 +137,12 @@ def _full_logits(params, tokens, lengths, g_lm, *, config):
 
 
 def score(logits_fn, batches) -> tuple[float, float]:
-  """(mean NLL, counted tokens) over batches; logits_fn(tokens, lengths) -> logits."""
+  """(mean NLL, counted tokens) over batches; logits_fn(inputs, lengths) -> logits."""
   tot, cnt = 0.0, 0.0
   for b in batches:
-    tokens = jnp.asarray(b["tokens"], jnp.int32)
-    mask = jnp.asarray(b["mask"], jnp.int32)
-    logits = logits_fn(tokens, jnp.asarray(batch_lengths(b["mask"])))
-    s, n = _nll_terms(logits, tokens, mask)
+    inputs, lengths = model_inputs(b["tokens"], b["mask"])
+    s, n = _nll_terms(logits_fn(inputs, lengths), jnp.asarray(b["tokens"], jnp.int32),
+                      jnp.asarray(b["mask"], jnp.int32))
     tot += float(s)
     cnt += float(n)
   if cnt == 0:
@@ -191,6 +196,7 @@ def run_eval(model_workdir, budgets, *, kernels_root=None, max_batches=None, bat
   if not batches:
     raise ValueError("no eval batches")
   seq_len = int(np.asarray(batches[0]["tokens"]).shape[1])
+  n_inputs = seq_len - 1  # positions the model runs (tokens[:, :-1])
   log(f"model {model_workdir} step {ck_step}: {config.num_layers} layers, {config.num_heads} "
       f"heads of width {config.head_dim}, context {config.max_len}; {len(batches)} eval "
       f"batches of {np.asarray(batches[0]['tokens']).shape}")
@@ -258,7 +264,10 @@ def run_eval(model_workdir, budgets, *, kernels_root=None, max_batches=None, bat
       nll, cnt = score(sparse_fn(bp, None), batches)
       plus = add(kind + "+", bp, budget, bp.budget, nll, cnt,
                  state_bytes(params, config, bp, None, g_lm))
-      plus["gap_closed"] = gap_closed(sp["perplexity"], plus["perplexity"], ppl_full)
+      # A budget that holds every input position never evicts: no gap to close.
+      evicts = policy.budget < n_inputs
+      if evicts:
+        plus["gap_closed"] = gap_closed(sp["perplexity"], plus["perplexity"], ppl_full)
 
       if kernels is None:
         add(kind + "_less", policy, budget, policy.budget, status=status, kernels=path)
@@ -266,7 +275,8 @@ def run_eval(model_workdir, budgets, *, kernels_root=None, max_batches=None, bat
       nll, cnt = score(sparse_fn(policy, kernels), batches)
       less = add(kind + "_less", policy, budget, policy.budget, nll, cnt,
                  state_bytes(params, config, policy, kernels, g_lm), status, path)
-      less["gap_closed"] = gap_closed(sp["perplexity"], less["perplexity"], ppl_full)
+      if evicts:
+        less["gap_closed"] = gap_closed(sp["perplexity"], less["perplexity"], ppl_full)
   log(f"evaluated in {time.perf_counter() - t0:.1f}s")
   return rows
 

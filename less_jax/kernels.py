@@ -17,9 +17,10 @@ Choices (documented for the lead):
     GELU (q W_q1 and k W_k1, independent masks) when `deterministic=False`;
     it needs `dropout_rng`. Inference: `deterministic=True` (the default).
   * Everything is computed in float32 whatever the input dtype.
-  * Initialisation: uniform, bounds as the released LESS code
-    (W_*1: sqrt(3/(D+R)), W_*2: sqrt(3/(R'+R)), W_k3: sqrt(3/R));
-    d1 = d2 = 1e-4.
+  * Initialisation: Xavier uniform, as the LESS authors' kernel-training code
+    (their inference class uses other ranges; the trained kernels are what it
+    loads): W_*1 U(+-sqrt(6/(D+R'))), W_*2 U(+-sqrt(6/(R'+R))),
+    W_k3 U(+-sqrt(6/(R+R))); d1 = d2 = 1e-4.
 """
 
 from __future__ import annotations
@@ -107,9 +108,9 @@ def init_kernels(key: jax.Array, head_dim: int, num_heads: int,
   def unif(k, shape, bound):
     return jax.random.uniform(k, shape, dtype, -bound, bound)
 
-  b1 = float(np.sqrt(3.0 / (d + r)))
-  b2 = float(np.sqrt(3.0 / (rh + r)))
-  b3 = float(np.sqrt(3.0 / r))
+  b1 = float(np.sqrt(6.0 / (d + rh)))   # Xavier uniform of [D, R']
+  b2 = float(np.sqrt(6.0 / (rh + r)))   # [R', R]
+  b3 = float(np.sqrt(6.0 / (r + r)))    # [R, R]
   return KernelParams(
       wq1=unif(ks[0], (hk, d, rh), b1),
       wq2=unif(ks[1], (hk, rh, r), b2),

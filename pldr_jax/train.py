@@ -34,7 +34,10 @@ class TrainConfig:
     learning_rate: peak learning rate after warmup.
     warmup_steps: linear warmup from 0.
     end_lr_ratio: cosine decays to learning_rate * end_lr_ratio at num_steps.
-    beta1, beta2, eps, weight_decay: AdamW (decay on matrices only, ndim >= 2).
+    beta1, beta2, eps, weight_decay: AdamW.
+    decay_all_params: AdamW decays every parameter (biases, LayerNorms and the
+      embedding included), as the authors' torch.optim.AdamW does; False
+      decays matrices only (ndim >= 2), the common LLM practice.
     clip_value: clip each gradient element to [-clip_value, clip_value] (0: off).
     dag_coeff: weight c of the DAG loss term (0: off).
     seed: parameter-init seed.
@@ -51,6 +54,7 @@ class TrainConfig:
   beta2: float = 0.95
   eps: float = 1e-5
   weight_decay: float = 0.1
+  decay_all_params: bool = True
   clip_value: float = 1.0
   dag_coeff: float = 0.0
   seed: int = 1234
@@ -83,7 +87,8 @@ def lr_schedule(tc: TrainConfig) -> optax.Schedule:
 
 
 def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
-  decay_mask = lambda tree: jax.tree.map(lambda x: x.ndim >= 2, tree)
+  decay_mask = None if tc.decay_all_params else (
+      lambda tree: jax.tree.map(lambda x: x.ndim >= 2, tree))
   adamw = optax.adamw(lr_schedule(tc), b1=tc.beta1, b2=tc.beta2, eps=tc.eps,
                       weight_decay=tc.weight_decay, mask=decay_mask)
   if tc.clip_value > 0:
@@ -127,14 +132,17 @@ def dag_term(x: jax.Array) -> jax.Array:
 def loss_fn(params, batch: dict, *, config: PLDRConfig, g_lm=None, dag_coeff: float = 0.0):
   """Next-token cross-entropy (fp32) ignoring [PAD], plus the optional DAG term.
 
-  batch: {'tokens': int32 [B, S], 'mask': int32 [B, S]} (mask 0 at [PAD]).
+  batch: {'tokens': int32 [B, S], 'mask': int32 [B, S]} (mask 0 at [PAD],
+  right-padded). As the authors' code, the model reads tokens[:, :-1] and
+  predicts tokens[:, 1:]: a sequence of n real tokens runs n - 1 of them, so
+  A (the sum over queries) never holds the query of the last target.
   Returns (loss, metrics) with metrics: loss, ce, accuracy, tokens (counted).
   """
   tokens, mask = batch["tokens"], batch["mask"]
-  lengths = jnp.maximum(jnp.sum(mask, axis=-1), 1).astype(jnp.int32)
-  logits, ded = model.forward(params, tokens, lengths, config=config, g_lm=g_lm,
+  inputs = tokens[:, :-1]
+  lengths = jnp.clip(jnp.sum(mask, axis=-1) - 1, 1, inputs.shape[1]).astype(jnp.int32)
+  logits, ded = model.forward(params, inputs, lengths, config=config, g_lm=g_lm,
                               return_deductive=dag_coeff > 0)
-  logits = logits[:, :-1]
   logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
   targets = tokens[:, 1:]
   weights = mask[:, 1:].astype(logits.dtype)

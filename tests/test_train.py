@@ -96,13 +96,29 @@ def test_loss_ignores_pad_and_matches_plain_cross_entropy():
   loss, m = train.loss_fn(p, {"tokens": jnp.asarray(toks), "mask": jnp.asarray(mask)}, config=c)
   want, n = 0.0, 0
   for b, length in enumerate([10, 6]):
-    logits, _ = model.forward(p, jnp.asarray(toks[b:b + 1, :length]), config=c)
+    # As the authors' code: each sequence alone, the model reads its tokens
+    # but the last (so A never holds the last target's query) and predicts 1..n-1.
+    logits, _ = model.forward(p, jnp.asarray(toks[b:b + 1, :length - 1]), config=c)
     lp = np.asarray(jax.nn.log_softmax(logits[0].astype(jnp.float64)))
     for t in range(length - 1):
       want -= lp[t, toks[b, t + 1]]
       n += 1
   assert int(m["tokens"]) == n == 14
   np.testing.assert_allclose(float(loss), want / n, rtol=1e-6)
+
+
+def test_weight_decay_on_every_parameter_by_default():
+  """AdamW decays biases, LayerNorms and the embedding too (the authors' torch AdamW);
+  decay_all_params=False decays matrices only."""
+  p = {"w": jnp.ones((2, 2)), "b": jnp.ones((2,))}
+  zero = {"w": jnp.zeros((2, 2)), "b": jnp.zeros((2,))}
+  for all_params, b_decays in ((True, True), (False, False)):
+    tc = train.TrainConfig(num_steps=10, warmup_steps=0, learning_rate=0.5, weight_decay=0.1,
+                           end_lr_ratio=1.0, decay_all_params=all_params)
+    tx = train.make_optimizer(tc)
+    upd, _ = tx.update(zero, tx.init(p), p)  # zero gradient: the update is the decay alone
+    np.testing.assert_allclose(np.asarray(upd["w"]), -0.05, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(upd["b"]), -0.05 if b_decays else 0.0, rtol=1e-6)
 
 
 def test_schedule_and_clipping():
