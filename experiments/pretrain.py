@@ -144,7 +144,8 @@ def main(argv=None) -> int:
     print(f"\nstopped by {result.interrupted} at step {result.final_step}; checkpoint saved in "
           f"{wd / 'checkpoints'}.\nresume with: {resume_command(argv)}", flush=True)
     return 0
-  print(f"\nfinished at step {result.final_step}: train loss {result.train_loss:.4f}")
+  loss = "" if result.train_loss is None else f": train loss {result.train_loss:.4f}"
+  print(f"\nfinished at step {result.final_step}{loss}")
   if result.eval:
     print(f"validation: loss {result.eval['loss']:.4f}  perplexity {result.eval['perplexity']:.2f}"
           f"  token accuracy {result.eval['accuracy']:.4f}")

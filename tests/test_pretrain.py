@@ -140,3 +140,90 @@ def test_perplexity_script_reproduces_the_runs_own_eval(tmp_path, data_workdir):
   assert got["step"] == 4 and got["tokens"] == evals[-1]["tokens"]
   np.testing.assert_allclose(got["loss"], evals[-1]["loss"], rtol=1e-6)
   np.testing.assert_allclose(got["perplexity"], np.exp(got["loss"]), rtol=1e-9)
+
+
+# ---------------------------------------------------------------- recovery
+
+def _run(cmd, **kw):
+  return subprocess.run(cmd, env=dict(os.environ, JAX_PLATFORMS="cpu"), cwd=REPO,
+                        capture_output=True, text=True, timeout=600, **kw)
+
+
+def _metric_steps(workdir) -> list[int]:
+  records = [json.loads(l) for l in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+  return [r["step"] for r in records if "loss" in r]
+
+
+def _flip_params_data(step_dir: Path):
+  for f in list(step_dir.glob("params/ocdbt.process_*/d/*")) + list(step_dir.glob("params/d/*")):
+    b = bytearray(f.read_bytes())
+    b[len(b) // 2] ^= 0xFF
+    f.write_bytes(bytes(b))
+
+
+def test_corrupt_newest_falls_back_and_restore_step_picks_one(tmp_path, data_workdir):
+  wd = tmp_path / "run"
+  first = _run(_cmd(wd, data_workdir, 8))
+  assert first.returncode == 0, first.stderr[-3000:]
+  before = _losses(wd)
+  _flip_params_data(wd / "checkpoints" / "8")
+  again = _run(_cmd(wd, data_workdir, 12))
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "checkpoint step 8" in again.stdout and "falling back to step 4" in again.stdout
+  assert "resumed from" in again.stdout and "at step 4" in again.stdout
+  assert (wd / "checkpoints" / "8.corrupt").is_dir() and _steps_saved(wd) == [4, 8, 12]
+  assert _metric_steps(wd) == list(range(1, 13))  # no duplicate steps after the resume
+  after = _losses(wd)
+  assert all(after[s] == before[s] for s in range(1, 9))  # steps 5-8 recomputed identically
+  # --restore_step: back to step 4; the newer checkpoints are set aside, not deleted
+  picked = _run(_cmd(wd, data_workdir, 6) + ["--restore_step", "4"])
+  assert picked.returncode == 0, picked.stderr[-3000:]
+  assert "at step 4" in picked.stdout and "finished at step 6" in picked.stdout
+  assert _steps_saved(wd) == [4, 6] and (wd / "checkpoints" / "12.replaced").is_dir()
+  assert _metric_steps(wd) == list(range(1, 7))
+
+
+def test_sigterm_saves_the_current_step_and_resumes(tmp_path, data_workdir):
+  wd = tmp_path / "run"
+  cmd = _cmd(wd, data_workdir, 400, ["TrainConfig.checkpoint_every=1000"])
+  proc = subprocess.Popen(cmd, env=dict(os.environ, JAX_PLATFORMS="cpu"), cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if (wd / "metrics.jsonl").exists() and len(_metric_steps(wd)) >= 3:
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, "the run finished before it could be stopped"
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  saved = _steps_saved(wd)
+  assert len(saved) == 1 and 3 <= saved[0] < 400, saved
+  assert f"stopped by SIGTERM at step {saved[0]}" in out and "resume with: " in out
+  assert _metric_steps(wd) == list(range(1, saved[0] + 1))
+  resumed = _run(_cmd(wd, data_workdir, saved[0] + 2))
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"at step {saved[0]}" in resumed.stdout
+  assert _metric_steps(wd) == list(range(1, saved[0] + 3))
+
+
+def test_disk_full_is_one_line(monkeypatch, capsys, tmp_path):
+  import errno
+  import importlib.util
+  from pldr_jax import checkpoint, trainer
+  spec = importlib.util.spec_from_file_location("pretrain_entry", SCRIPT)
+  pretrain = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(pretrain)
+
+  def full(*_, **__):
+    try:
+      raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "ckpt" / "x"))
+    except OSError as e:
+      raise checkpoint.CheckpointError(tmp_path, "a background save failed") from e
+
+  monkeypatch.setattr(trainer, "run_pretraining", full)
+  monkeypatch.setattr(pretrain, "resolve_data", lambda run: run["data"])
+  rc = pretrain.main(["--gin_file", str(REPO / "experiments/configs/tiny.gin"),
+                      "--workdir", str(tmp_path)])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert rc == 1 and len(err) == 1 and "disk full" in err[0] and str(tmp_path) in err[0]
