@@ -1,0 +1,174 @@
+"""experiments/pretrain.py on 8 forced CPU devices and on two real processes (localhost).
+
+8 devices (one process): data-parallel and data x FSDP runs save, are killed
+(SIGKILL) or stopped (SIGTERM), resume, and reproduce the 1-device losses
+(identity G, to 1e-5). Two processes (jax.distributed over localhost, gloo CPU
+collectives): a run trains and checkpoints, is killed, resumes on two processes
+with the losses of an uninterrupted two-process run, samples on both, and its
+checkpoint restores to the same parameters on one process and on two.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from test_pretrain import REPO, _cmd, _losses, _steps_saved
+
+STEPS = 40
+IDENTITY = ["PLDRConfig.g_mode='identity'", "TrainConfig.checkpoint_every=4"]
+
+
+@pytest.fixture(scope="module")
+def data_workdir(tmp_path_factory):
+  return tmp_path_factory.mktemp("shared_data")
+
+
+def _env(devices: int = 1) -> dict:
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  if devices > 1:
+    flags.append(f"--xla_force_host_platform_device_count={devices}")
+  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags))
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _wait_for(cond, procs, what: str, timeout: float = 300):
+  deadline = time.time() + timeout
+  while time.time() < deadline and all(p.poll() is None for p in procs):
+    if cond():
+      return
+    time.sleep(0.05)
+  assert all(p.poll() is None for p in procs), f"a process ended before {what}"
+  assert cond(), f"timed out waiting for {what}"
+
+
+def _finish(procs, timeout: float = 600) -> list[str]:
+  outs = []
+  for p in procs:
+    out, err = p.communicate(timeout=timeout)
+    assert p.returncode == 0, (out[-2000:], err[-4000:])
+    outs.append(out)
+  return outs
+
+
+def _assert_no_duplicates(workdir, steps: int):
+  import json
+  recs = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in recs if "loss" in r] == list(range(1, steps + 1))
+
+
+def test_8_devices_save_kill_resume_match_1_device(tmp_path, data_workdir):
+  one = subprocess.run(_cmd(tmp_path / "one", data_workdir, STEPS, IDENTITY), env=_env(1),
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert one.returncode == 0, one.stderr[-3000:]
+  want = _losses(tmp_path / "one")
+  for name, mesh, sig in (("dp8", (8, 1), signal.SIGKILL), ("dp2_fsdp4", (2, 4), signal.SIGTERM)):
+    wd = tmp_path / name
+    cmd = _cmd(wd, data_workdir, STEPS, IDENTITY + [f"TrainConfig.mesh_data={mesh[0]}",
+                                                    f"TrainConfig.mesh_fsdp={mesh[1]}"])
+    proc = subprocess.Popen(cmd, env=_env(8), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: any(s >= 4 for s in _steps_saved(wd)), [proc], "the first checkpoint")
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=300)
+    if sig == signal.SIGTERM:
+      assert proc.returncode == 0 and "stopped by SIGTERM" in out, err[-3000:]
+    kept = max(_steps_saved(wd))
+    assert kept < STEPS
+    resumed = subprocess.run(cmd, env=_env(8), cwd=REPO, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {kept}" in resumed.stdout
+    _assert_no_duplicates(wd, STEPS)
+    got = _losses(wd)
+    np.testing.assert_allclose([got[s] for s in sorted(want)], [want[s] for s in sorted(want)],
+                               rtol=1e-5, atol=0, err_msg=f"{name} (resumed at step {kept})")
+
+
+# Restores the newest checkpoint of a run's train state sharded over all devices
+# of all processes, and prints a digest of the parameters (gathered on every process).
+_RESTORE = textwrap.dedent("""
+    import argparse, hashlib, sys
+    import jax, numpy as np
+    from pldr_jax import distributed, train
+    from pldr_jax.checkpoint import Checkpointer, load_meta
+    from pldr_jax.config import PLDRConfig
+    ckdir, address, n, i = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    distributed.initialize(argparse.Namespace(coordinator_address=address, num_processes=n,
+                                              process_id=i))
+    assert jax.process_count() == n
+    meta = load_meta(ckdir)
+    config, tc = PLDRConfig(**meta["model"]), train.TrainConfig(**meta["train"])
+    mesh = train.make_mesh(tc)
+    tx = train.make_optimizer(tc)
+    abstract = train.abstract_train_state(config, tx, mesh)
+    with Checkpointer(ckdir) as c:
+      r = c.restore(abstract_params=abstract["params"], abstract_opt_state=abstract["opt_state"])
+    if n > 1:
+      from jax.experimental import multihost_utils
+      host = multihost_utils.process_allgather(r["params"], tiled=True)
+    else:
+      host = jax.device_get(r["params"])
+    h = hashlib.sha256()
+    for x in jax.tree.leaves(host):
+      h.update(np.ascontiguousarray(x).tobytes())
+    print("STEP", r["step"], "DIGEST", h.hexdigest())
+""")
+
+
+def _two_processes(cmd_for, env=None) -> list[subprocess.Popen]:
+  port = _free_port()
+  return [subprocess.Popen(cmd_for(f"localhost:{port}", i), env=env or _env(1), cwd=REPO,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+          for i in range(2)]
+
+
+def _pretrain2(workdir, data_workdir, steps, extra=()):
+  base = _cmd(workdir, data_workdir, steps, ["DataConfig.batch_size=4", *extra])
+  return lambda address, i: base + ["--coordinator_address", address, "--num_processes", "2",
+                                    "--process_id", str(i)]
+
+
+def test_two_processes_kill_resume_sample_and_restore_on_one(tmp_path, data_workdir):
+  steps = 12
+  full = _finish(_two_processes(_pretrain2(tmp_path / "full", data_workdir, steps)))
+  assert all(f"finished at step {steps}" in out for out in full)
+  wd = tmp_path / "killed"
+  procs = _two_processes(_pretrain2(wd, data_workdir, steps))
+  _wait_for(lambda: any(s >= 4 for s in _steps_saved(wd)), procs, "the first checkpoint")
+  for p in procs:
+    p.kill()
+  for p in procs:
+    p.wait()
+  kept = max(_steps_saved(wd))
+  assert kept < steps
+  outs = _finish(_two_processes(_pretrain2(wd, data_workdir, steps, ["experiment.samples=1",
+                                                                     "experiment.sample_tokens=6"])))
+  for out in outs:
+    assert f"resumed from {wd / 'checkpoints'} at step {kept}" in out
+    assert f"finished at step {steps}" in out and "samples from" in out
+  samples = [out[out.index("samples from"):] for out in outs]
+  assert samples[0] == samples[1]  # the same parameters on both processes
+  _assert_no_duplicates(wd, steps)
+  assert _losses(wd) == _losses(tmp_path / "full")  # each process resumed its own data shard
+
+  ckdir = str(wd / "checkpoints")
+  two = _finish(_two_processes(
+      lambda address, i: [sys.executable, "-c", _RESTORE, ckdir, address, "2", str(i)]))
+  one = _finish([subprocess.Popen([sys.executable, "-c", _RESTORE, ckdir, "", "1", "0"],
+                                  env=_env(1), cwd=REPO, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)])
+  digests = {out.strip().splitlines()[-1] for out in two + one}
+  assert digests == {f"STEP {steps} DIGEST {one[0].split()[-1]}"}, digests
