@@ -25,6 +25,12 @@ step is skipped; an unfinished one is started again with the same command
 only when its result is missing or older than the learned checkpoint.
 `--jobs N` runs up to N training runs at once (transferred waits for learned).
 
+Several processes: start the sweep once per process with the
+`--coordinator_address/--num_processes/--process_id` of pretrain.py (or the
+JAX_* variables, or a SLURM/TPU cluster); each training run is then one
+multi-process pretrain.py (one run at a time), and process 0 evaluates
+inference_only and writes the table and plot.
+
 Writes <out>/ablation.csv and ablation.json (final train loss/accuracy, final
 validation loss/perplexity/accuracy per mode) and ablation.png (train and
 validation loss and token accuracy per mode). Run logs: <out>/<mode>/log.txt.
@@ -45,6 +51,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from pldr_jax import distributed  # noqa: E402
+
 PRETRAIN = REPO / "experiments" / "pretrain.py"
 
 TRAINED = ("learned", "identity", "random", "transferred")
@@ -89,13 +97,14 @@ def load_run(gin_files: list[str], gin_params: list[str]):
 
 
 def train_command(mode: str, gin_files: list[str], gin_params: list[str], out: Path,
-                  data_workdir: Path) -> list[str]:
+                  data_workdir: Path, launch_flags: list[str] = ()) -> list[str]:
   params = list(gin_params) + [f"PLDRConfig.g_mode={_gin_str(mode)}",
                                f"experiment.data_workdir={_gin_str(data_workdir)}"]
   if mode == "transferred":
     params.append(f"experiment.g_source={_gin_str(out / 'learned' / 'checkpoints')}")
   return ([sys.executable, str(PRETRAIN)] + [f"--gin_file={f}" for f in gin_files]
-          + [f"--workdir={out / mode}", "--no_progress"] + [f"--gin_param={p}" for p in params])
+          + [f"--workdir={out / mode}", "--no_progress"] + [f"--gin_param={p}" for p in params]
+          + list(launch_flags))
 
 
 # ---------------------------------------------------------------- metrics files
@@ -125,7 +134,7 @@ def is_finished(workdir: Path, num_steps: int) -> bool:
 # ---------------------------------------------------------------- the training runs
 
 def run_training(modes, gin_files, gin_params, out: Path, data_workdir: Path, num_steps: int,
-                 jobs: int) -> None:
+                 jobs: int, launch_flags: list[str] = ()) -> None:
   """Start the unfinished runs (up to `jobs` at once, dependencies first)."""
   todo = []
   for mode in modes:
@@ -137,7 +146,7 @@ def run_training(modes, gin_files, gin_params, out: Path, data_workdir: Path, nu
   done = set(m for m in modes if m not in todo)
   try:
     _schedule(todo, running, done, modes, gin_files, gin_params, out, data_workdir, num_steps,
-              jobs)
+              jobs, launch_flags)
   finally:  # interrupted (Ctrl-C, SIGTERM, a failed run): stop the children; rerun resumes
     for proc, log, _ in running.values():
       if proc.poll() is None:
@@ -147,7 +156,7 @@ def run_training(modes, gin_files, gin_params, out: Path, data_workdir: Path, nu
 
 
 def _schedule(todo, running, done, modes, gin_files, gin_params, out, data_workdir, num_steps,
-              jobs):
+              jobs, launch_flags):
   while todo or running:
     for mode in list(todo):
       dep = DEPENDS.get(mode)
@@ -155,7 +164,7 @@ def _schedule(todo, running, done, modes, gin_files, gin_params, out, data_workd
         continue
       wd = out / mode
       wd.mkdir(parents=True, exist_ok=True)
-      cmd = train_command(mode, gin_files, gin_params, out, data_workdir)
+      cmd = train_command(mode, gin_files, gin_params, out, data_workdir, launch_flags)
       (wd / "command.json").write_text(json.dumps(cmd, indent=1))
       resumed = (wd / "metrics.jsonl").exists()
       print(f"{mode}: {'resuming' if resumed else 'starting'} -> {wd} (log: {wd / 'log.txt'})",
@@ -339,7 +348,12 @@ def main(argv=None) -> int:
   parser.add_argument("--gin_param", action="append", default=[])
   parser.add_argument("--out", default="runs/ablate")
   parser.add_argument("--jobs", type=int, default=1, help="training runs at once")
+  distributed.add_arguments(parser)
   args = parser.parse_args(argv)
+  launch = distributed.resolve(args.coordinator_address, args.num_processes, args.process_id)
+  index = distributed.launch_index(launch)
+  if launch.mode != "single" and args.jobs != 1:
+    parser.error("with several processes the runs share one coordinator: use --jobs 1")
   signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup: stop the children
   out = Path(args.out).resolve()
   gin_files = [_gin_file(f) for f in args.gin_file]
@@ -351,10 +365,16 @@ def main(argv=None) -> int:
   data_workdir = Path(run["data_workdir"]).resolve() if run["data_workdir"] else out / "data"
   run["data_workdir"] = str(data_workdir)
   out.mkdir(parents=True, exist_ok=True)
-  data = pre.resolve_data(run)  # builds the shared dataset/tokenizer once, before the runs
+  # builds the shared dataset/tokenizer once, before the runs (process 0; the other
+  # processes' runs wait for it inside pretrain.py)
+  data = pre.resolve_data(run) if index == 0 else None
 
   t0 = time.time()
-  run_training(TRAINED, gin_files, gin_params, out, data_workdir, num_steps, max(1, args.jobs))
+  run_training(TRAINED, gin_files, gin_params, out, data_workdir, num_steps, max(1, args.jobs),
+               distributed.launch_flags(launch))
+  if index != 0:
+    print(f"process {index}: the training runs finished; process 0 writes the table")
+    return 0
   inference_only(run, data, out / "learned", out / "inference_only")
   table = summarize(out, MODES, num_steps)
   write_table(out, table, {"num_steps": num_steps, "gin_files": gin_files,

@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple
 
-__all__ = ["Launch", "add_arguments", "resolve", "initialize", "barrier", "any_process",
-           "gather_json", "run_once"]
+__all__ = ["Launch", "add_arguments", "resolve", "launch_flags", "launch_index", "initialize",
+           "barrier", "any_process", "gather_json", "run_once"]
 
 ENV_ADDRESS, ENV_COUNT, ENV_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
 
@@ -95,6 +95,27 @@ def resolve(address: str | None = None, count: int | None = None, index: int | N
   if count == 1:
     return Launch("single")
   return Launch("explicit", address, count, index)
+
+
+def launch_flags(launch: Launch) -> list[str]:
+  """The command-line flags that start a child process in the same group (explicit mode;
+  auto-detected clusters pass their environment on by themselves)."""
+  if launch.mode != "explicit":
+    return []
+  return [f"--coordinator_address={launch.address}", f"--num_processes={launch.count}",
+          f"--process_id={launch.index}"]
+
+
+def launch_index(launch: Launch, environ: Mapping[str, str] | None = None) -> int:
+  """This process's index before `initialize` (auto mode: from the cluster's variables)."""
+  environ = os.environ if environ is None else environ
+  if launch.mode == "explicit":
+    return launch.index
+  if launch.mode == "auto":
+    for var in ("SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "TPU_WORKER_ID"):
+      if environ.get(var, "").isdigit():
+        return int(environ[var])
+  return 0
 
 
 def initialize(args: argparse.Namespace | None = None) -> Launch:
