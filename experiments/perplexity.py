@@ -3,12 +3,21 @@
 
     python experiments/perplexity.py --checkpoint runs/tiny \\
         [--dataset c4/en:3.1.0 --data_dir /data/tfds --split validation --text_key text] \\
-        [--seq_len 1024] [--batch_size 8] [--max_batches 50] [--step N]
+        [--seq_len 1024] [--batch_size 8] [--max_batches 50] [--step N] [--g_prompt 32,128]
 
 Defaults come from the run's own DataConfig (stored in the checkpoint meta), so
 with no flags it scores the run's validation split. The text is packed into
 chunks of seq_len tokens with [END] after each document, as in training; the
 loss ignores [PAD]. Prints loss, perplexity and token accuracy (and --out JSON).
+
+--g_prompt P1,P2,...: evaluate the way a learned-G model is used. Training and the
+plain validation build A from the whole input sequence (in the reference,
+non-causal mode that includes queries after the predicted position); at
+inference A and G_LM come from the prompt. For each P this scores the targets
+after the first P tokens twice: with whole-sequence A, and with G_LM fixed from
+the first P tokens (prefill's G-cache), which is exactly teacher-forced decoding
+with the KV- and G-cache after a P-token prompt. The difference is the part of
+the validation score that comes from seeing later queries.
 """
 
 from __future__ import annotations
@@ -26,6 +35,77 @@ def checkpoints_dir(path: str) -> Path:
   return p / "checkpoints" if (p / "checkpoints").is_dir() else p
 
 
+def _nll_after(params, tokens, mask, g_lm, prompt_len, *, config):
+  """(sum NLL, count) of the targets at index >= prompt_len; model input tokens[:, :-1].
+
+  tokens, mask: [B, S]; g_lm: None (computed from the input) or [L, B, H, dk, dk].
+  """
+  import jax
+  import jax.numpy as jnp
+  from pldr_jax import model
+  lengths = jnp.clip(jnp.sum(mask, -1) - 1, 1, tokens.shape[1] - 1).astype(jnp.int32)
+  logits, _ = model.forward(params, tokens[:, :-1], lengths, config=config, g_lm=g_lm)
+  ft = jnp.promote_types(logits.dtype, jnp.float32)
+  logp = jax.nn.log_softmax(logits.astype(ft), axis=-1)
+  tgt = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+  after = jnp.arange(1, tokens.shape[1]) >= prompt_len
+  w = mask[:, 1:].astype(ft) * after[None, :]
+  return -jnp.sum(tgt * w), jnp.sum(w)
+
+
+def prompt_g(params, tokens, mask, prompt_len, *, config):
+  """G_LM of each sequence's first prompt_len tokens, as decoding after that prompt uses it.
+
+  Non-causal metric: the prefill's G-cache, [L, B, H, dk, dk]. Causal metric: the
+  prompt's own positions keep their per-position G and every later position the
+  G of the last prompt token (what the G-cache holds), [L, B, S-1, H, dk, dk].
+  tokens, mask: [B, S].
+  """
+  import jax
+  import jax.numpy as jnp
+  from pldr_jax import decode, model
+  lengths = jnp.clip(jnp.sum(mask, -1), 1, prompt_len).astype(jnp.int32)
+  prompt = tokens[:, :prompt_len]
+  if not config.causal_metric:
+    _, _, gcache = decode.prefill(params, prompt, lengths, config=config, cache_len=prompt_len)
+    return jnp.stack([g["G_LM"] for g in gcache["layers"]])
+  _, ded = model.forward(params, prompt, lengths, config=config, return_deductive=True)
+  n_in = tokens.shape[1] - 1
+  pos = jnp.minimum(jnp.arange(n_in)[None, :], lengths[:, None] - 1)  # [B, S-1]
+  take = jax.vmap(lambda g, i: g[i])  # [P, H, dk, dk], [S-1] -> [S-1, H, dk, dk]
+  return jnp.stack([take(layer["G_LM"], pos) for layer in ded])
+
+
+def prompt_g_eval(params, config, batches, prompt_lens) -> list[dict]:
+  """Rows {prompt_len, whole_a_loss, prompt_g_loss, (perplexities), tokens} (learned G)."""
+  import functools
+  import math
+  import jax
+  import jax.numpy as jnp
+  nll = jax.jit(functools.partial(_nll_after, config=config), static_argnums=(4,))
+  gfn = jax.jit(functools.partial(prompt_g, config=config), static_argnums=(3,))
+  rows = []
+  for p in prompt_lens:
+    tot = {"whole": 0.0, "prompt": 0.0}
+    cnt = 0.0
+    for b in batches:
+      t, m = jnp.asarray(b["tokens"], jnp.int32), jnp.asarray(b["mask"], jnp.int32)
+      if p >= t.shape[1]:
+        raise SystemExit(f"--g_prompt {p} leaves no target in sequences of {t.shape[1]} tokens")
+      s_w, n = nll(params, t, m, None, p)
+      s_p, _ = nll(params, t, m, gfn(params, t, m, p), p)
+      tot["whole"] += float(s_w)
+      tot["prompt"] += float(s_p)
+      cnt += float(n)
+    cnt = max(cnt, 1.0)
+    row = {"prompt_len": p, "tokens": cnt}
+    for k, v in tot.items():
+      row[f"{k}_loss"] = v / cnt
+      row[f"{k}_perplexity"] = math.exp(min(v / cnt, 50.0))
+    rows.append(row)
+  return rows
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--checkpoint", required=True, help="run workdir or its checkpoints/ dir")
@@ -38,6 +118,8 @@ def main(argv=None) -> int:
   ap.add_argument("--seq_len", type=int, default=None)
   ap.add_argument("--batch_size", type=int, default=None)
   ap.add_argument("--max_batches", type=int, default=None)
+  ap.add_argument("--g_prompt", default=None,
+                  help="comma-separated prompt lengths: also score with G_LM from the prompt")
   ap.add_argument("--out", default=None)
   a = ap.parse_args(argv)
 
@@ -65,6 +147,16 @@ def main(argv=None) -> int:
   print(f"{data.dataset}/{data.eval_split} (step {step}, {int(metrics['tokens'])} tokens): "
         f"loss {metrics['loss']:.4f}  perplexity {metrics['perplexity']:.2f}  "
         f"token accuracy {metrics['accuracy']:.4f}")
+  if a.g_prompt:
+    if not config.learned_g:
+      raise SystemExit(f"--g_prompt needs a learned-G model; this one has g_mode "
+                       f"{config.g_mode!r} (its G_LM does not depend on the input)")
+    lens = [int(x) for x in a.g_prompt.split(",") if x.strip()]
+    result["g_prompt"] = prompt_g_eval(params, config, batches, lens)
+    for r in result["g_prompt"]:
+      print(f"targets after {r['prompt_len']} tokens ({int(r['tokens'])}): whole-sequence A "
+            f"loss {r['whole_loss']:.4f} (ppl {r['whole_perplexity']:.2f}); G_LM from the "
+            f"prompt loss {r['prompt_loss']:.4f} (ppl {r['prompt_perplexity']:.2f})")
   if a.out:
     Path(a.out).write_text(json.dumps(result, indent=1))
   return 0

@@ -36,15 +36,16 @@ def random_g(config: PLDRConfig, key: jax.Array, dtype=jnp.float32) -> jax.Array
 
 
 def check_g(config: PLDRConfig, g, name: str = "G_LM") -> jax.Array:
-  """Validate a G_LM of shape [L, H, dk, dk] or [L, B, H, dk, dk]."""
+  """Validate a G_LM of shape [L, H, dk, dk], [L, B, H, dk, dk] (one per sequence)
+  or [L, B, S, H, dk, dk] (one per query position, as a causal metric builds)."""
   g = jnp.asarray(g)
   want = g_shape(config)
   ok = (g.ndim == 4 and g.shape == want) or (
-      g.ndim == 5 and g.shape[0] == want[0] and g.shape[2:] == want[1:])
+      g.ndim in (5, 6) and g.shape[0] == want[0] and g.shape[-3:] == want[1:])
   if not ok:
     raise GShapeError(
         f"{name} has shape {tuple(g.shape)} but this model needs [layers, heads, dk, dk] = "
-        f"{list(want)} (or [layers, batch, heads, dk, dk])")
+        f"{list(want)} (or [layers, batch, heads, dk, dk], [layers, batch, seq, heads, dk, dk])")
   if not jnp.issubdtype(g.dtype, jnp.floating):
     raise GShapeError(f"{name} must be floating point, got {g.dtype}")
   return g

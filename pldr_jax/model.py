@@ -158,7 +158,7 @@ def forward(params: dict, tokens: jax.Array, lengths: jax.Array | None = None, *
   """The full forward pass.
 
   tokens: int [B, S] right-padded; lengths: int [B] (None: all S real);
-  g_lm: optional G_LM [L, H, dk, dk] or [L, B, H, dk, dk] used instead of the
+  g_lm: optional G_LM [L, H, dk, dk], [L, B, H, dk, dk] or [L, B, S, H, dk, dk] used instead of the
   computed one (required for g_mode 'random'/'transferred').
   Returns (logits [B, S, V], deductive): deductive is None unless
   return_deductive, else one dict per layer with 'A_in', 'A', 'A_LM', 'A_P',
