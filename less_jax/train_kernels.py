@@ -254,45 +254,86 @@ def make_optimizer(tc: LessTrainConfig) -> optax.GradientTransformation:
   return optax.adam(schedule)
 
 
+def _jit(fn, mesh):
+  """jax.jit; with a mesh every output is replicated over it (readable on every process)."""
+  if mesh is None:
+    return jax.jit(fn)
+  return jax.jit(fn, out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
 def make_train_step(config: PLDRConfig, policy: policies_lib.Policy,
-                    tx: optax.GradientTransformation, *, dropout: float, g_lm=None):
+                    tx: optax.GradientTransformation, *, dropout: float, g_lm=None, mesh=None):
   """Jitted (kernels [L,...], opt_state, params, tokens, lengths, rng) ->
-  (kernels, opt_state, per-layer MSE [L]). The frozen params are not differentiated."""
+  (kernels, opt_state, per-layer MSE [L]). The frozen params are not differentiated.
+  mesh: see `train_kernels`."""
 
   def loss(stacked, io, lengths, rng):
     sse, n = _layers_terms(stacked, io, lengths, policy, rng, dropout <= 0.0, dropout)
     per_layer = sse / jnp.maximum(n, 1.0)
     return jnp.sum(per_layer), per_layer
 
-  @jax.jit
   def step(stacked, opt_state, params, tokens, lengths, rng):
     io = _collect(params, tokens, lengths, config, policy, g_lm)
     grads, per_layer = jax.grad(loss, has_aux=True)(stacked, io, lengths, rng)
     updates, opt_state = tx.update(grads, opt_state, stacked)
     return optax.apply_updates(stacked, updates), opt_state, per_layer
 
-  return step
+  return _jit(step, mesh)
 
 
-def make_eval_step(config: PLDRConfig, policy: policies_lib.Policy, g_lm=None):
+def make_eval_step(config: PLDRConfig, policy: policies_lib.Policy, g_lm=None, mesh=None):
   """Jitted (kernels, params, tokens, lengths) -> (sse [L], count [L]), no dropout.
 
   kernels None: the sparse policy alone (the reference LESS must beat)."""
 
-  @jax.jit
   def step(stacked, params, tokens, lengths):
     io = _collect(params, tokens, lengths, config, policy, g_lm)
     return _layers_terms(stacked, io, lengths, policy, None, True, 0.0)
 
-  return step
+  return _jit(step, mesh)
 
 
-def evaluate(eval_step, stacked, params, batches: Iterable[dict]) -> np.ndarray:
+class Placement:
+  """Where arrays go: one default device (mesh None), or a data-parallel mesh over all
+  devices of all processes (batch rows split over every mesh axis, the rest replicated)."""
+
+  def __init__(self, mesh=None):
+    self.mesh = mesh
+
+  def replicate(self, tree):
+    """Every leaf as an array replicated over the mesh (the same value on every process)."""
+    if self.mesh is None:
+      return tree
+    rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+
+    def one(x):
+      if x is None:
+        return None
+      if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(one(jax.random.key_data(x)))
+      host = np.asarray(x)
+      return jax.make_array_from_callback(host.shape, rep, lambda idx: host[idx])
+
+    return jax.tree.map(one, tree)
+
+  def batch(self, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """(tokens int32 [B, S], lengths int32 [B]) of this process's rows, on the devices."""
+    if self.mesh is None:
+      return jnp.asarray(batch["tokens"], jnp.int32), _batch_lengths(batch)
+    rows = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(self.mesh.axis_names))
+    tokens = np.asarray(batch["tokens"], np.int32)
+    lengths = np.maximum(np.sum(np.asarray(batch["mask"]), axis=-1), 1).astype(np.int32)
+    return (jax.make_array_from_process_local_data(rows, tokens),
+            jax.make_array_from_process_local_data(rows, lengths))
+
+
+def evaluate(eval_step, stacked, params, batches: Iterable[dict],
+             placement: Placement | None = None) -> np.ndarray:
   """Per-layer MSE [L] over all counted positions of `batches` (nan if none)."""
+  placement = placement or Placement()
   tot, cnt = None, None
   for batch in batches:
-    sse, n = eval_step(stacked, params, jnp.asarray(batch["tokens"], jnp.int32),
-                       _batch_lengths(batch))
+    sse, n = eval_step(stacked, params, *placement.batch(batch))
     sse, n = np.asarray(sse, np.float64), np.asarray(n, np.float64)
     tot, cnt = (sse, n) if tot is None else (tot + sse, cnt + n)
   if tot is None:
@@ -312,13 +353,17 @@ class TrainResult:
 
 def train_kernels(params, config: PLDRConfig, tc: LessTrainConfig,
                   train_batches: Iterator[dict], val_batches: list[dict], *, g_lm=None,
-                  log=print) -> TrainResult:
+                  log=print, mesh=None) -> TrainResult:
   """Trains every layer's kernels; returns the best-validation kernels per layer.
 
   train_batches: an iterator of {'tokens' [B, S] int, 'mask' [B, S]} (e.g. the
   pretraining data pipeline), consumed `epochs * epoch_steps` times.
   val_batches: held-out batches (same format); empty: the last kernels are kept.
+  mesh: None (one device), or a mesh over all devices of all processes: data
+  parallel, each process passing its own rows (the same number of batches on
+  every process, and the same `log` gating); the kernels come back replicated.
   """
+  place = Placement(mesh)
   policy = tc.make_policy(max_len=config.max_len)
   tx = make_optimizer(tc)
   key = jax.random.key(tc.seed)
@@ -326,12 +371,14 @@ def train_kernels(params, config: PLDRConfig, tc: LessTrainConfig,
   stacked = init_stacked_kernels(init_key, config, tc.rank, tc.hidden,
                                  share_heads=tc.share_heads)
   opt_state = tx.init(stacked)
-  train_step = make_train_step(config, policy, tx, dropout=float(tc.dropout), g_lm=g_lm)
-  eval_step = make_eval_step(config, policy, g_lm)
+  key, stacked, opt_state, params = place.replicate((key, stacked, opt_state, params))
+  train_step = make_train_step(config, policy, tx, dropout=float(tc.dropout), g_lm=g_lm,
+                               mesh=mesh)
+  eval_step = make_eval_step(config, policy, g_lm, mesh)
   schedule_lr = lambda step: tc.lr * 0.5 ** (step // (tc.lr_halve_epochs * tc.epoch_steps))
 
   if val_batches and log is not None:
-    sparse = evaluate(eval_step, None, params, val_batches)
+    sparse = evaluate(eval_step, None, params, val_batches, place)
     log(f"sparse policy alone (no kernels): val loss {float(np.mean(sparse)):.6g} "
         f"(per layer {_fmt(sparse)})")
   best = stacked
@@ -350,21 +397,20 @@ def train_kernels(params, config: PLDRConfig, tc: LessTrainConfig,
                            "use a repeating iterator or fewer epochs/epoch_steps") from e
       key, rng = jax.random.split(key)
       lr_now = schedule_lr(step)
-      stacked, opt_state, per_layer = train_step(
-          stacked, opt_state, params, jnp.asarray(batch["tokens"], jnp.int32),
-          _batch_lengths(batch), rng)
+      stacked, opt_state, per_layer = train_step(stacked, opt_state, params,
+                                                 *place.batch(batch), rng)
       losses.append(per_layer)
       step += 1
     train_loss = np.mean(np.stack([np.asarray(l) for l in losses]), axis=0)
     if not np.all(np.isfinite(train_loss)):
       raise RuntimeError(f"kernel training diverged at epoch {epoch}: train loss {train_loss}")
     if val_batches:
-      val = evaluate(eval_step, stacked, params, val_batches)
+      val = evaluate(eval_step, stacked, params, val_batches, place)
       better = val < best_val
       best_val = np.where(better, val, best_val)
       for i in np.flatnonzero(better):
         best_epoch[i] = epoch
-      sel = jnp.asarray(better)
+      sel = place.replicate(jnp.asarray(better))
       best = jax.tree.map(
           lambda new, old: jnp.where(sel.reshape((-1,) + (1,) * (new.ndim - 1)), new, old),
           stacked, best)
@@ -427,9 +473,10 @@ def save_kernels(path, kernels: list[kernels_lib.KernelParams], config: PLDRConf
           "hidden": hiddens.pop(), "kernel_heads": hks.pop(),
           "share_heads": kernels[0].num_heads == 1 and config.num_heads != 1,
           "policy": _policy_json(policy), **(extra_meta or {})}
+  primary = jax.process_index() == 0  # several processes: all save the arrays, one the meta
   os.makedirs(path, exist_ok=True)
   meta_file = os.path.join(path, _META_FILE)
-  if os.path.exists(meta_file):
+  if primary and os.path.exists(meta_file):
     os.remove(meta_file)  # a half-replaced save must not look complete
   ckptr = ocp.StandardCheckpointer()
   try:
@@ -437,10 +484,11 @@ def save_kernels(path, kernels: list[kernels_lib.KernelParams], config: PLDRConf
     ckptr.wait_until_finished()
   finally:
     ckptr.close()
-  tmp = meta_file + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(meta, f, indent=2, default=_json_default)
-  os.replace(tmp, meta_file)
+  if primary:
+    tmp = meta_file + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(meta, f, indent=2, default=_json_default)
+    os.replace(tmp, meta_file)
   return path
 
 
