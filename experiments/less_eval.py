@@ -18,6 +18,11 @@ position t's logits are what step-by-step sparse/LESS decoding gives at t).
 Perplexity = exp(token-weighted mean next-token NLL over all batches, [PAD] ignored),
 the same weighting as pldr_jax.train.loss_fn.
 
+--g_prompt P (learned-G models): the G-cache on, as at inference: every row holds
+G_LM at that of each sequence's first P tokens and scores only the targets after
+them (the default builds G_LM from the whole scored sequence, like the model's
+own validation loss).
+
 Kernels: <kernels_root> defaults to <model_workdir>/less_kernels, the layout
 experiments/train_less.py writes (less_jax.train_kernels.kernels_dir:
 `<policy kind>_<budget>`). A LESS row is 'missing' when its directory has no
@@ -120,14 +125,16 @@ def model_inputs(tokens, mask):
 
 
 @jax.jit
-def _nll_terms(logits, tokens, mask):
+def _nll_terms(logits, tokens, mask, first_target=0):
   """(sum of next-token NLL, number of counted targets); [PAD] targets ignored.
 
-  logits: [B, S-1, V] of the inputs tokens[:, :-1]; tokens, mask: [B, S].
+  logits: [B, S-1, V] of the inputs tokens[:, :-1]; tokens, mask: [B, S]; only
+  targets at index >= first_target count (the continuation after a prompt).
   """
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   tgt = jnp.take_along_axis(logp, tokens[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
-  w = mask[:, 1:].astype(jnp.float32)
+  after = jnp.arange(1, tokens.shape[1]) >= first_target
+  w = mask[:, 1:].astype(jnp.float32) * after[None, :]
   return -jnp.sum(tgt * w), jnp.sum(w)
 
 
@@ -136,13 +143,15 @@ def _full_logits(params, tokens, lengths, g_lm, *, config):
   return pmodel.forward(params, tokens, lengths, config=config, g_lm=g_lm)[0]
 
 
-def score(logits_fn, batches) -> tuple[float, float]:
-  """(mean NLL, counted tokens) over batches; logits_fn(inputs, lengths) -> logits."""
+def score(logits_fn, batches, first_target: int = 0) -> tuple[float, float]:
+  """(mean NLL, counted tokens) over batches; logits_fn(inputs, lengths, g_lm) -> logits,
+  g_lm the batch's 'g_lm' entry (a prompt's G_LM) or None."""
   tot, cnt = 0.0, 0.0
   for b in batches:
     inputs, lengths = model_inputs(b["tokens"], b["mask"])
-    s, n = _nll_terms(logits_fn(inputs, lengths), jnp.asarray(b["tokens"], jnp.int32),
-                      jnp.asarray(b["mask"], jnp.int32))
+    s, n = _nll_terms(logits_fn(inputs, lengths, b.get("g_lm")),
+                      jnp.asarray(b["tokens"], jnp.int32), jnp.asarray(b["mask"], jnp.int32),
+                      first_target)
     tot += float(s)
     cnt += float(n)
   if cnt == 0:
@@ -179,9 +188,15 @@ def gap_closed(ppl_sparse, ppl_method, ppl_full):
 
 def run_eval(model_workdir, budgets, *, kernels_root=None, max_batches=None, batches=None,
              train_missing=False, train_epochs=2, train_steps=4, rank=DEFAULT_RANK,
-             step=None, log=print) -> list[dict]:
+             step=None, g_prompt=None, log=print) -> list[dict]:
   """Returns the table rows (dicts with FIELDS). `batches`: use these eval batches
-  ({'tokens', 'mask'}) instead of the model's eval split."""
+  ({'tokens', 'mask'}) instead of the model's eval split.
+
+  g_prompt=P (learned-G models): every method runs with the G-cache on, G_LM
+  held at that of each sequence's first P tokens (pldr_jax.decode.prompt_g; the
+  parallel form then equals prefill of the prompt + cached decode), and only
+  the targets after the prompt count. Default: G_LM from the whole scored
+  sequence, as the model's own validation loss."""
   params, config, data, g_lm, ck_step = tk.load_frozen_model(model_workdir, step)
   kernels_root = kernels_root or os.path.join(os.path.abspath(model_workdir), "less_kernels")
   tokenizer = None
@@ -197,6 +212,19 @@ def run_eval(model_workdir, budgets, *, kernels_root=None, max_batches=None, bat
     raise ValueError("no eval batches")
   seq_len = int(np.asarray(batches[0]["tokens"]).shape[1])
   n_inputs = seq_len - 1  # positions the model runs (tokens[:, :-1])
+  first_target = 0
+  if g_prompt is not None:
+    if not config.learned_g:
+      raise ValueError(f"g_prompt needs a learned-G model; this one has g_mode {config.g_mode!r}")
+    if not 1 <= g_prompt < n_inputs:
+      raise ValueError(f"g_prompt={g_prompt} must be in [1, {n_inputs})")
+    from pldr_jax import decode
+    gfn = jax.jit(functools.partial(decode.prompt_g, config=config), static_argnums=(3,))
+    batches = [{**b, "g_lm": gfn(params, jnp.asarray(b["tokens"], jnp.int32),
+                                 jnp.asarray(b["mask"], jnp.int32), g_prompt)}
+               for b in batches]
+    first_target = g_prompt
+    log(f"G-cache on: G_LM from each sequence's first {g_prompt} tokens; targets after them")
   log(f"model {model_workdir} step {ck_step}: {config.num_layers} layers, {config.num_heads} "
       f"heads of width {config.head_dim}, context {config.max_len}; {len(batches)} eval "
       f"batches of {np.asarray(batches[0]['tokens']).shape}")
@@ -217,13 +245,15 @@ def run_eval(model_workdir, budgets, *, kernels_root=None, max_batches=None, bat
     return r
 
   t0 = time.perf_counter()
-  nll, cnt = score(lambda t, l: _full_logits(params, t, l, g_lm, config=config), batches)
+  pick = lambda g: g_lm if g is None else g
+  nll, cnt = score(lambda t, l, g: _full_logits(params, t, l, pick(g), config=config), batches,
+                   first_target)
   full = add("full", None, None, seq_len, nll, cnt, full_cache_bytes(config, seq_len))
   ppl_full = full["perplexity"]
 
   def sparse_fn(policy, kernels):
-    return lambda t, l: less_model.less_forward_jit(params, t, l, kernels, g_lm,
-                                                    config=config, policy=policy)
+    return lambda t, l, g: less_model.less_forward_jit(params, t, l, kernels, pick(g),
+                                                       config=config, policy=policy)
 
   for budget in budgets:
     for kind in KINDS:
@@ -232,7 +262,7 @@ def run_eval(model_workdir, budgets, *, kernels_root=None, max_batches=None, bat
         for m in (kind, kind + "+", kind + "_less"):
           add(m, policy, budget, None, status=f"skipped: budget > context {config.max_len}")
         continue
-      nll, cnt = score(sparse_fn(policy, None), batches)
+      nll, cnt = score(sparse_fn(policy, None), batches, first_target)
       sp = add(kind, policy, budget, policy.budget, nll, cnt,
                state_bytes(params, config, policy, None, g_lm))
 
@@ -250,7 +280,8 @@ def run_eval(model_workdir, budgets, *, kernels_root=None, max_batches=None, bat
         tc = train_config(policy, rank, train_epochs, train_steps)
         log(f"  training kernels for {policy!r} ({train_epochs} x {train_steps} batches)")
         res = tk.train_kernels(params, config, tc, make_train_iterator(data, tokenizer),
-                               batches[:1], g_lm=g_lm, log=None)
+                               [{k: b[k] for k in ("tokens", "mask")} for b in batches[:1]],
+                               g_lm=g_lm, log=None)
         tk.save_kernels(path, res.kernels, config, policy, extra_meta={
             "model_workdir": str(Path(model_workdir).resolve()), "model_step": ck_step,
             "train": dataclasses.asdict(tc), "best_val": res.best_val,
@@ -261,7 +292,7 @@ def run_eval(model_workdir, budgets, *, kernels_root=None, max_batches=None, bat
       # Baseline+: R/2 extra slots (the memory of the LESS state), clipped to the context.
       extra = min(r_used // 2, config.max_len - policy.budget)
       bp = policies_lib.baseline_plus(policy, extra)
-      nll, cnt = score(sparse_fn(bp, None), batches)
+      nll, cnt = score(sparse_fn(bp, None), batches, first_target)
       plus = add(kind + "+", bp, budget, bp.budget, nll, cnt,
                  state_bytes(params, config, bp, None, g_lm))
       # A budget that holds every input position never evicts: no gap to close.
@@ -272,7 +303,7 @@ def run_eval(model_workdir, budgets, *, kernels_root=None, max_batches=None, bat
       if kernels is None:
         add(kind + "_less", policy, budget, policy.budget, status=status, kernels=path)
         continue
-      nll, cnt = score(sparse_fn(policy, kernels), batches)
+      nll, cnt = score(sparse_fn(policy, kernels), batches, first_target)
       less = add(kind + "_less", policy, budget, policy.budget, nll, cnt,
                  state_bytes(params, config, policy, kernels, g_lm), status, path)
       if evicts:
@@ -366,6 +397,9 @@ def main(argv=None) -> int:
   parser.add_argument("--train_missing", action="store_true")
   parser.add_argument("--train_epochs", type=int, default=2)
   parser.add_argument("--train_steps", type=int, default=4)
+  parser.add_argument("--g_prompt", type=int, default=None,
+                      help="G-cache on: G_LM from each sequence's first N tokens (learned G); "
+                           "score the targets after them")
   args = parser.parse_args(argv)
   try:
     budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
@@ -376,10 +410,11 @@ def main(argv=None) -> int:
   rows = run_eval(args.model_workdir, budgets, kernels_root=args.kernels_root,
                   max_batches=args.max_batches, train_missing=args.train_missing,
                   train_epochs=args.train_epochs, train_steps=args.train_steps,
-                  rank=args.rank, step=args.step)
+                  rank=args.rank, step=args.step, g_prompt=args.g_prompt)
   out = args.out or os.path.join(os.path.abspath(args.model_workdir), "less_eval")
   paths = write_outputs(rows, out, meta={"model_workdir": os.path.abspath(args.model_workdir),
-                                         "budgets": budgets, "max_batches": args.max_batches})
+                                         "budgets": budgets, "max_batches": args.max_batches,
+                                         "g_prompt": args.g_prompt})
   print(format_table(rows))
   print("wrote " + ", ".join(paths.values()))
   return 0

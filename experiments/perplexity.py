@@ -53,29 +53,6 @@ def _nll_after(params, tokens, mask, g_lm, prompt_len, *, config):
   return -jnp.sum(tgt * w), jnp.sum(w)
 
 
-def prompt_g(params, tokens, mask, prompt_len, *, config):
-  """G_LM of each sequence's first prompt_len tokens, as decoding after that prompt uses it.
-
-  Non-causal metric: the prefill's G-cache, [L, B, H, dk, dk]. Causal metric: the
-  prompt's own positions keep their per-position G and every later position the
-  G of the last prompt token (what the G-cache holds), [L, B, S-1, H, dk, dk].
-  tokens, mask: [B, S].
-  """
-  import jax
-  import jax.numpy as jnp
-  from pldr_jax import decode, model
-  lengths = jnp.clip(jnp.sum(mask, -1), 1, prompt_len).astype(jnp.int32)
-  prompt = tokens[:, :prompt_len]
-  if not config.causal_metric:
-    _, _, gcache = decode.prefill(params, prompt, lengths, config=config, cache_len=prompt_len)
-    return jnp.stack([g["G_LM"] for g in gcache["layers"]])
-  _, ded = model.forward(params, prompt, lengths, config=config, return_deductive=True)
-  n_in = tokens.shape[1] - 1
-  pos = jnp.minimum(jnp.arange(n_in)[None, :], lengths[:, None] - 1)  # [B, S-1]
-  take = jax.vmap(lambda g, i: g[i])  # [P, H, dk, dk], [S-1] -> [S-1, H, dk, dk]
-  return jnp.stack([take(layer["G_LM"], pos) for layer in ded])
-
-
 def prompt_g_eval(params, config, batches, prompt_lens) -> list[dict]:
   """Rows {prompt_len, whole_a_loss, prompt_g_loss, (perplexities), tokens} (learned G)."""
   import functools
@@ -83,7 +60,8 @@ def prompt_g_eval(params, config, batches, prompt_lens) -> list[dict]:
   import jax
   import jax.numpy as jnp
   nll = jax.jit(functools.partial(_nll_after, config=config), static_argnums=(4,))
-  gfn = jax.jit(functools.partial(prompt_g, config=config), static_argnums=(3,))
+  from pldr_jax import decode
+  gfn = jax.jit(functools.partial(decode.prompt_g, config=config), static_argnums=(3,))
   rows = []
   for p in prompt_lens:
     tot = {"whole": 0.0, "prompt": 0.0}

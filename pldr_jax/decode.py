@@ -90,6 +90,28 @@ def prefill(params: dict, tokens: jax.Array, lengths: jax.Array, *, config: PLDR
   return logits, state, {"layers": glayers}
 
 
+def prompt_g(params: dict, tokens: jax.Array, mask: jax.Array, prompt_len: int, *,
+             config: PLDRConfig) -> jax.Array:
+  """G_LM of each sequence's first prompt_len tokens, as decoding after that prompt uses it.
+
+  tokens, mask: [B, S] (right-padded; the model input is tokens[:, :-1], as in
+  training). Non-causal metric: the prefill's G-cache, [L, B, H, dk, dk].
+  Causal metric: the prompt's own positions keep their per-position G and every
+  later position gets the G of the last prompt token (what the G-cache holds),
+  [L, B, S-1, H, dk, dk]. `model.forward(tokens[:, :-1], g_lm=prompt_g(...))` is
+  then teacher-forced decoding with the KV- and G-cache after that prompt.
+  """
+  lengths = jnp.clip(jnp.sum(mask, -1), 1, prompt_len).astype(jnp.int32)
+  prompt = tokens[:, :prompt_len]
+  if not config.causal_metric:
+    _, _, gcache = prefill(params, prompt, lengths, config=config, cache_len=prompt_len)
+    return jnp.stack([g["G_LM"] for g in gcache["layers"]])
+  _, ded = model.forward(params, prompt, lengths, config=config, return_deductive=True)
+  pos = jnp.minimum(jnp.arange(tokens.shape[1] - 1)[None, :], lengths[:, None] - 1)
+  take = jax.vmap(lambda g, i: g[i])  # [P, H, dk, dk], [S-1] -> [S-1, H, dk, dk]
+  return jnp.stack([take(layer["G_LM"], pos) for layer in ded])
+
+
 def _decode_g(layer_p: dict, layer_s: dict, layer_g: dict, q: jax.Array, config: PLDRConfig,
               g_cache: bool):
   """G_LM for one decode step of one layer, with the deductive tensors used.

@@ -115,6 +115,40 @@ def test_table_plot_and_invariants(workdir, tmp_path):
   assert full["memory_bytes"] == le.full_cache_bytes(config, SEQ)
 
 
+def test_g_cache_on_scores_like_prompt_g_forward(workdir):
+  """--g_prompt: the full row is the forward with the prompt's G_LM over the targets
+  after the prompt; a budget holding every position equals it; the rows differ
+  from whole-sequence A."""
+  wd, config, params, data = workdir
+  from pldr_jax import decode
+  from pldr_jax.data import load_tokenizer, make_eval_batches
+  batches = make_eval_batches(data.replace(max_eval_batches=1),
+                              load_tokenizer(data.tokenizer_path))
+  prompt = 8
+  rows = le.run_eval(wd, [4, 32], batches=batches, g_prompt=prompt, log=lambda *_: None)
+  by = {(r["method"], r["budget"]): r for r in rows}
+  tot = cnt = 0.0
+  for b in batches:
+    tokens, mask = jnp.asarray(b["tokens"]), jnp.asarray(b["mask"])
+    g = decode.prompt_g(params, tokens, mask, prompt, config=config)
+    lengths = jnp.asarray(np.clip(np.asarray(mask).sum(-1) - 1, 1, SEQ - 1), jnp.int32)
+    logits, _ = pmodel.forward(params, tokens[:, :-1], lengths, config=config, g_lm=g)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                         tokens[:, 1:])
+    w = np.asarray(mask[:, 1:]) * (np.arange(1, SEQ) >= prompt)[None]
+    tot += float(jnp.sum(ce * w))
+    cnt += float(w.sum())
+  full = by[("full", None)]
+  assert full["tokens"] == cnt
+  assert full["perplexity"] == pytest.approx(math.exp(tot / cnt), rel=1e-5)
+  assert by[("h2o", 32)]["perplexity"] == pytest.approx(full["perplexity"], rel=1e-4)
+  assert by[("h2o", 4)]["perplexity"] != pytest.approx(full["perplexity"], rel=1e-6)
+  whole = le.run_eval(wd, [4], batches=batches, log=lambda *_: None)
+  assert whole[0]["tokens"] > cnt  # all targets, not just those after the prompt
+  with pytest.raises(ValueError, match="g_prompt"):
+    le.run_eval(wd, [4], batches=batches, g_prompt=SEQ, log=lambda *_: None)
+
+
 def test_gap_closed_formula():
   assert le.gap_closed(12.0, 10.0, 8.0) == pytest.approx(0.5)
   assert le.gap_closed(12.0, 13.0, 8.0) == pytest.approx(-0.25)

@@ -56,7 +56,7 @@ def test_prompt_g_equals_teacher_forced_cached_decode(causal):
   mask = (np.arange(12)[None] < np.asarray(lengths)[:, None]).astype(np.int32)
   t, m = jnp.asarray(tokens), jnp.asarray(mask)
   prompt = 4
-  g = ppl.prompt_g(p, t, m, prompt, config=c)
+  g = decode.prompt_g(p, t, m, prompt, config=c)
   s_prompt, n = ppl._nll_after(p, t, m, g, prompt, config=c)
   want, want_n = _decode_nll(p, c, t, lengths, prompt)
   assert float(n) == want_n == (12 - prompt) + (9 - prompt)
