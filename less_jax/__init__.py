@@ -1,7 +1,7 @@
 """LESS (Dong et al., ICML 2024) and sparse KV-cache policies in JAX.
 
 Model-independent core, generic over q, k, v arrays (contract:
-shared/spec/less.md):
+docs/less.md):
 
   policies  H2O, Λ-masking (StreamingLLM), sliding window, Baseline+.
   kernels   phi / psi feature maps (params, init, apply).

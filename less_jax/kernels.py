@@ -1,6 +1,6 @@
 """LESS kernel feature maps phi (queries) and psi (keys).
 
-Exactly the spec (shared/spec/less.md), no biases:
+Exactly the spec (docs/less.md), no biases:
 
     phi(q)  = | GELU( GELU(q W_q1) W_q2 ) |            W_q1 [D, R'], W_q2 [R', R]
     k~      = |d1| * GELU( GELU(k W_k1) W_k2 )          d1, d2 [R], init 1e-4

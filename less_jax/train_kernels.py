@@ -1,4 +1,4 @@
-"""Training the LESS kernels phi/psi on a frozen pldr_jax model (shared/spec/less.md).
+"""Training the LESS kernels phi/psi on a frozen pldr_jax model (docs/less.md).
 
 The base model is frozen. For each batch of training text the jitted step runs
 the dense model once (`less_jax.model.collect_layer_io`: per layer q_eff, k, v

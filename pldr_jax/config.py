@@ -22,7 +22,7 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class PLDRConfig:
-  """Every hyperparameter of a PLDR-LLM decoder (see shared/spec/pldr.md).
+  """Every hyperparameter of a PLDR-LLM decoder (see docs/pldr.md).
 
   Attributes:
     vocab_size: V, size of the embedding and LM head.

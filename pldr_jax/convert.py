@@ -1,6 +1,6 @@
 """Import the authors' PyTorch checkpoints into our parameter pytree, and export back.
 
-The published layout is shared/spec/pldr-state-dict.md: PyTorch module names,
+The published layout is docs/checkpoints.md: PyTorch module names,
 `Linear.weight` stored [out, in] (y = x W^T + b), LayerNorm `weight`/`bias`.
 Our pytree (pldr_jax.params) stores dense kernels [in, out] (y = x @ kernel +
 bias) and LayerNorm `scale`/`bias`, so every Linear weight is transposed on the

@@ -85,7 +85,7 @@ def _glu(n, f, ax_n, ax_f):
 
 
 def layer_specs(c: PLDRConfig) -> dict:
-  """One decoder layer's parameters (see shared/spec/pldr-state-dict.md)."""
+  """One decoder layer's parameters (see docs/checkpoints.md)."""
   d, dk, h = c.d_model, c.head_dim, c.num_heads
   layer = {
       "wq": _dense(d, d, "embed", "qkv"),

@@ -16,12 +16,10 @@ import pathlib
 
 import pytest
 
-SHARED_DATA = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+PUBLISHED_DATA = pathlib.Path(__file__).resolve().parents[1] / "data" / "published"
 
 
 @pytest.fixture
-def shared_data() -> pathlib.Path:
-  """../shared/data beside the repo (published G_LM, tokenizer); skip where absent."""
-  if not SHARED_DATA.is_dir():
-    pytest.skip(f"published reference data not found at {SHARED_DATA} (a user's fresh clone)")
-  return SHARED_DATA.resolve()
+def published_data() -> pathlib.Path:
+  """The published G_LM and tokenizer shipped in data/published (Apache-2.0)."""
+  return PUBLISHED_DATA

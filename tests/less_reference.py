@@ -1,6 +1,6 @@
 """Plain NumPy float64 reference of sparse policies and LESS.
 
-Written from shared/spec/less.md, independently of `less_jax`: one sequence
+Written from docs/less.md, independently of `less_jax`: one sequence
 and one head at a time, Python sets and loops, every array in float64. Nothing
 here is fast.
 

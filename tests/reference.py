@@ -1,6 +1,6 @@
 """Plain NumPy float64 reference of the PLDR-LLM forward pass.
 
-Written directly from shared/spec/pldr.md, independently of `pldr_jax.model`,
+Written directly from docs/pldr.md, independently of `pldr_jax.model`,
 so that the tests can compare the two. Nothing here is fast or clever: one
 sequence and one head at a time, explicit loops where a loop is the clearest
 statement of the formula, and every array converted to float64 first.

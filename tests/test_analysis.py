@@ -89,8 +89,8 @@ def test_shapes_are_checked():
     analysis.analyze({"A": np.eye(2)})
 
 
-def test_published_g_lm_median_sigma_ratio_per_layer(shared_data):
-  path = shared_data / PUBLISHED
+def test_published_g_lm_median_sigma_ratio_per_layer(published_data):
+  path = published_data / PUBLISHED
   if not path.is_file():
     pytest.skip(f"{path} not found")
   g = np.load(path)

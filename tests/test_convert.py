@@ -1,7 +1,7 @@
 """PyTorch state dict <-> our parameter pytree (pldr_jax.convert).
 
 The state dicts here are built from the published layout table
-(shared/spec/pldr-state-dict.md) written out by hand, and the placement of
+(docs/checkpoints.md) written out by hand, and the placement of
 every tensor is checked by a plain NumPy float64 forward pass that reads the raw
 state dict in the PyTorch convention (y = x W^T + b), independent of both
 pldr_jax.convert and pldr_jax.model.

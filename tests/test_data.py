@@ -150,8 +150,8 @@ def test_train_tokenizer_accepts_texts(tmp_path, small):
   assert all(sum(c.isdigit() for c in p) <= 1 for p in pieces), pieces
 
 
-def test_published_tokenizer(shared_data):
-  path = shared_data / "pldr-refinedweb-32k.model"
+def test_published_tokenizer(published_data):
+  path = published_data / "pldr-refinedweb-32k.model"
   if not path.is_file():
     pytest.skip(f"{path} not found")
   tok = D.load_tokenizer(path)

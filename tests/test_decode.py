@@ -339,10 +339,10 @@ def test_published_config_parameter_count():
   assert sum(np.prod(x.shape) for x in jax.tree.leaves(shapes)) == 109_689_362
 
 
-def test_transferred_g_from_published_model(shared_data):
+def test_transferred_g_from_published_model(published_data):
   c = cfg.pldrv51_110m(g_mode="transferred")
-  g = g_modes.make_fixed_g(c, source=shared_data / "g_lm_pldrv51_110m_1.npy")
+  g = g_modes.make_fixed_g(c, source=published_data / "g_lm_pldrv51_110m_1.npy")
   assert g.shape == (5, 14, 64, 64)
   with pytest.raises(g_modes.GShapeError, match="transferred G_LM"):
     g_modes.make_fixed_g(cfg.tiny(g_mode="transferred"),
-                         source=shared_data / "g_lm_pldrv51_110m_1.npy")
+                         source=published_data / "g_lm_pldrv51_110m_1.npy")

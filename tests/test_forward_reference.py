@@ -1,6 +1,6 @@
 """The JAX PLDR-LLM forward pass against the plain NumPy float64 reference.
 
-`tests/reference.py` is written straight from shared/spec/pldr.md without
+`tests/reference.py` is written straight from docs/pldr.md without
 looking at `pldr_jax.model`. The first group of tests checks the reference
 itself against facts that do not come from its own code (complex rotation,
 Q^T Q is symmetric PSD, padding invariance, causality), so a wrong reference

@@ -1,5 +1,5 @@
 """Tests of the model-independent LESS core (less_jax) against a float64 NumPy
-reference written from shared/spec/less.md (tests/less_reference.py).
+reference written from docs/less.md (tests/less_reference.py).
 
 Most checks run JAX eagerly (op by op): the small per-op executables are shared
 by every policy, which keeps the suite fast on a CPU; `test_jit_matches_eager`
