@@ -172,3 +172,32 @@ def test_two_processes_kill_resume_sample_and_restore_on_one(tmp_path, data_work
                                   stderr=subprocess.PIPE, text=True)])
   digests = {out.strip().splitlines()[-1] for out in two + one}
   assert digests == {f"STEP {steps} DIGEST {one[0].split()[-1]}"}, digests
+
+
+def test_launch_resolution_flags_env_and_auto():
+  from pldr_jax.distributed import Launch, launch_flags, launch_index, resolve
+  assert resolve(environ={}) == Launch("single")
+  assert resolve("h:1", 2, 1, environ={}) == Launch("explicit", "h:1", 2, 1)
+  env = {"JAX_COORDINATOR_ADDRESS": "h:2", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}
+  assert resolve(environ=env) == Launch("explicit", "h:2", 4, 3)
+  assert resolve(None, None, 0, environ=env) == Launch("explicit", "h:2", 4, 0)  # flag wins
+  assert resolve(None, 1, None, environ={}) == Launch("single")
+  assert resolve(environ={"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}) == Launch("single")
+  slurm = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "SLURM_PROCID": "1"}
+  assert resolve(environ=slurm) == Launch("auto") and launch_index(Launch("auto"), slurm) == 1
+  assert launch_flags(Launch("explicit", "h:1", 2, 1)) == [
+      "--coordinator_address=h:1", "--num_processes=2", "--process_id=1"]
+  with pytest.raises(ValueError, match="needs --num_processes, --process_id"):
+    resolve(environ={"JAX_COORDINATOR_ADDRESS": "h:1"})
+  with pytest.raises(ValueError, match=r"process_id=2 must be in \[0, num_processes=2\)"):
+    resolve("h:1", 2, 2, environ={})
+
+
+def test_resume_command_drops_restore_step():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("pretrain_entry", REPO / "experiments/pretrain.py")
+  pretrain = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(pretrain)
+  cmd = pretrain.resume_command(["pretrain.py", "--gin_file=a b.gin", "--restore_step", "4",
+                                 "--restore_step=8", "--workdir", "w"])
+  assert cmd.endswith("pretrain.py '--gin_file=a b.gin' --workdir w")
