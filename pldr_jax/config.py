@@ -43,6 +43,9 @@ class PLDRConfig:
       sums over the whole sequence).
     ln_eps: LayerNorm epsilon.
     rope_base: rotary embedding base.
+    rope_interleaved: rotary pairs (x[2i], x[2i+1]) as the authors' code (True,
+      the Hugging Face port's `reference_rope=true`) or (x[i], x[i + dk/2]),
+      rotate_half (False, `reference_rope=false`). Same weights, other outputs.
   """
 
   vocab_size: int = 32000
@@ -59,6 +62,7 @@ class PLDRConfig:
   causal_metric: bool = False
   ln_eps: float = 1e-6
   rope_base: float = 10000.0
+  rope_interleaved: bool = True
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff",
@@ -77,6 +81,9 @@ class PLDRConfig:
       raise ConfigError(
           f"head_dim = d_model/num_heads = {self.head_dim} must be even for the "
           "rotary embedding")
+    if not isinstance(self.rope_interleaved, (bool, np.bool_)):
+      raise ConfigError(
+          f"PLDRConfig.rope_interleaved must be True or False, got {self.rope_interleaved!r}")
     if self.g_mode not in G_MODES:
       raise ConfigError(f"PLDRConfig.g_mode={self.g_mode!r} is not one of {G_MODES}")
     for name in ("param_dtype", "compute_dtype"):

@@ -79,8 +79,10 @@ def embed(params: dict, tokens: jax.Array, config: PLDRConfig) -> jax.Array:
 def qkv(layer_p: dict, x: jax.Array, positions: jax.Array, config: PLDRConfig):
   """x: [B, S, d]; positions: int [B, S] -> q, k (after rotary), v: [B, S, H, dk]."""
   split = lambda t: t.reshape(*t.shape[:-1], config.num_heads, config.head_dim)
-  q = rotary.apply_rotary(split(nn.dense(layer_p["wq"], x)), positions, config.rope_base)
-  k = rotary.apply_rotary(split(nn.dense(layer_p["wk"], x)), positions, config.rope_base)
+  rope = lambda t: rotary.apply_rotary(t, positions, config.rope_base,
+                                       interleaved=config.rope_interleaved)
+  q = rope(split(nn.dense(layer_p["wq"], x)))
+  k = rope(split(nn.dense(layer_p["wk"], x)))
   return q, k, split(nn.dense(layer_p["wv"], x))
 
 
