@@ -6,7 +6,7 @@
 
 Each task runs on its own (lm_eval.simple_evaluate with one loaded model per
 G-cache mode), so a task whose data cannot be reached (no network, unknown
-name) is reported and the others still run. See pldr_jax/lm_eval_model.py for
+name) is reported and the others still run. See pldr_jax_lm_eval/model.py for
 the scoring semantics (G_LM from the context, held over the continuation).
 Exit status: 0 when every task ran, 1 when some failed, 2 when none ran.
 """
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
   import lm_eval
   from lm_eval.tasks import TaskManager
 
-  from pldr_jax.lm_eval_model import PLDRJaxLM
+  from pldr_jax_lm_eval import PLDRJaxLM
 
   tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
   limit = args.limit

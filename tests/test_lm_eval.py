@@ -1,4 +1,4 @@
-"""pldr_jax.lm_eval_model: the `pldr-jax` lm-eval model on a tiny checkpoint."""
+"""pldr_jax_lm_eval: the `pldr-jax` lm-eval model on a tiny checkpoint."""
 
 import dataclasses
 import os
@@ -23,7 +23,7 @@ from pldr_jax.data.tokenizer import END_ID
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from pldr_jax import lm_eval_model as lem  # noqa: E402  (registers "pldr-jax")
+from pldr_jax_lm_eval import model as lem  # noqa: E402  (registers "pldr-jax")
 
 TASKS = Path(__file__).resolve().parent / "lm_eval_tasks"
 MAX_LEN = 64
