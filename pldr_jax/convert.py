@@ -1,24 +1,35 @@
-"""Import the authors' PyTorch checkpoints into our parameter pytree, and export back.
+"""Import the published checkpoints into our parameter pytree, and export back.
 
-The published layout is docs/checkpoints.md: PyTorch module names,
-`Linear.weight` stored [out, in] (y = x W^T + b), LayerNorm `weight`/`bias`.
-Our pytree (pldr_jax.params) stores dense kernels [in, out] (y = x @ kernel +
-bias) and LayerNorm `scale`/`bias`, so every Linear weight is transposed on the
-way in and out and nothing else changes.
+Every format users have of the authors' PLDR-LLM (docs/checkpoints.md):
 
+    load_checkpoint(path)               any of them -> (config, params, g_lm or None)
+    load_hf(folder) / save_hf(folder, params, config, g_lm=None)
+                                        a Hugging Face folder (PldrllmForCausalLM:
+                                        config.json + model.safetensors)
+    load_state_dict(path)               .safetensors / .pth / .pt / .bin / a DCP folder
+                                        / a Hub folder -> {name: NumPy array}
+    save_state_dict(params, config, path)  .safetensors / .pth (optionally in the
+                                        authors' {'model_state_dict': ...} wrapper)
     state_dict_to_params(sd, config)    PyTorch names -> our pytree
     params_to_state_dict(params, config) our pytree -> PyTorch names (NumPy)
-    config_from_state_dict(sd)          infer a PLDRConfig from names and shapes
-    load_state_dict(path)               .safetensors / .pth / .pt / .bin -> dict of NumPy
-    save_state_dict(params, config, path)  the reverse
-    read_safetensors / write_safetensors   a dependency-free safetensors codec
+    config_from_state_dict(sd)          infer a PLDRConfig (param_dtype included)
+                                        from names, shapes and dtypes
+    read_safetensors / write_safetensors   the `safetensors` package, bfloat16 included
+
+The published layout: PyTorch module names, `Linear.weight` stored [out, in]
+(y = x W^T + b), LayerNorm `weight`/`bias`. Our pytree (pldr_jax.params) stores
+dense kernels [in, out] (y = x @ kernel + bias) and LayerNorm `scale`/`bias`, so
+every Linear weight is transposed on the way in and out and nothing else
+changes. The Hugging Face port uses exactly these names and shapes.
 
 Fixed-G models (g_mode identity / random / transferred) have no metric learner
 or power-law tensors: their checkpoints lack every `mha1.layernorm1`,
-`mha1.plgatt_layer` and `mha1.reslayerAs` key.
+`mha1.plgatt_layer` and `mha1.reslayerAs` key; the port stores their constant G
+as the buffer `decoder.past_G_values` [L, 3, 1, H, dk, dk] ([:, 2] is G_LM).
 
-`safetensors` and `torch` are optional: without `safetensors` the own
-reader/writer is used; `.pth` files need `torch`.
+The dtype of the file is kept unless asked otherwise (an override
+`param_dtype=...`, or an explicit config). `.pth` files and DCP folders need
+`torch` (the `torch` extra).
 """
 
 from __future__ import annotations
@@ -26,8 +37,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
-import sys
+import tempfile
 from typing import Any, Iterable, Mapping
 
 import jax
@@ -39,7 +49,9 @@ from pldr_jax.config import PLDRConfig
 __all__ = [
     "state_dict_to_params", "params_to_state_dict", "config_from_state_dict",
     "load_state_dict", "save_state_dict", "read_safetensors", "write_safetensors",
-    "key_map", "state_dict_shapes", "is_learned_g_key", "CheckpointError",
+    "load_checkpoint", "load_hf", "save_hf", "hf_config", "config_from_hf",
+    "g_lm_from_state_dict", "key_map", "state_dict_shapes", "is_learned_g_key",
+    "CheckpointError",
 ]
 
 
@@ -152,18 +164,55 @@ def _to_numpy(x) -> np.ndarray:
   return np.asarray(x)
 
 
-_WRAPPER_KEYS = ("model", "state_dict", "model_state_dict")
+# 'model_state_dict': the authors' torch.save wrapper ({'model_state_dict',
+# 'optimizer_state_dict', 'loss', 'accuracy'}); 'app' -> 'model': their DCP
+# AppState ({'app': {'model': ..., 'optim': ...}}).
+_WRAPPER_KEYS = ("model_state_dict", "model", "state_dict", "app")
 _PREFIXES = ("module.", "_orig_mod.")
+_WRAPPED_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+# Buffers the Hugging Face port saves for fixed-G models (not parameters).
+G_VALUES_KEY = "decoder.past_G_values"
+G_STATUS_KEY = "decoder.past_G_values_status"
+_G_BUFFER_KEYS = (G_VALUES_KEY, G_STATUS_KEY)
+
+WHAT_TO_LOAD = (
+    "pass a PLDR-LLM model checkpoint: the authors' .pth (torch.save of "
+    "{'model_state_dict': ...} or a bare state dict), their *_dcp folder, a .safetensors "
+    "file, or a Hugging Face folder (config.json + model.safetensors)")
+
+
+def _describe(obj: Any) -> str:
+  """What a non-model object looks like, for error messages."""
+  if isinstance(obj, Mapping):
+    keys = [str(k) for k in obj]
+    if {"state", "param_groups"} <= set(keys):
+      return "an optimizer state (torch.optim state_dict: 'state', 'param_groups'), not weights"
+    if "optimizer_state_dict" in keys or "optim" in keys:
+      return (f"a training checkpoint without model weights (keys: {_format_keys(keys, 8)}; "
+              "'model_state_dict' is missing or empty)")
+    n_tensors = sum(hasattr(v, "shape") and hasattr(v, "dtype") for v in obj.values())
+    if not n_tensors:
+      return f"a dict without tensors (keys: {_format_keys(keys, 8)}): hyperparameters or metrics?"
+    return (f"{n_tensors} tensors with no PLDR-LLM names (such as {_format_keys(keys, 4)}): "
+            "another model?")
+  return f"a {type(obj).__name__}, not a state dict"
+
+
+def _is_model_dict(sd: Mapping) -> bool:
+  return any(str(k).startswith(("decoder.", "final_layer.")) for k in sd)
 
 
 def _normalise(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-  """Unwrap {'model': sd} / {'state_dict': sd} and strip a DDP 'module.' / torch.compile prefix."""
+  """Unwrap {'model_state_dict': sd} / {'model': sd} / {'state_dict': sd} / DCP's
+  {'app': {'model': sd}}, strip a DDP 'module.' / torch.compile '_orig_mod.' prefix
+  and FSDP wrapper segments. Raises CheckpointError saying what the object is
+  when it holds no PLDR-LLM weights (an optimizer state, hyperparameters, ...)."""
   sd = state_dict
-  for _ in range(3):
+  for _ in range(4):
     if not isinstance(sd, Mapping):
-      raise CheckpointError(f"a state dict must be a mapping of names to tensors, got {type(sd)}")
-    wrapped = [k for k in _WRAPPER_KEYS if k in sd and isinstance(sd[k], Mapping)]
-    if wrapped and not any(str(k).startswith("decoder.") for k in sd):
+      raise CheckpointError(f"the checkpoint holds {_describe(sd)}; {WHAT_TO_LOAD}")
+    wrapped = [k for k in _WRAPPER_KEYS if k in sd and isinstance(sd[k], Mapping) and sd[k]]
+    if wrapped and not _is_model_dict(sd):
       sd = sd[wrapped[0]]
     else:
       break
@@ -171,6 +220,11 @@ def _normalise(state_dict: Mapping[str, Any]) -> dict[str, Any]:
   for prefix in _PREFIXES:
     if sd and all(isinstance(k, str) and k.startswith(prefix) for k in sd):
       sd = {k[len(prefix):]: v for k, v in sd.items()}
+  if any(seg in k for k in sd for seg in _WRAPPED_SEGMENTS):
+    for seg in _WRAPPED_SEGMENTS:
+      sd = {k.replace(seg, ""): v for k, v in sd.items()}
+  if sd and not _is_model_dict(sd):
+    raise CheckpointError(f"the checkpoint holds {_describe(sd)}; {WHAT_TO_LOAD}")
   return sd
 
 
@@ -184,11 +238,36 @@ def _np_dtype(dtype) -> np.dtype:
   return np.dtype(ml_dtypes.bfloat16) if str(dtype) == "bfloat16" else np.dtype(dtype)
 
 
+_PARAM_DTYPES = ("float64", "float32", "bfloat16", "float16")  # widest first
+
+
+def _dtype_name(x) -> str | None:
+  """'float32' / 'bfloat16' / ... of a NumPy, JAX, torch array or ShapeDtypeStruct."""
+  dt = getattr(x, "dtype", None)
+  if dt is None:
+    return None
+  name = str(dt).removeprefix("torch.")
+  if name not in _PARAM_DTYPES:
+    try:
+      name = np.dtype(dt).name
+    except TypeError:
+      return None
+  return name if name in _PARAM_DTYPES else None
+
+
+def infer_param_dtype(state_dict: Mapping[str, Any]) -> str | None:
+  """The floating dtype of the checkpoint's parameters ('float32', 'bfloat16', 'float16',
+  'float64'); the widest one if they are mixed; None if none is floating."""
+  names = {_dtype_name(v) for k, v in _normalise(state_dict).items() if k not in _G_BUFFER_KEYS}
+  names.discard(None)
+  return next((n for n in _PARAM_DTYPES if n in names), None)
+
+
 def check_state_dict(state_dict: Mapping[str, Any], config: PLDRConfig, *,
                      drop_learned_g: bool = False) -> dict[str, Any]:
   """Check names and shapes against `config`; returns the normalised dict (extra learned-G
   keys removed when drop_learned_g). Raises CheckpointError naming every bad key."""
-  sd = _normalise(state_dict)
+  sd = {k: v for k, v in _normalise(state_dict).items() if k not in _G_BUFFER_KEYS}
   expected = state_dict_shapes(config)
   unexpected = [k for k in sd if k not in expected]
   missing = [k for k in expected if k not in sd]
@@ -241,7 +320,10 @@ def state_dict_to_params(state_dict: Mapping[str, Any], config: PLDRConfig, *,
   sd = check_state_dict(state_dict, config, drop_learned_g=drop_learned_g)
   dt = _np_dtype(dtype or config.param_dtype)
   if to_jax and dt == np.float64 and not jax.config.jax_enable_x64:
-    raise CheckpointError("float64 parameters need jax_enable_x64 (or pass to_jax=False)")
+    raise CheckpointError(
+        "float64 parameters need jax.config.update('jax_enable_x64', True) before loading; "
+        "or load them as float32: param_dtype='float32' (config_from_state_dict / load_hf / "
+        "load_checkpoint override), dtype='float32' here, or to_jax=False for NumPy arrays")
   from pldr_jax.params import param_specs, ParamSpec
   params = jax.tree.map(lambda s: None, param_specs(config),
                         is_leaf=lambda x: isinstance(x, ParamSpec))
@@ -300,13 +382,16 @@ _UNIT_RE = re.compile(r"^decoder\.dec_layers\.0\.mha1\.reslayerAs\.(\d+)\.")
 def config_from_state_dict(state_dict: Mapping[str, Any], **overrides) -> PLDRConfig:
   """Infer a PLDRConfig from the names and shapes of a published state dict.
 
-  Inferred: vocab_size, d_model (embedding), num_layers, d_ff, and for
-  learned-G checkpoints num_heads (Wlst's first dim), a_dff, num_res_units,
-  g_mode='learned'. Without learned-G keys the model is fixed-G: g_mode
-  defaults to 'identity' and num_heads cannot be read from any shape, so it
-  must be given (num_heads=...). Other fields (max_len, dtypes, g_mode for the
-  fixed modes, ...) come from `overrides` or the PLDRConfig defaults; an
-  override contradicting an inferred value raises CheckpointError.
+  Inferred: vocab_size, d_model (embedding), num_layers, d_ff, param_dtype
+  (the tensors' dtype: the file's dtype is kept), and for learned-G checkpoints
+  num_heads (Wlst's first dim), a_dff, num_res_units, g_mode='learned'. Without
+  learned-G keys the model is fixed-G: g_mode defaults to 'identity' and
+  num_heads is read from the port's `decoder.past_G_values` buffer when there
+  is one, else it must be given (num_heads=...). A float64 checkpoint computes
+  in float64 too (compute_dtype). Other fields (max_len, g_mode for the fixed
+  modes, ...) come from `overrides` or the PLDRConfig defaults. param_dtype /
+  compute_dtype overrides win (asking for another dtype); any other override
+  contradicting an inferred value raises CheckpointError.
   """
   sd = _normalise(state_dict)
 
@@ -322,6 +407,12 @@ def config_from_state_dict(state_dict: Mapping[str, Any], **overrides) -> PLDRCo
       "vocab_size": vocab, "d_model": d, "num_layers": layers[-1] + 1,
       "d_ff": shape("decoder.dec_layers.0.ffn.gluw1.weight")[0]}
   learned = any(is_learned_g_key(k) for k in sd)
+  if not learned and G_VALUES_KEY in sd:
+    g_shape = shape(G_VALUES_KEY)
+    if len(g_shape) != 6:
+      raise CheckpointError(f"{G_VALUES_KEY} has shape {g_shape}; expected "
+                            "(num_layers, 3, 1, num_heads, head_dim, head_dim)")
+    inferred["num_heads"] = g_shape[3]
   if learned:
     inferred["num_heads"] = shape("decoder.dec_layers.0.mha1.plgatt_layer.Wlst")[0]
     units = sorted({int(m.group(1)) for k in sd if (m := _UNIT_RE.match(k))})
@@ -330,6 +421,11 @@ def config_from_state_dict(state_dict: Mapping[str, Any], **overrides) -> PLDRCo
       inferred["a_dff"] = shape(
           "decoder.dec_layers.0.mha1.reslayerAs.0.denseAs.0.gluw1.weight")[0]
   fields = dict(overrides)
+  dtype = infer_param_dtype(sd)
+  if dtype is not None and "param_dtype" not in fields:
+    fields["param_dtype"] = dtype
+    if dtype == "float64":
+      fields.setdefault("compute_dtype", "float64")
   for name, value in inferred.items():
     if name in fields and fields[name] != value:
       raise CheckpointError(f"override {name}={fields[name]!r} contradicts the checkpoint, "
@@ -351,177 +447,411 @@ def config_from_state_dict(state_dict: Mapping[str, Any], **overrides) -> PLDRCo
 
 
 # ------------------------------------------------------------------ safetensors
-
-_ST_DTYPES: dict[str, np.dtype] = {
-    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
-    "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
-}
-# dtypes the safetensors package's NumPy API handles (it has no bfloat16).
-_PACKAGE_DTYPES = {"F64", "F32", "F16", "I64", "I32", "I16", "I8", "U8", "BOOL"}
-_MAX_HEADER = 100 * 1024 * 1024
+#
+# The `safetensors` package. Its NumPy API has no bfloat16 before 0.5, so
+# BF16 tensors go through its Flax API (read: a JAX bfloat16 array -> NumPy
+# ml_dtypes.bfloat16; write: JAX arrays), everything else through NumPy.
 
 
-def _st_name(dtype: np.dtype) -> str:
-  if dtype == ml_dtypes.bfloat16:
-    return "BF16"
-  for name, dt in _ST_DTYPES.items():
-    if name != "BF16" and dt.kind == dtype.kind and dt.itemsize == dtype.itemsize:
-      return name
-  raise CheckpointError(f"dtype {dtype} cannot be written to safetensors")
-
-
-def _read_st_header(f, path) -> tuple[dict, int]:
-  raw = f.read(8)
-  if len(raw) != 8:
-    raise CheckpointError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-  (n,) = struct.unpack("<Q", raw)
-  if n > _MAX_HEADER:
-    raise CheckpointError(f"{path}: not a safetensors file (header length {n})")
-  try:
-    header = json.loads(f.read(n).decode("utf-8"))
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise CheckpointError(f"{path}: not a safetensors file (bad JSON header: {e})") from e
-  if not isinstance(header, dict):
-    raise CheckpointError(f"{path}: safetensors header is not a JSON object")
-  return header, 8 + n
+def _safetensors_error_types() -> tuple[type[BaseException], ...]:
+  import safetensors
+  return (safetensors.SafetensorError, ValueError, OverflowError)
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Read a .safetensors file without the safetensors package (F64/F32/F16/BF16 and ints)."""
-  size = os.path.getsize(path)
-  out = {}
-  with open(path, "rb") as f:
-    header, base = _read_st_header(f, path)
-    for name, info in header.items():
-      if name == "__metadata__":
-        continue
-      try:
-        dtype_name, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
-      except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: malformed header entry for {name}: {info!r}") from e
-      if dtype_name not in _ST_DTYPES:
-        raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype_name}")
-      dt = _ST_DTYPES[dtype_name]
-      count = int(np.prod(shape, dtype=np.int64))
-      if end - start != count * dt.itemsize or start < 0 or base + end > size:
-        raise CheckpointError(f"{path}: tensor {name} has data_offsets {[start, end]} that do "
-                              f"not fit shape {shape} of {dtype_name} (file size {size})")
-      f.seek(base + start)
-      arr = np.frombuffer(f.read(end - start), dtype=dt, count=count)
-      out[name] = arr.astype(dt.newbyteorder("=")).reshape(shape)  # native order, own copy
-  return out
-
-
-def write_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
-                      metadata: Mapping[str, str] | None = None) -> None:
-  """Write a .safetensors file without the safetensors package."""
-  header: dict[str, Any] = {}
-  if metadata:
-    header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-  arrays, offset = [], 0
-  for name, value in tensors.items():
-    arr = np.ascontiguousarray(_to_numpy(value))
-    if arr.dtype != ml_dtypes.bfloat16 and arr.dtype.itemsize > 1:
-      arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
-    elif arr.dtype == ml_dtypes.bfloat16 and sys.byteorder == "big":
-      arr = arr.byteswap()
-    header[name] = {"dtype": _st_name(arr.dtype), "shape": list(arr.shape),
-                    "data_offsets": [offset, offset + arr.nbytes]}
-    arrays.append(arr)
-    offset += arr.nbytes
-  blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
-  blob += b" " * (-len(blob) % 8)  # pad so the data starts 8-byte aligned
-  with open(path, "wb") as f:
-    f.write(struct.pack("<Q", len(blob)))
-    f.write(blob)
-    for arr in arrays:
-      f.write(arr.tobytes())
-
-
-def _safetensors_numpy():
+  """A .safetensors file -> {name: NumPy array}, each in the file's dtype (BF16 as
+  ml_dtypes.bfloat16). Raises CheckpointError 'not a safetensors file: PATH (...)'."""
+  from safetensors import safe_open
+  path = os.fspath(path)
   try:
-    import safetensors.numpy as stn
-  except ImportError:
-    return None
-  return stn
+    with safe_open(path, framework="np") as f:
+      keys = list(f.keys())
+      bf16 = {k for k in keys if f.get_slice(k).get_dtype() == "BF16"}
+      out = {k: np.array(f.get_tensor(k)) for k in keys if k not in bf16}
+    if bf16:
+      cpu = jax.devices("cpu")[0]
+      with jax.default_device(cpu), safe_open(path, framework="flax") as f:
+        for k in bf16:
+          out[k] = np.array(f.get_tensor(k))
+  except _safetensors_error_types() as e:
+    raise CheckpointError(f"not a safetensors file: {path} ({e})") from e
+  return {k: out[k] for k in keys}
+
+
+def write_safetensors(tensors: Mapping[str, Any], path: str | os.PathLike,
+                      metadata: Mapping[str, str] | None = None) -> None:
+  """{name: NumPy / JAX / torch array} -> a .safetensors file (dtypes kept)."""
+  path = os.fspath(path)
+  arrays = {k: np.ascontiguousarray(_to_numpy(v)) for k, v in tensors.items()}
+  md = None if metadata is None else {str(k): str(v) for k, v in metadata.items()}
+  if not any(a.dtype == ml_dtypes.bfloat16 for a in arrays.values()):
+    import safetensors.numpy
+    safetensors.numpy.save_file(arrays, path, metadata=md)
+    return
+  wide = sorted(k for k, a in arrays.items() if a.dtype.itemsize == 8)
+  if wide and not jax.config.jax_enable_x64:
+    raise CheckpointError(
+        f"{path}: bfloat16 tensors are written through safetensors' Flax API, and the "
+        f"64-bit tensors next to them ({_format_keys(wide, 3)}) need "
+        "jax.config.update('jax_enable_x64', True); or cast them (dtype=...)")
+  import safetensors.flax
+  cpu = jax.devices("cpu")[0]
+  safetensors.flax.save_file({k: jax.device_put(a, cpu) for k, a in arrays.items()}, path,
+                             metadata=md)
 
 
 # ------------------------------------------------------------------ files
 
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin")
+_HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
 def _import_torch():
   try:
     import torch
   except ImportError as e:
-    raise ImportError("install torch to read .pth / .pt / .bin checkpoints "
-                      "(or convert them to .safetensors)") from e
+    raise ImportError("install torch to read .pth / .pt / .bin checkpoints and DCP folders "
+                      "(pip install -e '.[torch]'), or convert them to .safetensors") from e
   return torch
 
 
-def load_state_dict(path: str | os.PathLike, *, use_package: bool = True) -> dict[str, np.ndarray]:
-  """Read a checkpoint file into {name: NumPy array}.
+def _torch_load(path: str):
+  torch = _import_torch()
+  with open(path, "rb") as f:
+    magic = f.read(4)
+  if not (magic.startswith(b"PK") or magic[:1] == b"\x80"):  # a zip (torch.save) or a pickle
+    raise CheckpointError(f"{path}: not a torch.save file (it starts with {magic!r}); "
+                          f"{WHAT_TO_LOAD}")
+  try:
+    return torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # noqa: BLE001 - torch raises many types; all mean "not loadable"
+    msg = str(e)
+    if "weights_only" in msg or "Weights only" in msg or "Unsupported global" in msg:
+      what = ("a pickle of Python objects that safe (weights_only) loading refuses: a "
+              "tokenizer, a hyperparameter dict (such as the authors' *_hparams.pkl) or a "
+              "whole pickled model? If it is a model you trust, load it in PyTorch and "
+              "torch.save(model.state_dict(), ...)")
+    else:
+      what = f"not a torch.save file ({type(e).__name__}: {msg.splitlines()[0] if msg else ''})"
+    raise CheckpointError(f"{path}: {what}; {WHAT_TO_LOAD}") from e
 
-  .safetensors: the `safetensors` package's NumPy API when installed and every
-  tensor is F64/F32/F16/int (use_package=False forces the own reader, which also
-  reads BF16 as ml_dtypes.bfloat16). .pth/.pt/.bin: torch.load(weights_only=True)
-  on the CPU; a dict wrapped under 'model' / 'state_dict' is unwrapped.
+
+def _state_dict_of(obj: Any, path: str) -> dict[str, np.ndarray]:
+  """A loaded torch object -> {name: NumPy} of its model weights (wrappers undone)."""
+  try:
+    sd = _normalise(obj)
+  except CheckpointError as e:
+    raise CheckpointError(f"{path}: {e}") from None
+  out = {}
+  for k, v in sd.items():
+    if not hasattr(v, "shape"):
+      raise CheckpointError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
+    out[k] = np.array(_to_numpy(v))
+  return out
+
+
+def _load_dcp(path: str) -> dict[str, np.ndarray]:
+  """A torch.distributed.checkpoint folder, read on one CPU process (no process group):
+  DCP's own converter to a torch.save file, then a safe torch.load."""
+  _import_torch()
+  from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, "state.pt")
+    try:
+      dcp_to_torch_save(path, out)
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointError(f"{path}: not a readable DCP folder ({type(e).__name__}: {e})") from e
+    return _state_dict_of(_torch_load(out), path)
+
+
+def _load_folder(path: str) -> dict[str, np.ndarray]:
+  if os.path.exists(os.path.join(path, ".metadata")):
+    return _load_dcp(path)
+  if os.path.exists(os.path.join(path, "model.safetensors")):
+    return read_safetensors(os.path.join(path, "model.safetensors"))
+  index = os.path.join(path, "model.safetensors.index.json")
+  if os.path.exists(index):
+    with open(index) as f:
+      shards = sorted(set(json.load(f)["weight_map"].values()))
+    sd = {}
+    for shard in shards:
+      sd.update(read_safetensors(os.path.join(path, shard)))
+    return sd
+  if os.path.exists(os.path.join(path, "pytorch_model.bin")):
+    return _state_dict_of(_torch_load(os.path.join(path, "pytorch_model.bin")), path)
+  raise CheckpointError(f"{path}: a folder with neither a DCP '.metadata' nor "
+                        f"{' / '.join(_HF_WEIGHTS)}; {WHAT_TO_LOAD}")
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Read a checkpoint into {name: NumPy array}, each tensor in the file's dtype.
+
+  .safetensors: the `safetensors` package. .pth/.pt/.bin: torch.load
+  (weights_only=True) on the CPU; the authors' {'model_state_dict': ...,
+  'optimizer_state_dict': ..., 'loss', 'accuracy'} wrapper and {'model': ...} /
+  {'state_dict': ...} are unwrapped. A folder: the authors' distributed
+  checkpoint (torch.distributed.checkpoint, `.metadata` + `*.distcp`, read on
+  one process without a process group), or a Hugging Face folder
+  (model.safetensors, sharded or not, or pytorch_model.bin); the port's
+  `decoder.past_G_values` buffers come along (g_lm_from_state_dict).
+  A file that holds no model (an optimizer state, a tokenizer, a pickle)
+  raises CheckpointError saying so and what to pass instead.
   """
   path = os.fspath(path)
   if not os.path.exists(path):
     raise FileNotFoundError(f"checkpoint not found: {path}")
+  if os.path.isdir(path):
+    return _load_folder(path)
   lower = path.lower()
   if lower.endswith(".safetensors"):
-    stn = _safetensors_numpy() if use_package else None
-    if stn is not None:
-      with open(path, "rb") as f:
-        header, _ = _read_st_header(f, path)
-      if all(v.get("dtype") in _PACKAGE_DTYPES for k, v in header.items() if k != "__metadata__"):
-        return {k: np.array(v) for k, v in stn.load_file(path).items()}
     return read_safetensors(path)
   if lower.endswith(_TORCH_SUFFIXES):
-    torch = _import_torch()
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    sd = _normalise(obj)
-    out = {}
-    for k, v in sd.items():
-      if not isinstance(v, torch.Tensor):
-        raise CheckpointError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
-      out[k] = np.array(_to_numpy(v))
-    return out
-  raise CheckpointError(f"{path}: unknown checkpoint format (expected .safetensors, "
-                        ".pth, .pt or .bin)")
+    return _state_dict_of(_torch_load(path), path)
+  hint = (" (a SentencePiece tokenizer: load it with pldr_jax.data.tokenizer)"
+          if lower.endswith((".model", ".vocab")) else "")
+  raise CheckpointError(f"{path}: unknown checkpoint format{hint}; {WHAT_TO_LOAD}")
+
+
+def _torch_tensors(sd: Mapping[str, np.ndarray]):
+  torch = _import_torch()
+  out = {}
+  for k, v in sd.items():
+    if v.dtype == ml_dtypes.bfloat16:
+      out[k] = torch.from_numpy(np.array(v).view(np.int16)).view(torch.bfloat16)
+    else:
+      out[k] = torch.from_numpy(np.array(v))
+  return out
 
 
 def save_state_dict(params: Mapping, config: PLDRConfig, path: str | os.PathLike, *,
-                    dtype=None, use_package: bool = True) -> dict[str, np.ndarray]:
+                    dtype=None, wrap: bool = False) -> dict[str, np.ndarray]:
   """Write our parameters in the published layout to .safetensors or .pth/.pt/.bin.
 
-  .safetensors uses the `safetensors` package where installed and the dtype is
-  not bfloat16, else the own writer; .pth needs torch. Returns the state dict written.
+  dtype: cast every tensor (default: keep the parameters' dtype). wrap=True
+  (.pth only) writes the authors' training-script dict {'model_state_dict': sd,
+  'optimizer_state_dict': None, 'loss': None, 'accuracy': None}, which their
+  `load_model` reads; the default is the bare state dict (what `load_state_dict`
+  of PyTorch takes). Returns the state dict written.
   """
   path = os.fspath(path)
   sd = params_to_state_dict(params, config, dtype=dtype)
   lower = path.lower()
   if lower.endswith(".safetensors"):
-    stn = _safetensors_numpy() if use_package else None
-    if stn is not None and all(_st_name(v.dtype) in _PACKAGE_DTYPES for v in sd.values()):
-      stn.save_file(sd, path, metadata={"format": "pt"})
-    else:
-      write_safetensors(sd, path, metadata={"format": "pt"})
+    write_safetensors(sd, path, metadata={"format": "pt"})
   elif lower.endswith(_TORCH_SUFFIXES):
     torch = _import_torch()
-    tensors = {}
-    for k, v in sd.items():
-      if v.dtype == ml_dtypes.bfloat16:
-        tensors[k] = torch.from_numpy(np.array(v).view(np.int16)).view(torch.bfloat16)
-      else:
-        tensors[k] = torch.from_numpy(np.array(v))
-    torch.save(tensors, path)
+    obj = _torch_tensors(sd)
+    if wrap:
+      obj = {"model_state_dict": obj, "optimizer_state_dict": None, "loss": None,
+             "accuracy": None}
+    torch.save(obj, path)
   else:
     raise CheckpointError(f"{path}: unknown checkpoint format (expected .safetensors, "
                           ".pth, .pt or .bin)")
   return sd
+
+
+# ------------------------------------------------------------ Hugging Face port
+#
+# PldrllmForCausalLM (transformers, model_type "pldrllm"): config.json +
+# model.safetensors with the authors' tensor names. Fixed-G models
+# (custom_G_type 'identity' / 'random' / 'external') also store the buffers
+# decoder.past_G_values [L, 3, 1, H, dk, dk] ([:, 2] = G_LM; [:, 0], [:, 1]
+# unused zeros) and decoder.past_G_values_status [L] (all True).
+
+HF_ARCHITECTURE = "PldrllmForCausalLM"
+HF_MODEL_TYPE = "pldrllm"
+_CUSTOM_G = {"identity": "identity", "random": "random", "transferred": "external"}
+# Fields of the port's config our model has no switch for: the only value it supports.
+_HF_FIXED = {"hidden_act": "silu", "attention_bias": True, "glu_bias": True, "final_bias": True,
+             "tie_word_embeddings": False, "rope_scaling": None, "num_denseA": 2}
+
+
+def hf_config(config: PLDRConfig, *, dtype: str | None = None) -> dict[str, Any]:
+  """The port's config.json for `config` (dtype: the weights' dtype, default param_dtype)."""
+  if config.causal_metric:
+    raise CheckpointError(
+        "causal_metric=True has no counterpart in the Hugging Face port (it sums A over the "
+        "whole sequence); export config.replace(causal_metric=False) if that is what you want")
+  dtype = dtype or config.param_dtype
+  return {
+      "architectures": [HF_ARCHITECTURE], "model_type": HF_MODEL_TYPE,
+      "vocab_size": config.vocab_size, "hidden_size": config.d_model,
+      "intermediate_size": config.d_ff, "num_hidden_layers": config.num_layers,
+      "num_attention_heads": config.num_heads, "head_dim": config.head_dim,
+      "A_dff": config.a_dff, "num_reslayerA": config.num_res_units,
+      "max_position_embeddings": config.max_len, "layer_norm_eps": config.ln_eps,
+      "rope_theta": config.rope_base, "reference_rope": config.rope_interleaved,
+      "custom_G_type": None if config.learned_g else _CUSTOM_G[config.g_mode],
+      **_HF_FIXED,
+      "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True,
+      "cache_first_G": False, "output_pldr_attentions": False,
+      "bos_token_id": 2, "eos_token_id": 3, "pad_token_id": 0,
+      "dtype": dtype, "torch_dtype": dtype,
+  }
+
+
+def config_from_hf(hf: Mapping[str, Any], **overrides) -> PLDRConfig:
+  """A PLDRConfig from the port's config.json (a dict); `overrides` win. param_dtype is
+  the json's dtype (torch_dtype in older files) unless overridden."""
+  if hf.get("model_type") != HF_MODEL_TYPE:
+    raise CheckpointError(f"config.json has model_type={hf.get('model_type')!r}, not "
+                          f"{HF_MODEL_TYPE!r}: not a PLDR-LLM (PldrllmForCausalLM) folder")
+  for name, want in _HF_FIXED.items():
+    if name in hf and hf[name] != want:
+      raise CheckpointError(f"config.json has {name}={hf[name]!r}; pldr-jax supports only "
+                            f"{name}={want!r} (the published models)")
+  heads, dk = hf.get("num_attention_heads", 14), hf.get("head_dim", 64)
+  d = hf.get("hidden_size") or heads * dk
+  if d != heads * dk:
+    raise CheckpointError(f"config.json: hidden_size={d} != num_attention_heads*head_dim = "
+                          f"{heads}*{dk}; pldr-jax needs d_model = heads * head_dim")
+  custom = hf.get("custom_G_type")
+  modes = {None: "learned", **{v: k for k, v in _CUSTOM_G.items()}}
+  if custom not in modes:
+    raise CheckpointError(f"config.json: custom_G_type={custom!r} is not one of "
+                          "null, 'identity', 'random', 'external'")
+  fields: dict[str, Any] = {
+      "vocab_size": hf.get("vocab_size", 32000), "d_model": d, "num_heads": heads,
+      "num_layers": hf.get("num_hidden_layers", 5),
+      "d_ff": hf.get("intermediate_size") or int(np.floor(d * 4 * 2 / 3)),
+      "a_dff": hf.get("A_dff", 170), "num_res_units": hf.get("num_reslayerA", 8),
+      "max_len": hf.get("max_position_embeddings", 1024),
+      "ln_eps": float(hf.get("layer_norm_eps", 1e-6)),
+      "rope_base": float(hf.get("rope_theta", 10000.0)),
+      "rope_interleaved": bool(hf.get("reference_rope", True)),
+      "g_mode": modes[custom],
+  }
+  dtype = hf.get("dtype") or hf.get("torch_dtype")
+  if isinstance(dtype, str) and dtype.removeprefix("torch.") in _PARAM_DTYPES:
+    fields["param_dtype"] = dtype.removeprefix("torch.")
+    if fields["param_dtype"] == "float64":
+      fields["compute_dtype"] = "float64"
+  fields.update(overrides)
+  return PLDRConfig(**fields)
+
+
+def g_lm_from_state_dict(state_dict: Mapping[str, Any]) -> np.ndarray | None:
+  """The port's fixed G_LM, decoder.past_G_values[:, 2, 0] -> [L, H, dk, dk]; None without it."""
+  sd = _normalise(state_dict)
+  if G_VALUES_KEY not in sd:
+    return None
+  g = _to_numpy(sd[G_VALUES_KEY])
+  if g.ndim != 6 or g.shape[1] != 3:
+    raise CheckpointError(f"{G_VALUES_KEY} has shape {tuple(g.shape)}; expected "
+                          "(num_layers, 3, 1, num_heads, head_dim, head_dim)")
+  return np.array(g[:, 2, 0])
+
+
+def _fixed_g(config: PLDRConfig, sd: Mapping, where: str):
+  """(g_mode, g_lm) of a fixed-G checkpoint from its stored G: identity with G = I -> None."""
+  g = g_lm_from_state_dict(sd)
+  want = (config.num_layers, config.num_heads, config.head_dim, config.head_dim)
+  if g is None:
+    if config.g_mode == "identity":
+      return "identity", None
+    raise CheckpointError(f"{where}: g_mode={config.g_mode!r} but there is no "
+                          f"{G_VALUES_KEY} tensor holding its G_LM")
+  if g.shape != want:
+    raise CheckpointError(f"{where}: {G_VALUES_KEY}[:, 2, 0] has shape {g.shape}, the config "
+                          f"needs {want}")
+  if config.g_mode == "identity":
+    if np.array_equal(g, np.broadcast_to(np.eye(config.head_dim, dtype=g.dtype), want)):
+      return "identity", None
+    return "transferred", g  # the port computes with the stored G, whatever its type says
+  return config.g_mode, g
+
+
+def load_hf(folder: str | os.PathLike, **overrides):
+  """A Hugging Face PLDR-LLM folder (config.json + model.safetensors) -> (config, params, g_lm).
+
+  The tensors keep the file's dtype unless `param_dtype=...` is passed; other
+  `overrides` replace config.json fields (PLDRConfig names). g_lm: None for a
+  learned-G model and for G = I, else the stored G_LM [L, H, dk, dk] (NumPy) to
+  pass as `g_lm=` to forward / generate (custom_G_type 'random' -> g_mode
+  'random', 'external' -> 'transferred'). Raises CheckpointError naming what
+  does not fit.
+  """
+  folder = os.fspath(folder)
+  cfg_path = os.path.join(folder, "config.json")
+  if not os.path.exists(cfg_path):
+    raise CheckpointError(f"{folder}: no config.json (not a Hugging Face folder); {WHAT_TO_LOAD}")
+  with open(cfg_path) as f:
+    hf = json.load(f)
+  sd = _load_folder(folder)
+  tensor_dtype = infer_param_dtype(sd)
+  if tensor_dtype and "param_dtype" not in overrides:  # the file's dtype, whatever the json says
+    overrides = {"param_dtype": tensor_dtype, **overrides}
+    if tensor_dtype == "float64":
+      overrides.setdefault("compute_dtype", "float64")
+  try:
+    config = config_from_hf(hf, **overrides)
+    g_mode, g_lm = ("learned", None) if config.learned_g else _fixed_g(config, sd, folder)
+    if g_mode != config.g_mode and "g_mode" not in overrides:
+      config = config.replace(g_mode=g_mode)
+    params = state_dict_to_params(sd, config, drop_learned_g="g_mode" in overrides)
+  except CheckpointError as e:
+    raise CheckpointError(f"{folder}: {e}") from None
+  return config, params, g_lm
+
+
+def save_hf(folder: str | os.PathLike, params: Mapping, config: PLDRConfig, g_lm=None, *,
+            dtype=None) -> dict[str, np.ndarray]:
+  """Write a Hugging Face PLDR-LLM folder: config.json + model.safetensors.
+
+  The names and shapes are the authors' (`PldrllmForCausalLM.from_pretrained`
+  reads it). dtype: cast the weights (default: keep theirs). Fixed-G models store
+  their G as decoder.past_G_values: g_mode identity writes I (or `g_lm`, then as
+  custom_G_type 'external'), random / transferred need `g_lm` [L, H, dk, dk].
+  A learned-G model computes its G and takes no g_lm. Returns the tensors written.
+  """
+  folder = os.fspath(folder)
+  sd = params_to_state_dict(params, config, dtype=dtype)
+  weights_dtype = _dtype_name(sd["decoder.embedding.weight"])
+  hf = hf_config(config, dtype=weights_dtype)
+  if config.learned_g:
+    if g_lm is not None:
+      raise CheckpointError("a learned-G model computes its G_LM from the prompt; the Hugging "
+                            "Face layout has no place for a fixed one (pass g_lm=None)")
+  else:
+    want = (config.num_layers, config.num_heads, config.head_dim, config.head_dim)
+    if g_lm is None:
+      if config.g_mode != "identity":
+        raise CheckpointError(f"g_mode={config.g_mode!r}: pass its G_LM (g_lm=..., shape {want})")
+      g = np.broadcast_to(np.eye(config.head_dim), want)
+    else:
+      g = _to_numpy(g_lm)
+      if g.shape != want:
+        raise CheckpointError(f"g_lm has shape {tuple(g.shape)}; this model needs {want}")
+      if config.g_mode == "identity":
+        hf["custom_G_type"] = "external"
+    buf = np.zeros((config.num_layers, 3, 1) + want[1:], _np_dtype(weights_dtype))
+    buf[:, 2, 0] = g.astype(buf.dtype)
+    sd[G_VALUES_KEY] = buf
+    sd[G_STATUS_KEY] = np.ones((config.num_layers,), bool)
+  os.makedirs(folder, exist_ok=True)
+  write_safetensors(sd, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    json.dump(hf, f, indent=2)
+    f.write("\n")
+  return sd
+
+
+def load_checkpoint(path: str | os.PathLike, **overrides):
+  """Any published checkpoint -> (config, params, g_lm): a Hugging Face folder (load_hf), a
+  DCP folder, .pth / .pt / .bin or .safetensors. The config comes from the file
+  (config.json, or names, shapes and dtypes: config_from_state_dict) with
+  `overrides` on top; passing g_mode drops learned-G tensors the chosen mode lacks.
+  """
+  path = os.fspath(path)
+  if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
+    return load_hf(path, **overrides)
+  sd = load_state_dict(path)
+  config = config_from_state_dict(sd, **overrides)
+  g_lm = None
+  if not config.learned_g and G_VALUES_KEY in sd:
+    g_mode, g_lm = _fixed_g(config, sd, path)
+    if "g_mode" not in overrides:
+      config = config.replace(g_mode=g_mode)
+  params = state_dict_to_params(sd, config, drop_learned_g="g_mode" in overrides)
+  return config, params, g_lm

@@ -27,7 +27,6 @@ from pldr_jax.model import forward
 from pldr_jax.params import count_params, init_params
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
-HAS_SAFETENSORS = importlib.util.find_spec("safetensors") is not None
 
 F64 = dict(param_dtype="float64", compute_dtype="float64")
 
@@ -364,94 +363,94 @@ def test_config_inference_errors():
 # -------------------------------------------------------------------- files
 
 def _header(path):
+  """The safetensors header read by hand: 8-byte little-endian length, then JSON."""
   with open(path, "rb") as f:
     (n,) = struct.unpack("<Q", f.read(8))
     return json.loads(f.read(n)), 8 + n
 
 
+@pytest.fixture
+def no_x64():
+  jax.config.update("jax_enable_x64", False)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_enable_x64", True)
+
+
 @pytest.mark.parametrize("dtype,name", [(np.float32, "F32"), (np.float64, "F64"),
                                         (np.float16, "F16"), (ml_dtypes.bfloat16, "BF16")])
-def test_own_safetensors_codec_round_trip(tmp_path, dtype, name):
+def test_safetensors_round_trip(tmp_path, dtype, name):
   sd = random_state_dict(tiny_layout(), seed=10, dtype=dtype)
-  sd["decoder.embedding.weight"] = np.ascontiguousarray(sd["decoder.embedding.weight"][:, ::-1])
+  sd["decoder.embedding.weight"] = sd["decoder.embedding.weight"][:, ::-1]  # not contiguous
   path = tmp_path / "m.safetensors"
   convert.write_safetensors(sd, path, metadata={"format": "pt"})
-  header, base = _header(path)
-  assert base % 8 == 0
+  header, _ = _header(path)
   assert header["__metadata__"] == {"format": "pt"}
   entry = header["final_layer.weight"]
   assert entry["dtype"] == name and entry["shape"] == [64, 16]
-  assert entry["data_offsets"][1] - entry["data_offsets"][0] == 64 * 16 * np.dtype(dtype).itemsize
-  with open(path, "rb") as f:  # the raw little-endian bytes of one tensor
-    start, end = header["decoder.layernorm1.bias"]["data_offsets"]
-    f.seek(base + start)
-    raw = f.read(end - start)
-  np.testing.assert_array_equal(np.frombuffer(raw, np.dtype(dtype).newbyteorder("<")),
-                                sd["decoder.layernorm1.bias"])
   back = convert.read_safetensors(path)
-  assert list(back) == list(sd)
+  assert back.keys() == sd.keys()
   for k in sd:
-    assert back[k].dtype == sd[k].dtype and back[k].shape == sd[k].shape
+    assert back[k].dtype == sd[k].dtype and back[k].shape == sd[k].shape, k
     np.testing.assert_array_equal(back[k], sd[k], err_msg=k)
-  assert convert.load_state_dict(path, use_package=False).keys() == sd.keys()
+  assert convert.load_state_dict(path).keys() == sd.keys()
+
+
+def test_safetensors_mixed_bf16_and_float64(tmp_path, no_x64):
+  sd = {"a": np.ones((2, 3), ml_dtypes.bfloat16), "b": np.arange(3.0), "c": np.zeros(2, np.float32)}
+  with pytest.raises(ValueError, match="jax_enable_x64"):
+    convert.write_safetensors(sd, tmp_path / "x.safetensors")
+  jax.config.update("jax_enable_x64", True)
+  convert.write_safetensors(sd, tmp_path / "x.safetensors")
+  back = convert.read_safetensors(tmp_path / "x.safetensors")
+  for k in sd:
+    assert back[k].dtype == sd[k].dtype
+    np.testing.assert_array_equal(back[k], sd[k])
 
 
 def test_safetensors_bad_files(tmp_path):
   bad = tmp_path / "bad.safetensors"
   bad.write_bytes(b"\x05\x00")
-  with pytest.raises(ValueError, match="not a safetensors file"):
+  with pytest.raises(convert.CheckpointError, match=f"not a safetensors file: {bad}"):
     convert.read_safetensors(bad)
   header = json.dumps({"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 12]}}).encode()
   bad.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 12)
-  with pytest.raises(ValueError, match="data_offsets"):
-    convert.read_safetensors(bad)
+  with pytest.raises(convert.CheckpointError, match="not a safetensors file"):
+    convert.load_state_dict(bad)
   with pytest.raises(ValueError, match="unknown checkpoint format"):
     (tmp_path / "m.npz").write_bytes(b"")
     convert.load_state_dict(tmp_path / "m.npz")
+  with pytest.raises(ValueError, match="tokenizer"):
+    (tmp_path / "sp.model").write_bytes(b"\n\x05hello")
+    convert.load_state_dict(tmp_path / "sp.model")
   with pytest.raises(FileNotFoundError):
     convert.load_state_dict(tmp_path / "absent.safetensors")
 
 
-@pytest.mark.parametrize("use_package", [False, True], ids=["own", "package_if_installed"])
 @pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
-def test_save_load_safetensors(tmp_path, use_package, param_dtype):
+def test_save_load_safetensors(tmp_path, param_dtype):
   cfg = config_lib.tiny(param_dtype=param_dtype)
   sd = random_state_dict(tiny_layout(), seed=11, dtype=np.dtype(ml_dtypes.bfloat16)
                          if param_dtype == "bfloat16" else np.float32)
   params = convert.state_dict_to_params(sd, cfg)
   path = tmp_path / "model.safetensors"
-  convert.save_state_dict(params, cfg, path, use_package=use_package)
-  loaded = convert.load_state_dict(path, use_package=use_package)
-  assert list(loaded) == list(sd) or sorted(loaded) == sorted(sd)
+  convert.save_state_dict(params, cfg, path)
+  loaded = convert.load_state_dict(path)
+  assert sorted(loaded) == sorted(sd)
   for k in sd:
     np.testing.assert_array_equal(loaded[k], sd[k], err_msg=k)
     assert loaded[k].dtype == sd[k].dtype
   jax.tree.map(np.testing.assert_array_equal,
                convert.state_dict_to_params(loaded, cfg), params)
+  # One call: the file's dtype comes back in the config.
+  got_cfg, got, g = convert.load_checkpoint(path, max_len=32)
+  assert got_cfg == cfg and g is None
+  jax.tree.map(np.testing.assert_array_equal, got, params)
 
 
-@pytest.mark.skipif(not HAS_SAFETENSORS, reason="safetensors not installed")
-def test_own_codec_interoperates_with_safetensors_package(tmp_path):
-  import safetensors.numpy as stn
-  sd = random_state_dict(tiny_layout(), seed=12, dtype=np.float32)
-  sd["decoder.layernorm1.bias"] = sd["decoder.layernorm1.bias"].astype(np.float16)
-  sd["final_layer.bias"] = sd["final_layer.bias"].astype(np.float64)
-  ours = tmp_path / "ours.safetensors"
-  convert.write_safetensors(sd, ours)
-  for k, v in stn.load_file(str(ours)).items():
-    np.testing.assert_array_equal(v, sd[k], err_msg=k)
-    assert v.dtype == sd[k].dtype
-  theirs = tmp_path / "theirs.safetensors"
-  stn.save_file(sd, str(theirs), metadata={"format": "pt"})
-  back = convert.read_safetensors(theirs)
-  assert back.keys() == sd.keys()
-  for k in sd:
-    np.testing.assert_array_equal(back[k], sd[k], err_msg=k)
-    assert back[k].dtype == sd[k].dtype
-
-
-@pytest.mark.skipif(not (HAS_SAFETENSORS and HAS_TORCH), reason="needs safetensors and torch")
-def test_own_bf16_safetensors_read_by_torch(tmp_path):
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
+def test_bf16_safetensors_interoperate_with_torch(tmp_path):
   import safetensors.torch as stt
   import torch
   sd = random_state_dict(tiny_layout(), seed=13, dtype=ml_dtypes.bfloat16)
@@ -468,6 +467,123 @@ def test_own_bf16_safetensors_read_by_torch(tmp_path):
     assert back[k].dtype == ml_dtypes.bfloat16
     np.testing.assert_array_equal(back[k], sd[k], err_msg=k)
 
+
+# ------------------------------------------------------- (d) the file's dtype
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16, ml_dtypes.bfloat16])
+def test_param_dtype_inferred_from_tensors(dtype):
+  sd = random_state_dict(tiny_layout(), seed=15, dtype=dtype)
+  name = np.dtype(dtype).name
+  cfg = convert.config_from_state_dict(sd, max_len=32)
+  assert cfg.param_dtype == name
+  assert cfg.compute_dtype == ("float64" if name == "float64" else "float32")
+  params = convert.state_dict_to_params(sd, cfg)
+  assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype(dtype)}
+  # Asking for another dtype: an override, or an explicit config.
+  asked = convert.config_from_state_dict(sd, max_len=32, param_dtype="float32")
+  assert asked.param_dtype == "float32"
+  params32 = convert.state_dict_to_params(sd, config_lib.tiny())
+  assert {x.dtype for x in jax.tree.leaves(params32)} == {np.dtype(np.float32)}
+
+
+def test_float64_without_x64_says_what_to_do(tmp_path, no_x64):
+  sd = random_state_dict(tiny_layout(), seed=16, dtype=np.float64)
+  path = tmp_path / "f64.safetensors"
+  convert.write_safetensors(sd, path)
+  with pytest.raises(convert.CheckpointError, match=r"jax_enable_x64.*param_dtype='float32'"):
+    convert.load_checkpoint(path, max_len=32)
+  cfg, params, _ = convert.load_checkpoint(path, max_len=32, param_dtype="float32")
+  assert cfg.param_dtype == "float32"
+  assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype(np.float32)}
+
+
+# ------------------------------------------------------------ (b) Hugging Face
+
+def _hf_params(cfg, seed):
+  layout = tiny_layout(cfg.learned_g)
+  dt = np.dtype(ml_dtypes.bfloat16) if cfg.param_dtype == "bfloat16" else np.dtype(cfg.param_dtype)
+  return convert.state_dict_to_params(random_state_dict(layout, seed=seed, dtype=dt), cfg)
+
+
+@pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("g_mode", ["learned", "identity"])
+def test_hf_folder_round_trip(tmp_path, g_mode, param_dtype):
+  cfg = config_lib.tiny(g_mode=g_mode, param_dtype=param_dtype)
+  params = _hf_params(cfg, 17)
+  folder = tmp_path / "hub"
+  convert.save_hf(folder, params, cfg)
+  assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+  hf = json.loads((folder / "config.json").read_text())
+  assert hf["architectures"] == ["PldrllmForCausalLM"] and hf["model_type"] == "pldrllm"
+  assert (hf["num_hidden_layers"], hf["hidden_size"], hf["num_attention_heads"], hf["head_dim"],
+          hf["intermediate_size"], hf["A_dff"], hf["num_reslayerA"], hf["num_denseA"],
+          hf["vocab_size"], hf["max_position_embeddings"]) == (2, 16, 2, 8, 24, 12, 2, 2, 64, 32)
+  assert hf["layer_norm_eps"] == 1e-6 and hf["rope_theta"] == 10000.0
+  assert hf["reference_rope"] is True and hf["dtype"] == param_dtype
+  assert (hf["bos_token_id"], hf["eos_token_id"], hf["pad_token_id"]) == (2, 3, 0)
+  assert hf["custom_G_type"] == (None if g_mode == "learned" else "identity")
+  # model.safetensors: exactly the authors' .pth names and shapes (+ the port's G buffers).
+  header, _ = _header(folder / "model.safetensors")
+  shapes = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+  want = tiny_layout(learned=g_mode == "learned")
+  if g_mode != "learned":
+    want = {**want, "decoder.past_G_values": (2, 3, 1, 2, 8, 8),
+            "decoder.past_G_values_status": (2,)}
+    g_buf = convert.read_safetensors(folder / "model.safetensors")["decoder.past_G_values"]
+    np.testing.assert_array_equal(g_buf[:, 2, 0], np.broadcast_to(np.eye(8), (2, 2, 8, 8)))
+    assert not g_buf[:, :2].any()
+  assert shapes == want
+  assert {v["dtype"] for k, v in header.items()
+          if k not in ("__metadata__", "decoder.past_G_values_status")} == {
+              "BF16" if param_dtype == "bfloat16" else "F32"}
+  got_cfg, got, g = convert.load_hf(folder)
+  assert got_cfg == cfg and g is None
+  jax.tree.map(np.testing.assert_array_equal, got, params)
+  assert {x.dtype for x in jax.tree.leaves(got)} == {x.dtype for x in jax.tree.leaves(params)}
+  assert convert.load_checkpoint(folder)[0] == cfg  # the same one call for every format
+
+
+def test_hf_fixed_g_and_half_rotation_round_trip(tmp_path):
+  cfg = config_lib.tiny(g_mode="transferred", rope_interleaved=False, **F64)
+  params = _hf_params(cfg, 18)
+  g = np.random.default_rng(19).normal(size=(2, 2, 8, 8))
+  with pytest.raises(ValueError, match="g_lm"):
+    convert.save_hf(tmp_path / "no_g", params, cfg)
+  convert.save_hf(tmp_path / "hub", params, cfg, g_lm=g)
+  hf = json.loads((tmp_path / "hub" / "config.json").read_text())
+  assert hf["custom_G_type"] == "external" and hf["reference_rope"] is False
+  got_cfg, got, got_g = convert.load_hf(tmp_path / "hub")
+  assert got_cfg == cfg
+  np.testing.assert_array_equal(got_g, g)
+  jax.tree.map(np.testing.assert_array_equal, got, params)
+  # A bare model.safetensors of a fixed-G model: heads and G come from the G buffer.
+  cfg2, _, g2 = convert.load_checkpoint(tmp_path / "hub" / "model.safetensors", max_len=32,
+                                        a_dff=12, num_res_units=2)
+  assert cfg2 == cfg.replace(rope_interleaved=True) and np.array_equal(g2, g)
+
+
+def test_hf_config_errors(tmp_path):
+  cfg = config_lib.tiny()
+  params = _hf_params(cfg, 20)
+  folder = tmp_path / "hub"
+  convert.save_hf(folder, params, cfg)
+  with pytest.raises(ValueError, match="learned-G model"):
+    convert.save_hf(tmp_path / "x", params, cfg, g_lm=np.zeros((2, 2, 8, 8)))
+  with pytest.raises(ValueError, match="causal_metric"):
+    convert.save_hf(tmp_path / "x", params, cfg.replace(causal_metric=True))
+  hf = json.loads((folder / "config.json").read_text())
+  for field, value, match in [("model_type", "llama", "not a PLDR-LLM"),
+                              ("num_denseA", 3, "num_denseA"),
+                              ("num_attention_heads", 4, "hidden_size=16"),
+                              ("num_hidden_layers", 3, "missing key")]:
+    (folder / "config.json").write_text(json.dumps({**hf, field: value}))
+    with pytest.raises(ValueError, match=match):
+      convert.load_hf(folder)
+  with pytest.raises(ValueError, match="no config.json"):
+    convert.load_hf(tmp_path)
+
+
+# ------------------------------------------------------ (a) the authors' files
 
 @pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
 @pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
@@ -507,3 +623,85 @@ def test_pth_without_torch_says_install_torch(tmp_path, monkeypatch):
   params = convert.state_dict_to_params(random_state_dict(tiny_layout()), cfg)
   with pytest.raises(ImportError, match="install torch"):
     convert.save_state_dict(params, cfg, tmp_path / "out.pth")
+
+
+def _authors_checkpoint(sd):
+  """What the authors' save_model / fsdp_save_model write: torch tensors in their wrapper,
+  with a real AdamW state next to the weights."""
+  import torch
+  tensors = {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}
+  w = torch.nn.Parameter(torch.ones(3))
+  opt = torch.optim.AdamW([w], lr=1e-3, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)
+  w.sum().backward()
+  opt.step()
+  return tensors, opt.state_dict()
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
+def test_authors_pth_wrapper_and_non_model_files(tmp_path):
+  import torch
+  sd = random_state_dict(tiny_layout(), seed=21, dtype=np.float32)
+  tensors, opt_state = _authors_checkpoint(sd)
+  path = tmp_path / "pldr_ep1_bn10_bs1.pth"
+  torch.save({"model_state_dict": tensors, "optimizer_state_dict": opt_state, "loss": 2.5,
+              "accuracy": 0.4}, path)
+  loaded = convert.load_state_dict(path)
+  assert loaded.keys() == sd.keys()
+  for k in sd:
+    np.testing.assert_array_equal(loaded[k], sd[k], err_msg=k)
+  cfg, params, g = convert.load_checkpoint(path, max_len=32)
+  assert cfg == config_lib.tiny() and g is None
+  # Exported back in the same wrapper, which their load_model reads.
+  out = tmp_path / "export.pth"
+  convert.save_state_dict(params, cfg, out, wrap=True)
+  raw = torch.load(out, weights_only=True)
+  assert set(raw) == {"model_state_dict", "optimizer_state_dict", "loss", "accuracy"}
+  assert list(raw["model_state_dict"]) == list(tiny_layout())
+  # Files that are not a model: the message says what they are and what to pass.
+  cases = {
+      "optim.pth": (opt_state, "optimizer state"),
+      "no_model.pth": ({"model_state_dict": None, "optimizer_state_dict": opt_state,
+                        "loss": 1.0, "accuracy": 0.5}, "without model weights"),
+      "metrics.pth": ({"loss": [1.0, 2.0], "step": 3}, "without tensors"),
+      "other.pth": ({"conv.weight": torch.zeros(2, 2)}, "no PLDR-LLM names"),
+      "tensor.pth": (torch.zeros(3), "not a state dict"),
+  }
+  for name, (obj, what) in cases.items():
+    torch.save(obj, tmp_path / name)
+    with pytest.raises(convert.CheckpointError, match=what) as e:
+      convert.load_state_dict(tmp_path / name)
+    assert name in str(e.value) and "_dcp folder" in str(e.value), name
+  import pickle
+  with open(tmp_path / "hparams.pth", "wb") as f:  # e.g. the authors' *_hparams.pkl: a function
+    pickle.dump({"num_layers": 5, "activation": np.sum}, f, protocol=2)
+  with pytest.raises(convert.CheckpointError, match="weights_only.*tokenizer"):
+    convert.load_state_dict(tmp_path / "hparams.pth")
+  (tmp_path / "noise.pth").write_bytes(b"\x00\x01random bytes, not a checkpoint")
+  with pytest.raises(convert.CheckpointError, match="not a torch.save file"):
+    convert.load_state_dict(tmp_path / "noise.pth")
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_authors_dcp_folder(tmp_path):
+  """The authors' save_dcp_model: dcp.save({'app': AppState(model)}), AppState.state_dict()
+  = {'model': model_state_dict, 'optim': None}; read back on one CPU process."""
+  import torch.distributed.checkpoint as dcp
+  sd = random_state_dict(tiny_layout(), seed=22, dtype=ml_dtypes.bfloat16)
+  tensors = {k: v for k, v in convert._torch_tensors(sd).items()}
+  folder = tmp_path / "pldr_ep1_bn10_bs1_dcp"
+  dcp.save({"app": {"model": tensors, "optim": None}}, checkpoint_id=str(folder))
+  loaded = convert.load_state_dict(folder)
+  assert loaded.keys() == sd.keys()
+  for k in sd:
+    assert loaded[k].dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(loaded[k], sd[k], err_msg=k)
+  cfg, params, _ = convert.load_checkpoint(folder, max_len=32)
+  assert cfg == config_lib.tiny(param_dtype="bfloat16")
+  optim_only = tmp_path / "optim_dcp"
+  dcp.save({"app": {"model": {}, "optim": {"state": {"x": tensors["final_layer.bias"]}}}},
+           checkpoint_id=str(optim_only))
+  with pytest.raises(convert.CheckpointError, match="without model weights"):
+    convert.load_state_dict(optim_only)
+  with pytest.raises(convert.CheckpointError, match="neither a DCP"):
+    convert.load_state_dict(tmp_path)
