@@ -5,6 +5,13 @@ The state dicts here are built from the published layout table
 every tensor is checked by a plain NumPy float64 forward pass that reads the raw
 state dict in the PyTorch convention (y = x W^T + b), independent of both
 pldr_jax.convert and pldr_jax.model.
+
+The containers: .safetensors through the `safetensors` package (bfloat16
+included, checked against safetensors.torch), the authors' .pth training dict
+and DCP folder (built with torch as their training script builds them), files
+that are not a model, and Hugging Face folders (config.json fields and
+model.safetensors names/shapes checked against the published layout table;
+save_hf -> load_hf gives the same config and bit-identical parameters).
 """
 
 from __future__ import annotations
