@@ -67,9 +67,12 @@ FIELDS = ("mode", "final_step", "train_loss", "train_accuracy", "eval_loss", "ev
 
 def _pretrain_module():
   """experiments/pretrain.py as a module: its gin configurables and helpers."""
-  spec = importlib.util.spec_from_file_location("pldr_pretrain_entry", PRETRAIN)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
+  mod = sys.modules.get("pldr_pretrain_entry")  # gin registers its configurables only once
+  if mod is None:
+    spec = importlib.util.spec_from_file_location("pldr_pretrain_entry", PRETRAIN)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    sys.modules["pldr_pretrain_entry"] = mod
   return mod
 
 

@@ -295,6 +295,7 @@ def run_pretraining(config: PLDRConfig, tc: train.TrainConfig, data: DataConfig,
                                              warn=print if main else lambda _: None)
       start = 0 if restored is None else restored["step"]
       newer = [st for st in reader.all_steps() if st > start and st not in failed]
+    distributed.barrier("pldr_jax.trainer.restored")  # nobody reads what is renamed next
     if main:
       for path in set_aside(ckdir, failed, "corrupt") + set_aside(ckdir, newer, "replaced"):
         print(f"set aside {path.name}: the run continues from step {start}")

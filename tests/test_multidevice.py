@@ -19,7 +19,7 @@ import time
 import numpy as np
 import pytest
 
-from test_pretrain import REPO, _cmd, _losses, _steps_saved
+from test_pretrain import REPO, _cmd, _losses, _steps_saved, pretrain_module
 
 STEPS = 40
 IDENTITY = ["PLDRConfig.g_mode='identity'", "TrainConfig.checkpoint_every=4"]
@@ -194,10 +194,6 @@ def test_launch_resolution_flags_env_and_auto():
 
 
 def test_resume_command_drops_restore_step():
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("pretrain_entry", REPO / "experiments/pretrain.py")
-  pretrain = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(pretrain)
-  cmd = pretrain.resume_command(["pretrain.py", "--gin_file=a b.gin", "--restore_step", "4",
+  cmd = pretrain_module().resume_command(["pretrain.py", "--gin_file=a b.gin", "--restore_step", "4",
                                  "--restore_step=8", "--workdir", "w"])
   assert cmd.endswith("pretrain.py '--gin_file=a b.gin' --workdir w")

@@ -144,6 +144,19 @@ def test_perplexity_script_reproduces_the_runs_own_eval(tmp_path, data_workdir):
 
 # ---------------------------------------------------------------- recovery
 
+def pretrain_module():
+  """experiments/pretrain.py as a module, loaded once per process (as ablate.py does:
+  gin refuses to register its configurables twice)."""
+  mod = sys.modules.get("pldr_pretrain_entry")
+  if mod is None:
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("pldr_pretrain_entry", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    sys.modules["pldr_pretrain_entry"] = mod
+  return mod
+
+
 def _run(cmd, **kw):
   return subprocess.run(cmd, env=dict(os.environ, JAX_PLATFORMS="cpu"), cwd=REPO,
                         capture_output=True, text=True, timeout=600, **kw)
@@ -209,11 +222,8 @@ def test_sigterm_saves_the_current_step_and_resumes(tmp_path, data_workdir):
 
 def test_disk_full_is_one_line(monkeypatch, capsys, tmp_path):
   import errno
-  import importlib.util
   from pldr_jax import checkpoint, trainer
-  spec = importlib.util.spec_from_file_location("pretrain_entry", SCRIPT)
-  pretrain = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(pretrain)
+  pretrain = pretrain_module()
 
   def full(*_, **__):
     try:
