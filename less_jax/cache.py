@@ -26,10 +26,24 @@ position lengths[b]:
      into the slot of the policy's victim, whose (k, v) is folded into (H, z)
      exactly once (H += psi(k)^T v, z += psi(k)) before being overwritten.
 
-`sparse_prefill` builds the same cache from a prompt (the same metadata
-transition in a lax.scan, `less_jax.parallel.policy_scan`) and the prompt's
-attention outputs with the parallel form: both equal feeding the prompt token
-by token through `sparse_decode_step`.
+`sparse_prefill` builds the cache from a prompt, in one of two ways:
+
+  one_shot (default; what the H2O and LESS authors' generation code does, and
+      what kvpress users expect): the prompt runs with full causal attention,
+      then the cache is evicted once down to the budget. H2O's scores are the
+      attention each prompt key received from every prompt query under that
+      dense softmax; the policy then chooses the kept set exactly as it would
+      evict (the `recent` newest prompt tokens stay; H2O keeps the highest
+      scores among the rest, Λ-masking the sink tokens). With kernels, every
+      evicted pair is folded into (H, z). The prompt's own outputs are those of
+      the full model.
+  greedy: the same metadata transition as decoding, token by token, in a
+      lax.scan (`less_jax.parallel.policy_scan`), with the parallel form for the
+      outputs: equal to feeding the prompt through `sparse_decode_step` (so the
+      prompt's own outputs already see a sparse cache once it exceeds the budget).
+
+H2O's scores during decode accumulate the softmax over the kept set (as the
+authors' decode code); their training-time mask uses the dense softmax.
 """
 
 from __future__ import annotations
@@ -52,7 +66,11 @@ __all__ = [
     "sparse_decode_step",
     "sparse_prefill",
     "cache_bytes",
+    "PREFILL_MODES",
 ]
+
+PREFILL_MODES = ("one_shot", "greedy")
+_EVICTED = np.iinfo(np.int32).max  # position marking a token out of the candidate set
 
 
 class SparseKVCache(NamedTuple):
@@ -216,15 +234,84 @@ def sparse_decode_step(cache: SparseKVCache, q: jax.Array, k_new: jax.Array,
   return out.astype(v_new.dtype), new_cache
 
 
+def _one_shot_keep(logits: jax.Array, lengths: jax.Array, policy: policies_lib.Policy):
+  """Full causal attention over the prompt, then one eviction down to the budget.
+
+  logits: [B, H, S, S] f32 pre-mask scores; lengths: [B].
+  Returns (probs [B, H, S, S] dense causal softmax, kept bool [B, H, S],
+  score [B, H, S] the attention each key received from the prompt's queries).
+  The kept set is what the policy's own `victim` leaves when it evicts one token
+  at a time from the whole prompt (the last prompt token counts as the newest).
+  """
+  b, h, s, _ = logits.shape
+  t_slots = policy.budget
+  j = jnp.arange(s, dtype=jnp.int32)
+  real = j[None, :] < lengths[:, None]                                  # [B, S]
+  visible = (j[None, :] <= j[:, None])[None] & real[:, None, :] & real[:, :, None]
+  neg = jnp.finfo(jnp.float32).min
+  masked = jnp.where(visible[:, None], logits, neg)
+  probs = jnp.where(visible[:, None], jax.nn.softmax(masked, axis=-1), 0.0)
+  score = jnp.sum(probs, axis=2)                                        # [B, H, S]
+  pos = jnp.broadcast_to(jnp.where(real, j[None, :], _EVICTED)[:, None, :], (b, h, s))
+  newest = jnp.broadcast_to((lengths - 1).astype(jnp.int32)[:, None], (b, h))
+  count = jnp.broadcast_to(lengths.astype(jnp.int32)[:, None], (b, h))
+
+  def evict_one(_, carry):
+    pos, count = carry
+    active = count > t_slots
+    slot = policy.victim(pos, score, newest)
+    hit = (j[None, None, :] == slot[..., None]) & active[..., None]
+    return jnp.where(hit, _EVICTED, pos), count - active.astype(jnp.int32)
+
+  if s > t_slots:
+    pos, _ = jax.lax.fori_loop(0, s - t_slots, evict_one, (pos, count))
+  return probs, pos != _EVICTED, score
+
+
+def _one_shot_prefill(q, k_c, v_c, lengths, policy, kernels, dtype, scale):
+  b, s, h, d = q.shape
+  t_slots = policy.budget
+  logits = parallel_lib.attention_logits(q, k_c, scale)
+  probs, kept, score = _one_shot_keep(logits, lengths, policy)
+  v_bh = jnp.moveaxis(v_c, 1, 2)  # [B, H, S, D]
+  k_bh = jnp.moveaxis(k_c, 1, 2)
+  out = jnp.einsum("bhst,bhtd->bshd", probs, v_bh.astype(jnp.float32)).astype(v_c.dtype)
+  # Kept tokens into the T slots, oldest first; the rest of the slots stay empty.
+  j = jnp.arange(s, dtype=jnp.int32)
+  order = jnp.argsort(jnp.where(kept, j, _EVICTED), axis=-1)            # [B, H, S]
+  if s < t_slots:
+    order = jnp.concatenate([order, jnp.zeros((b, h, t_slots - s), order.dtype)], -1)
+  order = order[..., :t_slots]
+  in_slot = jnp.take_along_axis(kept, order, axis=-1) & (jnp.arange(t_slots) < s)
+  pos = jnp.where(in_slot, order, -1).astype(jnp.int32)
+  slot_score = jnp.where(in_slot, jnp.take_along_axis(score, order, axis=-1), 0.0)
+  take = lambda x: jnp.where(in_slot[..., None],
+                             jnp.take_along_axis(x, order[..., None], axis=2), 0).astype(dtype)
+  rank = kernels_lib.kernel_rank(kernels)
+  hs, zs = state_lib.init_state(b, h, rank, d)
+  if kernels is not None:
+    real = j[None, None, :] < lengths[:, None, None]
+    evicted = real & ~kept
+    psi_k = jnp.moveaxis(kernels_lib.psi(kernels, k_c), 1, 2)  # [B, H, S, R]
+    psi_k = jnp.where(evicted[..., None], psi_k, 0.0)
+    hs = hs + jnp.einsum("bhsr,bhsd->bhrd", psi_k, v_bh.astype(jnp.float32))
+    zs = zs + jnp.sum(psi_k, axis=2)
+  cache = SparseKVCache(k=take(k_bh), v=take(v_bh), pos=pos, score=slot_score.astype(jnp.float32),
+                        h=hs, z=zs)
+  return out, cache
+
+
 def sparse_prefill(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
                    policy: policies_lib.Policy,
                    kernels: kernels_lib.KernelParams | None = None, *,
                    dtype=None, scale: float | None = None,
-                   max_len: int | None = None):
+                   max_len: int | None = None, mode: str = "one_shot"):
   """Builds the cache from prompts and returns the prompts' attention outputs.
 
-  Equal to feeding each prompt token by token through `sparse_decode_step`
-  (same outputs, same cache: slots, positions, scores, H, z).
+  mode 'one_shot' (default): full causal attention over the prompt, then one
+  eviction down to the budget (see the module docstring). mode 'greedy': equal
+  to feeding each prompt token by token through `sparse_decode_step` (same
+  outputs, same cache: slots, positions, scores, H, z).
 
   Args:
     q, k, v: [B, S, H, D] prompt queries/keys (after rotary) and values.
@@ -242,12 +329,16 @@ def sparse_prefill(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
   b, s, h, d = parallel_lib.check_qkv(q, k, v, lengths)
   if not isinstance(policy, policies_lib.Policy):
     raise ValueError(f"policy must be a less_jax Policy, got {policy!r}")
+  if mode not in PREFILL_MODES:
+    raise ValueError(f"prefill mode must be one of {PREFILL_MODES}, got {mode!r}")
   policy.check_context(max_len)
   kernels_lib.check_kernels(kernels, h, d)
   dtype = k.dtype if dtype is None else dtype
   k_c = k.astype(dtype)
   v_c = v.astype(dtype)
   lengths = jnp.asarray(lengths)
+  if mode == "one_shot":
+    return _one_shot_prefill(q, k_c, v_c, lengths, policy, kernels, dtype, scale)
   logits = parallel_lib.attention_logits(q, k_c, scale)
   mask, pos, score = parallel_lib.policy_scan(logits, lengths, policy)
   out = parallel_lib.less_attention_parallel(

@@ -226,13 +226,18 @@ def less_forward(params: dict, tokens, lengths=None, *, config: PLDRConfig,
 
 def less_prefill(params: dict, tokens, lengths=None, *, config: PLDRConfig,
                  policy: policies_lib.Policy, kernels=None, g_lm=None,
-                 max_len: int | None = None):
-  """Runs right-padded prompts with sparse/LESS attention and builds the decode state.
+                 max_len: int | None = None, mode: str = "one_shot"):
+  """Runs right-padded prompts and builds the sparse/LESS decode state.
 
-  The prompt's attention is the parallel form (less_jax.sparse_prefill), so its
+  mode 'one_shot' (default, as the H2O / LESS authors' generation code): the
+  prompt runs with full attention (its logits are pldr_jax.model.forward's),
+  then each layer's cache is evicted once to the budget by the prompt's
+  accumulated attention, evicted pairs folded into the LESS state.
+  mode 'greedy': the prompt's attention is the parallel sparse form, so its
   logits are what the policy gives token by token (equal to `less_forward` on
-  the prompt). G_LM is computed from the prompt as pldr_jax does (or `g_lm` is
-  used) and goes to the G-cache; decode holds it fixed.
+  the prompt). See less_jax.cache.sparse_prefill. G_LM is computed from the
+  prompt as pldr_jax does (or `g_lm` is used) and goes to the G-cache; decode
+  holds it fixed.
 
   Args:
     tokens: int [B, S]; lengths: int [B], 1 <= lengths <= S (None: all S).
@@ -257,7 +262,8 @@ def less_prefill(params: dict, tokens, lengths=None, *, config: PLDRConfig,
   cd = jnp.dtype(config.compute_dtype)
 
   def attend(i, layer_p, q, q_eff, k, v, g, ded, lengths, positions):
-    out, cache = cache_lib.sparse_prefill(q_eff, k, v, lengths, policy, kernels[i], dtype=cd)
+    out, cache = cache_lib.sparse_prefill(q_eff, k, v, lengths, policy, kernels[i], dtype=cd,
+                                          mode=mode)
     glayer = {}
     if "A" in ded:  # learned G computed from the prompt
       pick = (lambda t: _at_last(t, lengths)) if config.causal_metric else (lambda t: t)
@@ -381,12 +387,12 @@ def decode_state_bytes(state: Any) -> int:
 # ----------------------------------------------------------------------------
 # Jitted wrappers.
 
-@functools.partial(jax.jit, static_argnames=("config", "policy", "max_len"))
+@functools.partial(jax.jit, static_argnames=("config", "policy", "max_len", "mode"))
 def less_prefill_jit(params, tokens, lengths, kernels=None, g_lm=None, *, config, policy,
-                     max_len=None):
-  """Jitted `less_prefill` (config, policy, max_len static)."""
+                     max_len=None, mode="one_shot"):
+  """Jitted `less_prefill` (config, policy, max_len, mode static)."""
   return less_prefill(params, tokens, lengths, config=config, policy=policy,
-                      kernels=kernels, g_lm=g_lm, max_len=max_len)
+                      kernels=kernels, g_lm=g_lm, max_len=max_len, mode=mode)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "policy"), donate_argnames=("state",))

@@ -102,7 +102,7 @@ def test_forms_agree_with_reference(name, with_kernels):
   expected, results = ref.ref_batch(q, k, v, LENGTHS, rpolicy, kernels_np(kern))
   out_par = np.asarray(lj.less_attention_parallel(q, k, v, LENGTHS, policy, kern))
   out_dec, cache_dec = decode_all(q, k, v, LENGTHS, policy, kern)
-  out_pre, cache_pre = lj.sparse_prefill(q, k, v, LENGTHS, policy, kern)
+  out_pre, cache_pre = lj.sparse_prefill(q, k, v, LENGTHS, policy, kern, mode="greedy")
 
   assert out_par.dtype == np.float32 and out_par.shape == (B, S, H, D)
   np.testing.assert_allclose(out_par, out_dec, atol=1e-5, rtol=1e-5)
@@ -137,7 +137,7 @@ def test_forms_agree_with_reference(name, with_kernels):
 def test_h2o_heads_keep_different_sets():
   policy, _ = POLICIES["h2o"]
   q, k, v = make_qkv(1)
-  _, cache = lj.sparse_prefill(q, k, v, LENGTHS, policy)
+  _, cache = lj.sparse_prefill(q, k, v, LENGTHS, policy, mode="greedy")
   assert kept_positions(cache, 0, 0) != kept_positions(cache, 0, 1)
   # The recent window is always kept.
   for h in range(H):
@@ -177,8 +177,8 @@ def test_jit_matches_eager():
   out_e, cache_e = decode_all(q, k, v, LENGTHS, policy, kern)
   np.testing.assert_allclose(out_j, out_e, atol=1e-6, rtol=1e-6)
   assert_same_cache(cache_j, cache_e, atol=1e-6)
-  prefill = jax.jit(lj.sparse_prefill, static_argnames=("policy",))
-  out_p, cache_p = prefill(q, k, v, LENGTHS, policy, kern)
+  prefill = jax.jit(lj.sparse_prefill, static_argnames=("policy", "mode"))
+  out_p, cache_p = prefill(q, k, v, LENGTHS, policy, kern, mode="greedy")
   np.testing.assert_allclose(np.asarray(out_p), out_e, atol=1e-5, rtol=1e-5)
   assert_same_cache(cache_p, cache_e)
 
@@ -192,7 +192,7 @@ def test_ragged_prefill_then_decode():
                                                policy, kern))
   prompt = np.array([10, 6], np.int32)
   # Padded prompts (positions >= prompt[b] are padding and must not matter).
-  out, cache = lj.sparse_prefill(q, k, v, prompt, policy, kern)
+  out, cache = lj.sparse_prefill(q, k, v, prompt, policy, kern, mode="greedy")
   assert np.asarray(cache.pos).max(axis=(1, 2)).tolist() == [9, 5]
   assert not np.asarray(out)[1, 6:].any()
   for b in range(B):
@@ -223,7 +223,7 @@ def test_no_eviction_is_full_attention():
     assert not np.asarray(cache.h).any() and not np.asarray(cache.z).any()
   # R = 0 (no kernels) with evictions is exactly the sparse policy.
   policy, rpolicy = POLICIES["h2o"]
-  out0, cache0 = lj.sparse_prefill(q, k, v, LENGTHS, policy, None)
+  out0, cache0 = lj.sparse_prefill(q, k, v, LENGTHS, policy, None, mode="greedy")
   assert cache0.h.shape == (B, H, 0, D) and cache0.z.shape == (B, H, 0)
   expected, _ = ref.ref_batch(q, k, v, LENGTHS, rpolicy, None)
   np.testing.assert_allclose(np.asarray(out0), expected, atol=2e-5)
@@ -312,7 +312,7 @@ def test_zero_phi_features_give_finite_gradients():
   assert np.abs(np.asarray(grads[0].d1)).max() > 0
 
   last = LENGTHS - 1
-  _, cache = lj.sparse_prefill(q, k, v, last, policy, kern)  # padded prompts
+  _, cache = lj.sparse_prefill(q, k, v, last, policy, kern, mode="greedy")  # padded prompts
   bi = np.arange(B)
 
   def loss_dec(kern, qt):
@@ -430,3 +430,84 @@ def test_bad_inputs():
   with pytest.raises(ValueError, match=r"kernels.wk3 has shape \(2, 3, 3\)"):
     lj.less_attention_parallel(x, x, x, LENGTHS, policy,
                                kern._replace(wk3=np.zeros((2, 3, 3), np.float32)))
+
+
+# One-shot prefill (the default): full attention over the prompt, one eviction.
+
+def _one_shot_reference(q, k, v, length, ref_policy, kern=None):
+  """Float64, one sequence, plainly: dense causal attention over the prompt, column
+  sums as H2O scores, then the kept set written from the policy's definition."""
+  q, k, v = (np.asarray(x, np.float64)[:length] for x in (q, k, v))
+  s, h, d = q.shape
+  outs, kept, scores = np.zeros((s, h, d)), [], []
+  for hh in range(h):
+    logits = q[:, hh] @ k[:, hh].T / np.sqrt(d)
+    logits = np.where(np.tril(np.ones((s, s), bool)), logits, -np.inf)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    outs[:, hh] = p @ v[:, hh]
+    score = p.sum(0)
+    kind, *args = ref_policy
+    if kind == "h2o":
+      heavy, recent = args
+      rec = set(range(max(s - recent, 0), s))
+      rest = [j for j in range(s) if j not in rec]
+      rest.sort(key=lambda j: (-score[j], -j))  # ties: the oldest leaves first
+      keep = rec | set(rest[:heavy])
+    elif kind == "lambda":
+      sink, recent = args
+      keep = set(range(min(sink, s))) | set(range(max(s - recent, 0), s))
+    else:
+      (recent,) = args
+      keep = set(range(max(s - recent, 0), s))
+    kept.append(sorted(keep))
+    scores.append(score)
+  return outs, kept, scores
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_one_shot_prefill_keeps_the_policy_set_after_full_attention(name):
+  policy, rpolicy = POLICIES[name]
+  q, k, v = make_qkv(21)
+  kern = make_kernels(22)
+  out, cache = lj.sparse_prefill(q, k, v, LENGTHS, policy, kern)  # one_shot by default
+  for b in range(B):
+    n = int(LENGTHS[b])
+    want_out, want_kept, want_scores = _one_shot_reference(q[b], k[b], v[b], n, rpolicy)
+    np.testing.assert_allclose(np.asarray(out)[b, :n], want_out, atol=2e-5, rtol=1e-5)
+    assert not np.asarray(out)[b, n:].any()
+    for hh in range(H):
+      assert kept_positions(cache, b, hh) == want_kept[hh], (b, hh)
+      pos = np.asarray(cache.pos[b, hh])
+      for slot in np.flatnonzero(pos >= 0):
+        j = int(pos[slot])
+        np.testing.assert_array_equal(np.asarray(cache.k[b, hh, slot]), k[b, j, hh])
+        np.testing.assert_array_equal(np.asarray(cache.v[b, hh, slot]), v[b, j, hh])
+        np.testing.assert_allclose(float(cache.score[b, hh, slot]), want_scores[hh][j],
+                                   rtol=1e-5, atol=1e-6)
+      # Every evicted prompt pair folded into (H, z) exactly once.
+      gone = [j for j in range(n) if j not in want_kept[hh]]
+      one = jax.tree.map(lambda x: x[hh:hh + 1], kern)
+      psi = np.asarray(lj.psi(one, jnp.asarray(k[b][gone][:, hh:hh + 1])), np.float64)[:, 0]
+      np.testing.assert_allclose(np.asarray(cache.h[b, hh]), psi.T @ v[b][gone][:, hh],
+                                 rtol=1e-4, atol=1e-5)
+      np.testing.assert_allclose(np.asarray(cache.z[b, hh]), psi.sum(0), rtol=1e-4, atol=1e-5)
+
+
+def test_one_shot_prefill_then_decode_and_short_prompts():
+  policy, _ = POLICIES["h2o"]
+  q, k, v = make_qkv(23)
+  kern = make_kernels(24)
+  prompt = np.array([12, 5], np.int32)  # the second prompt fits in the budget (7 slots)
+  _, cache = jax.jit(lj.sparse_prefill, static_argnames=("policy",))(
+      q, k, v, prompt, policy, kern)
+  assert (np.asarray(cache.pos[1]) >= 0).sum(-1).tolist() == [5, 5]  # nothing evicted
+  assert not np.asarray(cache.h[1]).any()
+  assert (np.asarray(cache.pos[0]) >= 0).sum(-1).tolist() == [7, 7]
+  bi = np.arange(B)
+  out, cache2 = lj.sparse_decode_step(cache, q[bi, prompt], k[bi, prompt], v[bi, prompt],
+                                      jnp.asarray(prompt), policy, kern)
+  assert np.isfinite(np.asarray(out)).all()
+  assert sorted(np.asarray(cache2.pos[1, 0])[np.asarray(cache2.pos[1, 0]) >= 0]) == [0, 1, 2, 3, 4, 5]
+  with pytest.raises(ValueError, match="prefill mode"):
+    lj.sparse_prefill(q, k, v, prompt, policy, kern, mode="lazy")

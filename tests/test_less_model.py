@@ -35,7 +35,7 @@ def l_forward(p, t, lens, kernels=None, g_lm=None, *, config, policy):
 
 def l_prefill(p, t, lens, kernels=None, g_lm=None, *, config, policy, max_len=None):
   return lm.less_prefill(p, t, lens, config=config, policy=policy, kernels=kernels,
-                         g_lm=g_lm, max_len=max_len)
+                         g_lm=g_lm, max_len=max_len, mode="greedy")
 
 
 l_step = lm.less_decode_step
@@ -401,3 +401,27 @@ def test_collect_layer_io_is_the_frozen_models_attention(g_mode):
     assert _rel(rec["out"], big) < 1e-5
     np.testing.assert_array_equal(np.asarray(rec["wo"]["kernel"]),
                                   np.asarray(p["layers"][i]["wo"]["kernel"]))
+
+
+def test_one_shot_prefill_keeps_the_prompts_own_outputs():
+  """Default prefill: the prompt runs with full attention, so its logits are the
+  model's own; the greedy prefill changes them once the prompt exceeds the budget.
+  Decoding then continues from the evicted cache (+ LESS state)."""
+  c = _config("learned")
+  p = _params(c)
+  kern = _kernels(c)
+  t = _tokens(c, (2, W))
+  lens = jnp.array([W, 11], jnp.int32)
+  want, _ = fwd(p, t, lens, config=c)
+  logits, st, gc = lm.less_prefill(p, t, lens, config=c, policy=H2O_SMALL, kernels=kern)
+  for b, n in enumerate([W, 11]):
+    assert _rel(logits[b, :n], want[b, :n]) < 1e-5
+  greedy, _, _ = lm.less_prefill(p, t, lens, config=c, policy=H2O_SMALL, kernels=kern,
+                                 mode="greedy")
+  assert _rel(greedy[0], want[0]) > 1e-3  # the sparse cache changes the prompt's outputs
+  for layer in st["layers"]:
+    assert (np.asarray(layer.pos) >= 0).sum(-1).max() == H2O_SMALL.budget
+    assert np.asarray(layer.z).any()  # evicted prompt pairs folded in
+  nxt, st2 = lm.less_decode_step(p, gc, st, t[:, 5], config=c, policy=H2O_SMALL, kernels=kern)
+  assert np.isfinite(np.asarray(nxt)).all()
+  np.testing.assert_array_equal(np.asarray(st2["lengths"]), [W + 1, 12])
