@@ -22,3 +22,14 @@ def perturbed_params(c, seed=0):
 def random_tokens(c, shape, seed=1):
   """Token ids in [4, vocab): no special tokens."""
   return jnp.asarray(np.random.default_rng(seed).integers(4, c.vocab_size, shape), jnp.int32)
+
+
+def load_script(relpath: str, name: str | None = None):
+  """A repo script (e.g. 'experiments/less_eval.py') imported as a module."""
+  import importlib.util
+  from pathlib import Path
+  path = Path(__file__).resolve().parents[1] / relpath
+  spec = importlib.util.spec_from_file_location(name or path.stem, path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod

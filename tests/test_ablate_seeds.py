@@ -1,16 +1,15 @@
 """experiments/ablate_seeds.py: per-mode mean/spread over seeds and the curve plot."""
 
-import importlib.util
 import json
 import statistics
 from pathlib import Path
 
 import pytest
 
+from helpers import load_script
+
 REPO = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("ablate_seeds", REPO / "experiments/ablate_seeds.py")
-ab = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(ab)
+ab = load_script("experiments/ablate_seeds.py")
 
 
 def _fake_sweep(root: Path, seed: int, losses: dict) -> Path:

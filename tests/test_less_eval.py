@@ -2,7 +2,6 @@
 
 import csv
 import dataclasses
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -19,18 +18,13 @@ from pldr_jax import config as config_lib
 from pldr_jax import model as pmodel
 from pldr_jax import params as params_lib
 
+from helpers import load_script
+
 REPO = Path(__file__).resolve().parents[1]
 SEQ = 32  # eval seq_len; the model's context is 64
 
 
-def _load_script():
-  spec = importlib.util.spec_from_file_location("less_eval", REPO / "experiments/less_eval.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
-
-
-le = _load_script()
+le = load_script("experiments/less_eval.py")
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """experiments/perplexity.py --g_prompt: scoring with G_LM fixed from a prompt is
 teacher-forced decoding with the KV- and G-cache, computed in one forward."""
 
-import importlib.util
 from pathlib import Path
 
 import jax
@@ -9,21 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import perturbed_params, random_tokens
+from helpers import perturbed_params, random_tokens, load_script
 from pldr_jax import config as cfg
 from pldr_jax import decode
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load_script():
-  spec = importlib.util.spec_from_file_location("perplexity", REPO / "experiments/perplexity.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
-
-
-ppl = _load_script()
+ppl = load_script("experiments/perplexity.py")
 
 
 def _decode_nll(params, c, tokens, lengths, prompt_len):
