@@ -743,13 +743,14 @@ def g_lm_from_state_dict(state_dict: Mapping[str, Any]) -> np.ndarray | None:
   return np.array(g[:, 2, 0])
 
 
-def _fixed_g(config: PLDRConfig, sd: Mapping, where: str):
-  """(g_mode, g_lm) of a fixed-G checkpoint from its stored G: identity with G = I -> None."""
+def _fixed_g(config: PLDRConfig, sd: Mapping, where: str, required: bool = True):
+  """(g_mode, g_lm) of a fixed-G checkpoint from its stored G: identity with G = I -> None.
+  required=False (g_mode chosen by the caller): no stored G is fine, the caller brings one."""
   g = g_lm_from_state_dict(sd)
   want = (config.num_layers, config.num_heads, config.head_dim, config.head_dim)
   if g is None:
-    if config.g_mode == "identity":
-      return "identity", None
+    if config.g_mode == "identity" or not required:
+      return config.g_mode, None
     raise CheckpointError(f"{where}: g_mode={config.g_mode!r} but there is no "
                           f"{G_VALUES_KEY} tensor holding its G_LM")
   if g.shape != want:
@@ -786,7 +787,8 @@ def load_hf(folder: str | os.PathLike, **overrides):
       overrides.setdefault("compute_dtype", "float64")
   try:
     config = config_from_hf(hf, **overrides)
-    g_mode, g_lm = ("learned", None) if config.learned_g else _fixed_g(config, sd, folder)
+    g_mode, g_lm = ("learned", None) if config.learned_g else _fixed_g(
+        config, sd, folder, required="g_mode" not in overrides)
     if g_mode != config.g_mode and "g_mode" not in overrides:
       config = config.replace(g_mode=g_mode)
     params = state_dict_to_params(sd, config, drop_learned_g="g_mode" in overrides)

@@ -578,6 +578,10 @@ def test_hf_config_errors(tmp_path):
     convert.save_hf(tmp_path / "x", params, cfg, g_lm=np.zeros((2, 2, 8, 8)))
   with pytest.raises(ValueError, match="causal_metric"):
     convert.save_hf(tmp_path / "x", params, cfg.replace(causal_metric=True))
+  # Inference-only ablation: the learned model's other weights, a G brought by the caller.
+  abl_cfg, abl, g = convert.load_hf(folder, g_mode="transferred")
+  assert abl_cfg == cfg.replace(g_mode="transferred") and g is None
+  assert len(jax.tree.leaves(abl)) == len(tiny_layout(learned=False))
   hf = json.loads((folder / "config.json").read_text())
   for field, value, match in [("model_type", "llama", "not a PLDR-LLM"),
                               ("num_denseA", 3, "num_denseA"),
