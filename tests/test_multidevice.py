@@ -21,7 +21,7 @@ import pytest
 
 from test_pretrain import REPO, _cmd, _losses, _steps_saved, pretrain_module
 
-STEPS = 40
+STEPS = 60  # long enough that a run cannot finish between a poll and its signal
 IDENTITY = ["PLDRConfig.g_mode='identity'", "TrainConfig.checkpoint_every=4"]
 
 
