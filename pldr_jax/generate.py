@@ -3,8 +3,11 @@
 `generate` runs prefill and the whole token loop inside one jit
 (`lax.while_loop`); `stream` yields tokens one step at a time for notebooks.
 Prompts are right-padded to a length bucket, so prompts of different lengths
-in the same bucket reuse one compiled program. Sampling settings are traced
-arrays, not static arguments: changing them does not recompile.
+in the same bucket reuse one compiled program. The sampling *path* is static
+(`SamplingConfig.path`: greedy or not, top_k, top-p on or off), so greedy
+decoding is one argmax and top-k one `lax.top_k`, with no sort of the whole
+vocabulary; temperature, top_p and the stop token are traced: changing them
+does not recompile, changing the path compiles one more program.
 """
 
 from __future__ import annotations
@@ -39,35 +42,62 @@ class SamplingConfig:
     if not 0.0 < self.top_p <= 1.0:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
+  @property
+  def path(self) -> "SamplingPath":
+    """The static part: which sampling program runs."""
+    return SamplingPath(greedy=self.temperature == 0.0, top_k=int(self.top_k),
+                        top_p=self.top_p < 1.0)
+
   def as_arrays(self) -> dict:
-    return {"temperature": jnp.float32(self.temperature), "top_k": jnp.int32(self.top_k),
-            "top_p": jnp.float32(self.top_p), "stop_token": jnp.int32(self.stop_token)}
+    """The traced part."""
+    return {"temperature": jnp.float32(self.temperature), "top_p": jnp.float32(self.top_p),
+            "stop_token": jnp.int32(self.stop_token)}
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingPath:
+  """Static choice of sampling program: greedy (argmax), else temperature sampling,
+  restricted to the top_k largest logits (0: all) and, if top_p, to the smallest
+  set of most likely of those whose probability reaches the traced top_p."""
+  greedy: bool = True
+  top_k: int = 0
+  top_p: bool = False
+
+
+def _nucleus(sorted_logits: jax.Array, top_p: jax.Array) -> jax.Array:
+  """Keep mask over logits sorted in descending order: the smallest prefix whose
+  probability reaches top_p (always at least one). [B, K] -> bool [B, K]."""
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  before = jnp.cumsum(probs, axis=-1) - probs           # mass of strictly better tokens
+  return (before < top_p) | (jnp.arange(sorted_logits.shape[-1]) == 0)
 
 
 def sample_logits(logits: jax.Array, key: jax.Array, temperature: jax.Array,
-                  top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-  """Draw one token per row. logits: [B, V]; scalars may be traced -> int32 [B].
+                  top_p: jax.Array, path: SamplingPath) -> jax.Array:
+  """Draw one token per row. logits: [B, V]; temperature, top_p may be traced;
+  path static -> int32 [B].
 
-  Greedy when temperature == 0. top-k keeps the k largest logits; top-p keeps
-  the smallest set of most likely tokens whose probability reaches top_p.
+  Greedy: argmax. Otherwise logits / temperature; top_k > 0 takes the k largest
+  with `lax.top_k` and samples among them (top-p over those candidates only);
+  top_k = 0 with top-p sorts the whole vocabulary.
   """
   lf = logits.astype(jnp.float32)
-  greedy = jnp.argmax(lf, axis=-1).astype(jnp.int32)
+  if path.greedy:
+    return jnp.argmax(lf, axis=-1).astype(jnp.int32)
   scaled = lf / jnp.maximum(temperature, 1e-6)
   neg = jnp.finfo(jnp.float32).min
-  desc = -jnp.sort(-scaled, axis=-1)                                   # [B, V]
-  v = lf.shape[-1]
-  kth = desc[:, jnp.clip(top_k - 1, 0, v - 1)][:, None]
-  keep_k = (top_k <= 0) | (scaled >= kth)
-  desc_k = jnp.where((top_k <= 0) | (jnp.arange(v) < top_k), desc, neg)
-  probs = jax.nn.softmax(desc_k, axis=-1)
-  before = jnp.cumsum(probs, axis=-1) - probs           # mass of strictly better tokens
-  n_keep = jnp.maximum(jnp.sum(before < top_p, axis=-1), 1)
-  pth = jnp.take_along_axis(desc_k, (n_keep - 1)[:, None], axis=-1)
-  keep_p = scaled >= pth
-  masked = jnp.where(keep_k & keep_p, scaled, neg)
-  sampled = jax.random.categorical(key, masked, axis=-1).astype(jnp.int32)
-  return jnp.where(temperature > 0, sampled, greedy)
+  k = min(path.top_k, lf.shape[-1])
+  if k <= 0 and not path.top_p:
+    return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+  if k > 0:
+    cand, idx = jax.lax.top_k(scaled, k)                                # [B, k], descending
+  else:
+    idx = jnp.argsort(-scaled, axis=-1)
+    cand = jnp.take_along_axis(scaled, idx, axis=-1)
+  if path.top_p:
+    cand = jnp.where(_nucleus(cand, top_p), cand, neg)
+  choice = jax.random.categorical(key, cand, axis=-1)
+  return jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
 def default_buckets(max_len: int) -> tuple[int, ...]:
@@ -135,14 +165,15 @@ def auto_cache_len(width: int, max_new_tokens: int, config: PLDRConfig,
 TRACE_COUNT = {"generate": 0}
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "cache_len", "g_cache"))
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "cache_len", "g_cache",
+                                             "path"))
 def generate_tokens(params, tokens, lengths, key, sampling: dict, g_lm=None, *,
                     config: PLDRConfig, max_new_tokens: int, cache_len: int,
-                    g_cache: bool = True):
+                    g_cache: bool = True, path: SamplingPath = SamplingPath()):
   """Prefill + decode loop in one program.
 
   tokens: int32 [B, S] right-padded; lengths: int32 [B]; key: typed PRNG key;
-  sampling: SamplingConfig.as_arrays(). Returns (out int32 [B, max_new_tokens]
+  sampling: SamplingConfig.as_arrays(); path: SamplingConfig.path. Returns (out int32 [B, max_new_tokens]
   padded with PAD after a stop token or the end, num int32 [B] generated
   tokens per sequence, stop token included).
   """
@@ -152,7 +183,7 @@ def generate_tokens(params, tokens, lengths, key, sampling: dict, g_lm=None, *,
                                          cache_len=cache_len, g_cache=g_cache, g_lm=g_lm)
   last = jax.vmap(lambda row, n: row[n - 1])(logits, lengths)
   draw = lambda lg, i: sample_logits(lg, jax.random.fold_in(key, i), sampling["temperature"],
-                                     sampling["top_k"], sampling["top_p"])
+                                     sampling["top_p"], path)
   out = jnp.full((b, max_new_tokens), PAD_ID, jnp.int32)
   init = (jnp.int32(0), draw(last, 0), state, out, jnp.zeros((b,), bool),
           jnp.zeros((b,), jnp.int32))
@@ -190,7 +221,7 @@ def generate(params, prompts, *, config: PLDRConfig, max_new_tokens: int,
   g_lm = model.resolve_g_lm(config, g_lm)
   out, num = generate_tokens(params, tokens, lengths, key, sampling.as_arrays(), g_lm,
                              config=config, max_new_tokens=max_new_tokens,
-                             cache_len=cache_len, g_cache=g_cache)
+                             cache_len=cache_len, g_cache=g_cache, path=sampling.path)
   out, num = np.asarray(out), np.asarray(num)
   return [out[i, :num[i]].tolist() for i in range(len(prompts))]
 
@@ -216,7 +247,7 @@ def stream(params, prompts, *, config: PLDRConfig, max_new_tokens: int,
   last = jax.vmap(lambda row, n: row[n - 1])(logits, jnp.asarray(lengths))
   done = np.zeros(len(prompts), bool)
   for i in range(max_new_tokens):
-    tok = _sample_jit(last, jax.random.fold_in(key, i), arrays)
+    tok = _sample_jit(last, jax.random.fold_in(key, i), arrays, sampling.path)
     tok_np = np.asarray(tok)
     yield np.where(done, PAD_ID, tok_np)
     done |= tok_np == sampling.stop_token
@@ -226,6 +257,6 @@ def stream(params, prompts, *, config: PLDRConfig, max_new_tokens: int,
                                          g_cache=g_cache)
 
 
-@jax.jit
-def _sample_jit(logits, key, s):
-  return sample_logits(logits, key, s["temperature"], s["top_k"], s["top_p"])
+@functools.partial(jax.jit, static_argnames=("path",))
+def _sample_jit(logits, key, s, path):
+  return sample_logits(logits, key, s["temperature"], s["top_p"], path)

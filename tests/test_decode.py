@@ -212,14 +212,16 @@ def test_generate_no_recompile_within_bucket():
   gen.generate(p, [[4, 5, 6]], config=c, max_new_tokens=4)  # warm the 16-bucket
   before = gen.TRACE_COUNT["generate"]
   rng = np.random.default_rng(0)
-  for n in (1, 7, 9, 12, 16):
+  samp = lambda: gen.SamplingConfig(temperature=float(rng.uniform(0.5, 1.5)), top_k=4,
+                                    top_p=float(rng.uniform(0.5, 0.95)))
+  gen.generate(p, [[4, 5, 6]], config=c, max_new_tokens=4, sampling=samp())  # the top-k path
+  before = gen.TRACE_COUNT["generate"]
+  for n in (1, 7, 9, 12, 16):  # temperature and top_p are traced: no recompilation
     prompt = rng.integers(4, c.vocab_size, n).tolist()
-    samp = gen.SamplingConfig(temperature=float(rng.uniform(0.5, 1.5)), top_k=int(n % 5),
-                              top_p=0.9)
-    gen.generate(p, [prompt], config=c, max_new_tokens=4, sampling=samp,
+    gen.generate(p, [prompt], config=c, max_new_tokens=4, sampling=samp(),
                  key=jax.random.key(n))
   assert gen.TRACE_COUNT["generate"] == before
-  gen.generate(p, [[4] * 17], config=c, max_new_tokens=4)  # next bucket: one new program
+  gen.generate(p, [[4] * 17], config=c, max_new_tokens=4)  # next bucket, greedy: new programs
   assert gen.TRACE_COUNT["generate"] == before + 1
 
 
@@ -259,26 +261,38 @@ def test_sample_logits_filters():
   logits = jnp.asarray(rng.standard_normal((4, 50)), jnp.float32)
   order = np.argsort(-np.asarray(logits), axis=-1)
   keys = [jax.random.key(i) for i in range(200)]
-  f = jax.jit(gen.sample_logits)
-  greedy = f(logits, keys[0], jnp.float32(0.0), jnp.int32(0), jnp.float32(1.0))
+  f = jax.jit(gen.sample_logits, static_argnames=("path",))
+  P = gen.SamplingPath
+  greedy = f(logits, keys[0], jnp.float32(0.0), jnp.float32(1.0), path=P())
   np.testing.assert_array_equal(np.asarray(greedy), order[:, 0])
-  top1 = f(logits, keys[1], jnp.float32(1.0), jnp.int32(1), jnp.float32(1.0))
+  top1 = f(logits, keys[1], jnp.float32(1.0), jnp.float32(1.0), path=P(False, 1, False))
   np.testing.assert_array_equal(np.asarray(top1), order[:, 0])
-  tiny_p = f(logits, keys[2], jnp.float32(1.0), jnp.int32(0), jnp.float32(1e-6))
+  tiny_p = f(logits, keys[2], jnp.float32(1.0), jnp.float32(1e-6), path=P(False, 0, True))
   np.testing.assert_array_equal(np.asarray(tiny_p), order[:, 0])
-  draws = np.stack([np.asarray(f(logits, k, jnp.float32(2.0), jnp.int32(5), jnp.float32(1.0)))
-                    for k in keys])
+  draws = np.stack([np.asarray(f(logits, k, jnp.float32(2.0), jnp.float32(1.0),
+                                 path=P(False, 5, False))) for k in keys])
   for row in range(4):
     assert set(draws[:, row]) <= set(order[row, :5])
     assert len(set(draws[:, row])) > 1  # really sampling
-  # top-p: the kept set is the smallest prefix whose probability reaches p.
-  probs = np.asarray(jax.nn.softmax(logits / 2.0, axis=-1))
-  draws = np.stack([np.asarray(f(logits, k, jnp.float32(2.0), jnp.int32(0), jnp.float32(0.5)))
-                    for k in keys])
-  for row in range(4):
-    cum = np.cumsum(probs[row, order[row]])
-    n_keep = int(np.searchsorted(cum, 0.5) + 1)
-    assert set(draws[:, row]) <= set(order[row, :n_keep])
+  # top-p: the kept set is the smallest prefix whose probability reaches p, over
+  # the whole vocabulary (top_k 0) or over the top-k candidates.
+  for top_k, width in ((0, 50), (8, 8)):
+    probs = np.asarray(jax.nn.softmax(
+        jnp.take_along_axis(logits, jnp.asarray(order[:, :width]), -1) / 2.0, axis=-1))
+    draws = np.stack([np.asarray(f(logits, k, jnp.float32(2.0), jnp.float32(0.5),
+                                   path=P(False, top_k, True))) for k in keys])
+    for row in range(4):
+      cum = np.cumsum(probs[row])
+      n_keep = int(np.searchsorted(cum, 0.5) + 1)
+      assert set(draws[:, row]) <= set(order[row, :n_keep])
+  # The static path: greedy is an argmax, top-k a lax.top_k, no sort of the vocabulary.
+  greedy_hlo = jax.jit(gen.sample_logits, static_argnames=("path",)).lower(
+      logits, keys[0], 1.0, 1.0, path=P()).as_text()
+  topk_hlo = jax.jit(gen.sample_logits, static_argnames=("path",)).lower(
+      logits, keys[0], 1.0, 0.9, path=P(False, 8, True)).as_text()
+  assert "stablehlo.sort" not in greedy_hlo and "stablehlo.sort" not in topk_hlo
+  assert "top_k" in topk_hlo
+  assert gen.SamplingConfig(temperature=0.7, top_k=40, top_p=0.95).path == P(False, 40, True)
 
 
 def test_bad_inputs_raise_clear_errors():
