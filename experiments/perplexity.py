@@ -30,11 +30,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def checkpoints_dir(path: str) -> Path:
-  p = Path(path)
-  return p / "checkpoints" if (p / "checkpoints").is_dir() else p
-
-
 def _nll_after(params, tokens, mask, g_lm, prompt_len, *, config):
   """(sum NLL, count) of the targets at index >= prompt_len; model input tokens[:, :-1].
 
@@ -101,22 +96,22 @@ def main(argv=None) -> int:
   ap.add_argument("--out", default=None)
   a = ap.parse_args(argv)
 
-  from pldr_jax import checkpoint as ckpt_lib, train
-  from pldr_jax.config import PLDRConfig
-  from pldr_jax.data import DataConfig, make_eval_batches
-  from pldr_jax.trainer import restore_for_inference
+  import pldr_jax
+  from pldr_jax import train
+  from pldr_jax.data import make_eval_batches
 
-  ckdir = checkpoints_dir(a.checkpoint)
-  meta = ckpt_lib.load_meta(ckdir, a.step)
-  config = PLDRConfig(**meta["model"])
-  data = DataConfig(**meta["data"])
+  m = pldr_jax.load(a.checkpoint, step=a.step, tokenizer=a.tokenizer)
+  if m.data is None:
+    raise SystemExit(f"--checkpoint {a.checkpoint}: not a pldr-jax run directory (a published "
+                     "checkpoint has no data config; use a run's workdir)")
+  config, data, ckdir = m.config, m.data, m.source
   overrides = {"dataset": a.dataset, "data_dir": a.data_dir, "eval_split": a.split,
                "text_key": a.text_key, "tokenizer_path": a.tokenizer, "seq_len": a.seq_len,
                "eval_batch_size": a.batch_size, "max_eval_batches": a.max_batches}
   data = data.replace(**{k: v for k, v in overrides.items() if v is not None})
   if data.seq_len > config.max_len:
     raise SystemExit(f"--seq_len {data.seq_len} is longer than the model's context {config.max_len}")
-  params, g_lm, step = restore_for_inference(ckdir, config, a.step)
+  params, g_lm, step = m.params, m.g_lm, m.step
   mesh = train.make_mesh(train.TrainConfig(num_steps=1))
   batches = make_eval_batches(data)
   metrics = train.evaluate(train.make_eval_step(config, mesh, g_lm), params, batches, mesh)

@@ -575,23 +575,11 @@ def load_kernels(path, config: PLDRConfig, policy: policies_lib.Policy | None = 
 # The frozen model.
 
 def load_frozen_model(model_workdir, step: int | None = None):
-  """(params, PLDRConfig, DataConfig, g_lm or None, step) of a pretraining workdir.
-
-  Reads <workdir>/checkpoints: the config from the checkpoint meta, then only
-  the parameters (restored into the abstract train-state params), and the
-  fixed G_LM of 'random'/'transferred' runs.
-  """
-  from pldr_jax import checkpoint as ckpt_lib
-  from pldr_jax.data import DataConfig
-  from pldr_jax.trainer import restore_for_inference
-
-  ckdir = os.path.join(os.path.abspath(os.fspath(model_workdir)), "checkpoints")
-  meta = ckpt_lib.load_meta(ckdir, step)
-  step = int(meta["step"])
-  if "model" not in meta or "data" not in meta:
-    raise ValueError(f"checkpoint meta in {ckdir} lacks the 'model'/'data' configs "
-                     f"(keys: {sorted(meta)})")
-  config = PLDRConfig(**meta["model"])
-  data = DataConfig(**meta["data"])
-  params, g_lm, step = restore_for_inference(ckdir, config, step)
-  return params, config, data, g_lm, step
+  """(params, PLDRConfig, DataConfig, g_lm or None, step) of a pretraining workdir
+  (`pldr_jax.load`: the configs from the checkpoint meta, then only the parameters,
+  and the fixed G_LM of 'random'/'transferred' runs)."""
+  import pldr_jax
+  m = pldr_jax.load(model_workdir, step=step)
+  if m.data is None:
+    raise ValueError(f"{model_workdir} is not a pldr-jax run directory with a data config")
+  return m.params, m.config, m.data, m.g_lm, m.step

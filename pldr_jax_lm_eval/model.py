@@ -50,9 +50,8 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from pldr_jax import decode, model
-from pldr_jax import checkpoint as ckpt_lib
 from pldr_jax.config import PLDRConfig
-from pldr_jax.data.tokenizer import END_ID, PAD_ID, load_tokenizer
+from pldr_jax.data.tokenizer import END_ID, PAD_ID
 from pldr_jax.generate import SamplingConfig, bucket_length, default_buckets, generate
 
 DEFAULT_MAX_GEN_TOKS = 256
@@ -148,19 +147,15 @@ class PLDRJaxLM(LM):
                tokenizer: str | None = None, step=None, max_gen_toks=DEFAULT_MAX_GEN_TOKS,
                **unused):
     super().__init__()
-    from pldr_jax.trainer import restore_for_inference
+    import pldr_jax
     self.ckdir = resolve_checkpoint_dir(checkpoint)
-    meta = ckpt_lib.load_meta(self.ckdir, None if step is None else int(step))
-    if "model" not in meta:
-      raise ValueError(f"checkpoint meta in {self.ckdir} has no 'model' config")
-    self.config = PLDRConfig(**meta["model"])
-    self.params, self.g_lm, self.step = restore_for_inference(
-        self.ckdir, self.config, None if step is None else int(step))
-    self.g_lm = model.resolve_g_lm(self.config, self.g_lm)
-    tok_path = tokenizer or (meta.get("data") or {}).get("tokenizer_path")
-    if not tok_path:
-      raise ValueError("no tokenizer: pass tokenizer=PATH (the checkpoint meta names none)")
-    self.tokenizer = load_tokenizer(tok_path)
+    m = pldr_jax.load(self.ckdir, step=None if step is None else int(step), tokenizer=tokenizer)
+    self.config, self.params, self.step = m.config, m.params, m.step
+    self.g_lm = model.resolve_g_lm(self.config, m.g_lm)
+    if m.tokenizer is None:
+      raise ValueError("no tokenizer: pass tokenizer=PATH (the checkpoint meta names none, or "
+                       "its file is gone)")
+    self.tokenizer = m.tokenizer
     bs = str(batch_size if batch_size is not None else 8)
     self.batch_size = 8 if bs.startswith("auto") else max(1, int(bs))
     self.g_cache = _as_bool(g_cache)

@@ -8,6 +8,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+import pytest
+
+pytestmark = pytest.mark.slow  # `pytest -m 'not slow'` skips it
 
 
 REPO = Path(__file__).resolve().parents[1]

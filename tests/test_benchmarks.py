@@ -14,6 +14,9 @@ import numpy as np
 from benchmarks import decode_bench, report, run
 from pldr_jax import config as cfg
 from pldr_jax import model
+import pytest
+
+pytestmark = pytest.mark.slow  # `pytest -m 'not slow'` skips it
 
 
 def test_read_param_bytes_counts_what_a_decode_step_reads():

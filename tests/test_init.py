@@ -112,6 +112,7 @@ def test_power_law_std_is_the_whole_tensor_rule():
     assert float(jnp.std(w)) == pytest.approx(math.sqrt(2 / (dk * dk + h * dk)), rel=0.05)
 
 
+@pytest.mark.slow
 def test_learned_g_tiny_run_has_bounded_gradients(tmp_path):
   """experiments/configs/tiny.gin's model (learned G, lr 2e-3) on the embedded
   corpus: the gradient norm stays below 100 over the first 100 steps (with

@@ -20,6 +20,8 @@ from pldr_jax import params as params_lib
 
 from helpers import load_script
 
+pytestmark = pytest.mark.slow  # `pytest -m 'not slow'` skips it
+
 REPO = Path(__file__).resolve().parents[1]
 SEQ = 32  # eval seq_len; the model's context is 64
 

@@ -71,6 +71,7 @@ def test_training_steps_reduce_loss(setup):
   assert stacked.wq1.dtype == jnp.float32
 
 
+@pytest.mark.slow
 def test_train_kernels_loop_keeps_best(setup):
   config, params, batch = setup
   tc = _tc(epochs=3, epoch_steps=2, dropout=0.3)

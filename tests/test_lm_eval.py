@@ -25,6 +25,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pldr_jax_lm_eval import model as lem  # noqa: E402  (registers "pldr-jax")
 
+pytestmark = pytest.mark.slow  # `pytest -m 'not slow'` skips it
+
 TASKS = Path(__file__).resolve().parent / "lm_eval_tasks"
 MAX_LEN = 64
 

@@ -21,6 +21,8 @@ import pytest
 
 from test_pretrain import REPO, _cmd, _losses, _steps_saved, pretrain_module
 
+pytestmark = pytest.mark.slow  # `pytest -m 'not slow'` skips it
+
 STEPS = 60  # long enough that a run cannot finish between a poll and its signal
 IDENTITY = ["PLDRConfig.g_mode='identity'", "TrainConfig.checkpoint_every=4"]
 

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # `pytest -m 'not slow'` skips it
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "pretrain.py"
 

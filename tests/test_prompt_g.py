@@ -12,6 +12,8 @@ from helpers import perturbed_params, random_tokens, load_script
 from pldr_jax import config as cfg
 from pldr_jax import decode
 
+pytestmark = pytest.mark.slow  # `pytest -m 'not slow'` skips it
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -64,6 +64,7 @@ def _run_sharded(devices: int, data: int, fsdp: int, steps: int = 20,
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_same_losses_on_1_and_8_devices():
   """The sharded step computes the same maths as the single-device one.
 
@@ -176,6 +177,7 @@ def test_flops_per_token_counts_the_metric_learner():
   assert f_learned > f_sdpa
 
 
+@pytest.mark.slow
 def test_bf16_compute_with_fp32_params_trains_and_decodes():
   """bf16 matmuls (fp32 params, fp32 softmax/loss) run on CPU and stay close to fp32."""
   from pldr_jax import generate

@@ -1,0 +1,101 @@
+"""One way to load a model: a trained run or a published checkpoint, ready to decode.
+
+    import pldr_jax
+    config, params, g_lm, tokenizer = pldr_jax.load("runs/tiny")
+    m = pldr_jax.load("path/to/hub_folder")        # config.json + model.safetensors
+    m.config, m.params, m.g_lm, m.tokenizer, m.step, m.data
+
+`path` may be
+  * a pldr-jax run directory (holding `checkpoints/`) or its `checkpoints/`
+    directory: the configs come from the checkpoint's meta, then only the
+    parameters are restored (on the default device), with the constant G_LM of
+    a fixed-G run ('random', 'transferred'); the tokenizer is the run's;
+  * a Hugging Face folder of the PLDR-LLM port (config.json +
+    model.safetensors), a torch distributed-checkpoint folder, or a `.pth` /
+    `.pt` / `.bin` / `.safetensors` file in the authors' layout
+    (`pldr_jax.convert.load_checkpoint`); the tokenizer is `tokenizer=` or a
+    `tokenizer.model` beside the weights, else None.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+from pldr_jax.config import PLDRConfig
+
+__all__ = ["LoadedModel", "load", "checkpoints_dir"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+  """What `load` returns. Unpacks as (config, params, g_lm, tokenizer).
+
+  g_lm: the constant G_LM [L, H, dk, dk] of a fixed-G model (None for learned
+  and identity G); data: the run's DataConfig (None for a published file);
+  step: the checkpoint step (None for a published file).
+  """
+  config: PLDRConfig
+  params: Any
+  g_lm: Any
+  tokenizer: Any
+  data: Any = None
+  step: int | None = None
+  source: str = ""
+
+  def __iter__(self):
+    return iter((self.config, self.params, self.g_lm, self.tokenizer))
+
+
+def checkpoints_dir(path: str | os.PathLike) -> Path | None:
+  """The Orbax checkpoints directory of a run directory (or the directory itself), else None."""
+  p = Path(path)
+  if (p / "checkpoints").is_dir():
+    return p / "checkpoints"
+  if p.is_dir() and any(c.name.isdigit() and c.is_dir() for c in p.iterdir()):
+    return p
+  return None
+
+
+def _tokenizer(path):
+  from pldr_jax.data import load_tokenizer
+  return None if path is None else load_tokenizer(path)
+
+
+def load(path: str | os.PathLike, *, step: int | None = None, tokenizer=None,
+         **overrides) -> LoadedModel:
+  """A run directory or a published checkpoint -> LoadedModel (see the module docstring).
+
+  step: the checkpoint step of a run (default: the latest). tokenizer: a
+  SentencePiece `.model` path to use instead of the run's / the folder's.
+  overrides: PLDRConfig fields for a published checkpoint (e.g. g_mode,
+  max_len, compute_dtype); a run's config is what it was trained with.
+  """
+  path = Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"nothing to load at {path}: give a run directory, its "
+                            "checkpoints/ directory, a Hugging Face folder or a checkpoint file")
+  ckdir = checkpoints_dir(path)
+  if ckdir is not None:
+    from pldr_jax import checkpoint as ckpt_lib
+    from pldr_jax.data import DataConfig
+    from pldr_jax.trainer import restore_for_inference
+    meta = ckpt_lib.load_meta(ckdir, step)
+    if "model" not in meta:
+      raise ckpt_lib.CheckpointError(ckdir, f"its meta has no model config (keys: {sorted(meta)})")
+    config = PLDRConfig(**meta["model"])
+    if overrides:
+      config = config.replace(**overrides)
+    data = DataConfig(**meta["data"]) if "data" in meta else None
+    params, g_lm, step = restore_for_inference(ckdir, config, int(meta["step"]))
+    tok_path = tokenizer or (data.tokenizer_path if data is not None else None)
+    if tok_path is not None and not Path(tok_path).is_file():
+      tok_path = None  # the run's tokenizer was moved or deleted: load without it
+    return LoadedModel(config, params, g_lm, _tokenizer(tok_path), data, step, str(ckdir))
+  from pldr_jax import convert
+  config, params, g_lm = convert.load_checkpoint(path, **overrides)
+  beside = (path if path.is_dir() else path.parent) / "tokenizer.model"
+  tok_path = tokenizer or (beside if beside.is_file() else None)
+  return LoadedModel(config, params, g_lm, _tokenizer(tok_path), None, None, str(path))
