@@ -50,6 +50,8 @@ from typing import Any, ClassVar
 import jax.numpy as jnp
 import numpy as np
 
+from pldr_jax import errors
+
 __all__ = [
     "PolicyError",
     "Policy",
@@ -68,8 +70,7 @@ __all__ = [
 _BIG_POS = np.iinfo(np.int32).max
 
 
-class PolicyError(ValueError):
-  """A policy that cannot work; the message says which argument and why."""
+PolicyError = errors.PolicyError  # the one error hierarchy: pldr_jax.errors
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:

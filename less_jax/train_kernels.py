@@ -36,10 +36,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
-from typing import Any, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +46,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from pldr_jax import errors
 from less_jax import kernels as kernels_lib
 from less_jax import model as less_model
 from less_jax import parallel as parallel_lib
@@ -79,8 +79,7 @@ _META_FILE = "meta.json"
 _KERNELS_ITEM = "kernels"
 
 
-class KernelLoadError(ValueError):
-  """Saved kernels that cannot be used as asked (other model shape, rank, policy...)."""
+KernelLoadError = errors.KernelLoadError  # the one error hierarchy: pldr_jax.errors
 
 
 # ----------------------------------------------------------------------------

@@ -71,7 +71,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from pldr_jax import distributed
+from pldr_jax import distributed, errors
 
 __all__ = ["CheckpointError", "Checkpointer", "abstract_like", "load_g_lm", "load_meta"]
 
@@ -87,18 +87,7 @@ _BLOCK = 1 << 24
 _MAX_LISTED = 8
 
 
-class CheckpointError(RuntimeError):
-  """A checkpoint that cannot be saved or restored.
-
-  Attributes:
-    path: the directory or file concerned.
-    reason: what went wrong.
-  """
-
-  def __init__(self, path, reason: str):
-    self.path = os.fspath(path)
-    self.reason = reason
-    super().__init__(f"{reason} [checkpoint path: {self.path}]")
+CheckpointError = errors.CheckpointError  # (path, reason); the one error hierarchy: pldr_jax.errors
 
 
 # ---------------------------------------------------------------- abstract trees

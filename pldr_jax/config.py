@@ -11,13 +11,14 @@ from typing import Literal
 
 import numpy as np
 
+from pldr_jax import errors
+
 GMode = Literal["learned", "identity", "random", "transferred"]
 G_MODES = ("learned", "identity", "random", "transferred")
 _DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
-class ConfigError(ValueError):
-  """A configuration that cannot work; the message names the field."""
+ConfigError = errors.ConfigError  # the one error hierarchy: pldr_jax.errors
 
 
 @dataclasses.dataclass(frozen=True)

@@ -44,6 +44,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from pldr_jax import errors
 from pldr_jax.config import PLDRConfig
 
 __all__ = [
@@ -55,8 +56,7 @@ __all__ = [
 ]
 
 
-class CheckpointError(ValueError):
-  """A state dict or file that does not fit the model; the message names the key(s)."""
+CheckpointError = errors.CheckpointError  # the one error hierarchy: pldr_jax.errors
 
 
 # ------------------------------------------------------------------ key layout

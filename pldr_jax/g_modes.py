@@ -13,11 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pldr_jax import errors
 from pldr_jax.config import PLDRConfig
 
 
-class GShapeError(ValueError):
-  """A G_LM tensor whose shape does not fit the model."""
+GShapeError = errors.GShapeError  # the one error hierarchy: pldr_jax.errors
 
 
 def g_shape(config: PLDRConfig) -> tuple[int, int, int, int]:

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pldr_jax import errors
 from pldr_jax import metric, nn, plga, power_law, rotary
 from pldr_jax.config import PLDRConfig
 from pldr_jax.g_modes import check_g
@@ -25,8 +26,7 @@ from pldr_jax.params import init_params  # re-exported: model.init_params
 __all__ = ["forward", "init_params", "embed", "check_inputs", "InputError"]
 
 
-class InputError(ValueError):
-  """Tokens or lengths that the model cannot take; the message names the problem."""
+InputError = errors.InputError  # the one error hierarchy: pldr_jax.errors
 
 
 def _is_traced(*xs) -> bool:

@@ -27,12 +27,13 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pldr_jax import errors
 from pldr_jax import checkpoint as ckpt_lib
 from pldr_jax import distributed, g_modes, model, train
 from pldr_jax import params as params_lib
@@ -43,8 +44,7 @@ PROBE_TEXT = ("The quick brown fox jumps over the lazy dog. It was the best of t
               "the worst of times.")
 
 
-class TrainingError(RuntimeError):
-  """The run cannot go on (NaN/inf loss, ...); saved checkpoints are left as they were."""
+TrainingError = errors.TrainingError  # the one error hierarchy: pldr_jax.errors
 
 
 def validate(config: PLDRConfig, tc: train.TrainConfig, data: DataConfig, mesh) -> None:

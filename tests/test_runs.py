@@ -69,3 +69,21 @@ def test_load_published_layouts(tmp_path):
   _assert_same(params, p)
   with pytest.raises(FileNotFoundError, match="nothing to load"):
     pldr_jax.load(tmp_path / "absent")
+
+
+def test_one_error_hierarchy():
+  """Every error the library raises on purpose is a PldrError (and the builtin it was)."""
+  from less_jax import policies
+  from less_jax.train_kernels import KernelLoadError
+  from pldr_jax import errors, model, trainer
+  from pldr_jax.config import ConfigError
+  from pldr_jax.data import DataError
+  assert ckpt_lib.CheckpointError is convert.CheckpointError is errors.CheckpointError
+  for cls in (ConfigError, model.InputError, DataError, g_modes.GShapeError,
+              ckpt_lib.CheckpointError, trainer.TrainingError, policies.PolicyError,
+              KernelLoadError):
+    assert issubclass(cls, errors.PldrError), cls
+  with pytest.raises(errors.PldrError, match="d_model"):
+    config_lib.tiny(d_model=15)
+  e = ckpt_lib.CheckpointError("/x/ck", "item 'params' missing")
+  assert (e.path, e.reason) == ("/x/ck", "item 'params' missing") and isinstance(e, RuntimeError)

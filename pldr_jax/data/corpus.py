@@ -20,6 +20,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from pldr_jax import errors
+
 __all__ = [
     "DataError",
     "DEFAULT_CORPUS_DIR",
@@ -36,8 +38,7 @@ DEFAULT_CORPUS_DIR = Path(__file__).resolve().parents[2] / "data" / "corpus"
 _CORPUS_ENV = "PLDR_JAX_CORPUS_DIR"
 
 
-class DataError(ValueError):
-  """A data or tokenizer problem the user can fix; the message says how."""
+DataError = errors.DataError  # the one error hierarchy: pldr_jax.errors
 
 
 def default_corpus_dir() -> Path:

@@ -1,0 +1,67 @@
+"""Every error pldr-jax and less_jax raise on purpose, under one base class.
+
+    except pldr_jax.errors.PldrError      # anything the library refused, with a message
+                                          # that names the problem
+
+Each class also derives from the builtin a caller would expect (ValueError for
+bad arguments, RuntimeError for a run that cannot go on), so existing
+`except ValueError` code keeps working.
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = ["PldrError", "ConfigError", "InputError", "DataError", "GShapeError",
+           "CheckpointError", "TrainingError", "PolicyError", "KernelLoadError"]
+
+
+class PldrError(Exception):
+  """Base of every error raised on purpose by pldr_jax and less_jax."""
+
+
+class ConfigError(PldrError, ValueError):
+  """A configuration that cannot work; the message names the field."""
+
+
+class InputError(PldrError, ValueError):
+  """Tokens, lengths or prompts the model cannot take."""
+
+
+class DataError(PldrError, ValueError):
+  """A corpus, dataset or tokenizer that cannot be used."""
+
+
+class GShapeError(PldrError, ValueError):
+  """A given G_LM whose shape or dtype does not fit the model."""
+
+
+class PolicyError(PldrError, ValueError):
+  """A sparse KV-cache policy that cannot work."""
+
+
+class KernelLoadError(PldrError, ValueError):
+  """LESS kernels that cannot be loaded or do not fit the model / policy."""
+
+
+class CheckpointError(PldrError, ValueError, RuntimeError):
+  """A checkpoint or state dict that cannot be saved, read or used.
+
+  CheckpointError(message) or CheckpointError(path, reason); `path` is the
+  directory or file concerned (None if not known), `reason` what went wrong.
+  """
+
+  def __init__(self, *args):
+    if len(args) == 2:
+      path, reason = args
+      self.path = os.fspath(path)
+      self.reason = str(reason)
+      super().__init__(f"{reason} [checkpoint path: {self.path}]")
+    else:
+      self.path = None
+      self.reason = str(args[0]) if args else ""
+      super().__init__(*args)
+
+
+class TrainingError(PldrError, RuntimeError):
+  """A run that cannot go on (NaN/inf loss, ...); saved checkpoints stay as they were."""
