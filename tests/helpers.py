@@ -24,12 +24,22 @@ def random_tokens(c, shape, seed=1):
   return jnp.asarray(np.random.default_rng(seed).integers(4, c.vocab_size, shape), jnp.int32)
 
 
-def load_script(relpath: str, name: str | None = None):
-  """A repo script (e.g. 'experiments/less_eval.py') imported as a module."""
+def load_script(relpath: str, name: str | None = None, *, once: bool = False):
+  """A repo script (e.g. 'experiments/less_eval.py') imported as a module.
+
+  once=True: registered in sys.modules under `name` and reused (a script whose
+  gin configurables may only be registered once per process).
+  """
   import importlib.util
+  import sys
   from pathlib import Path
   path = Path(__file__).resolve().parents[1] / relpath
-  spec = importlib.util.spec_from_file_location(name or path.stem, path)
+  name = name or path.stem
+  if once and name in sys.modules:
+    return sys.modules[name]
+  spec = importlib.util.spec_from_file_location(name, path)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
+  if once:
+    sys.modules[name] = mod
   return mod

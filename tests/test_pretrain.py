@@ -149,14 +149,8 @@ def test_perplexity_script_reproduces_the_runs_own_eval(tmp_path, data_workdir):
 def pretrain_module():
   """experiments/pretrain.py as a module, loaded once per process (as ablate.py does:
   gin refuses to register its configurables twice)."""
-  mod = sys.modules.get("pldr_pretrain_entry")
-  if mod is None:
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("pldr_pretrain_entry", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    sys.modules["pldr_pretrain_entry"] = mod
-  return mod
+  from helpers import load_script
+  return load_script("experiments/pretrain.py", "pldr_pretrain_entry", once=True)
 
 
 def _run(cmd, **kw):
