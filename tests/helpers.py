@@ -43,3 +43,21 @@ def load_script(relpath: str, name: str | None = None, *, once: bool = False):
   if once:
     sys.modules[name] = mod
   return mod
+
+
+def write_tiny_run(root, *, g_mode: str = "learned"):
+  """A run directory as the trainer leaves it (checkpoints/<step> with the configs in
+  meta) for a randomly initialised tiny model that uses the published tokenizer.
+  Returns its path."""
+  import dataclasses
+  from pathlib import Path
+  from pldr_jax import checkpoint, config, params
+  from pldr_jax.data import DataConfig
+  root = Path(root)
+  tok = Path(__file__).resolve().parents[1] / "data" / "published" / "pldr-refinedweb-32k.model"
+  c = config.tiny(vocab_size=32000, max_len=64, g_mode=g_mode)
+  data = DataConfig(tokenizer_path=str(tok), vocab_size=32000, seq_len=64)
+  with checkpoint.Checkpointer(root / "checkpoints", async_save=False) as ck:
+    ck.save(1, params=params.init_params(c, jax.random.key(0)), opt_state={}, data_state={},
+            meta={"model": dataclasses.asdict(c), "data": dataclasses.asdict(data)})
+  return root

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import write_tiny_run
+
 pytestmark = pytest.mark.slow  # `pytest -m 'not slow'` skips it
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,24 +21,10 @@ def test_readme_has_python_blocks():
   assert len(BLOCKS) >= 2
 
 
-_MAKE_RUN = """
-import dataclasses, jax
-from pldr_jax import checkpoint, config, params
-from pldr_jax.data import DataConfig
-c = config.tiny(vocab_size=32000, max_len=64)
-data = DataConfig(tokenizer_path=%r, vocab_size=32000, seq_len=64)
-with checkpoint.Checkpointer("runs/tiny/checkpoints", async_save=False) as ck:
-  ck.save(1, params=params.init_params(c, jax.random.key(0)), opt_state={}, data_state={},
-          meta={"model": dataclasses.asdict(c), "data": dataclasses.asdict(data)})
-"""
-
-
 @pytest.fixture(scope="module")
 def run_folder(tmp_path_factory):
   folder = tmp_path_factory.mktemp("readme")
-  tok = REPO / "data" / "published" / "pldr-refinedweb-32k.model"
-  subprocess.run([sys.executable, "-c", _MAKE_RUN % str(tok)], cwd=folder, check=True,
-                 capture_output=True, timeout=600)
+  write_tiny_run(folder / "runs" / "tiny")
   return folder
 
 
