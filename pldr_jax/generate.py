@@ -165,22 +165,69 @@ def auto_cache_len(width: int, max_new_tokens: int, config: PLDRConfig,
 TRACE_COUNT = {"generate": 0}
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "cache_len", "g_cache",
+@dataclasses.dataclass(frozen=True)
+class FullCache:
+  """The default cache: a KV-cache sized to the request, plus the G-cache
+  (g_cache=False recomputes G_LM from the cached A at every step)."""
+  g_cache: bool = True
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SparseCache:
+  """A fixed-size sparse cache: `policy` (less_jax: H2O, Λ-masking, sliding window)
+  and optional LESS `kernels` (one KernelParams or None per layer), prefilled
+  'one_shot' (default) or 'greedy' (less_jax.model.less_prefill). Its memory does
+  not grow with the sequence."""
+  policy: object
+  kernels: object = None
+  prefill: str = "one_shot"
+
+
+def _cache_fns(cache, config: PLDRConfig, cache_len: int):
+  """(prefill(params, tokens, lengths, g_lm, kernels), step(params, gcache, state, tok,
+  kernels)) for a cache spec."""
+  if isinstance(cache, FullCache):
+    return (lambda p, t, l, g, k: decode.prefill(p, t, l, config=config, cache_len=cache_len,
+                                                 g_cache=cache.g_cache, g_lm=g),
+            lambda p, gc, st, tok, k: decode.decode_step(p, gc, st, tok, config=config,
+                                                         g_cache=cache.g_cache))
+  from less_jax import model as less_model
+  policy, mode = cache
+  return (lambda p, t, l, g, k: less_model.less_prefill(p, t, l, config=config, policy=policy,
+                                                        kernels=k, g_lm=g, mode=mode),
+          lambda p, gc, st, tok, k: less_model.less_decode_step(p, gc, st, tok, config=config,
+                                                                policy=policy, kernels=k))
+
+
+def _static_cache(cache):
+  """The hashable part of a cache spec (a SparseCache's kernels are traced arrays)."""
+  if cache is None:
+    return FullCache()
+  if isinstance(cache, FullCache):
+    return cache
+  if isinstance(cache, SparseCache):
+    return (cache.policy, cache.prefill)
+  raise TypeError(f"cache must be a generate.FullCache or generate.SparseCache, got {cache!r}")
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "cache_len", "cache",
                                              "path"))
-def generate_tokens(params, tokens, lengths, key, sampling: dict, g_lm=None, *,
+def generate_tokens(params, tokens, lengths, key, sampling: dict, g_lm=None, kernels=None, *,
                     config: PLDRConfig, max_new_tokens: int, cache_len: int,
-                    g_cache: bool = True, path: SamplingPath = SamplingPath()):
+                    cache=FullCache(), path: SamplingPath = SamplingPath()):
   """Prefill + decode loop in one program.
 
   tokens: int32 [B, S] right-padded; lengths: int32 [B]; key: typed PRNG key;
-  sampling: SamplingConfig.as_arrays(); path: SamplingConfig.path. Returns (out int32 [B, max_new_tokens]
-  padded with PAD after a stop token or the end, num int32 [B] generated
-  tokens per sequence, stop token included).
+  sampling: SamplingConfig.as_arrays(); path: SamplingConfig.path; cache: a
+  FullCache or the static part of a SparseCache (policy, prefill mode), whose
+  kernels come as `kernels`. Returns (out int32 [B, max_new_tokens] padded with
+  PAD after a stop token or the end, num int32 [B] generated tokens per
+  sequence, stop token included).
   """
   TRACE_COUNT["generate"] += 1
   b = tokens.shape[0]
-  logits, state, gcache = decode.prefill(params, tokens, lengths, config=config,
-                                         cache_len=cache_len, g_cache=g_cache, g_lm=g_lm)
+  prefill_fn, step_fn = _cache_fns(cache, config, cache_len)
+  logits, state, gcache = prefill_fn(params, tokens, lengths, g_lm, kernels)
   last = jax.vmap(lambda row, n: row[n - 1])(logits, lengths)
   draw = lambda lg, i: sample_logits(lg, jax.random.fold_in(key, i), sampling["temperature"],
                                      sampling["top_p"], path)
@@ -197,8 +244,7 @@ def generate_tokens(params, tokens, lengths, key, sampling: dict, g_lm=None, *,
     out = out.at[:, i].set(jnp.where(done, PAD_ID, tok))
     num = num + (~done).astype(jnp.int32)
     done = done | (tok == sampling["stop_token"])
-    logits, state = decode.decode_step(params, gcache, state, tok, config=config,
-                                       g_cache=g_cache)
+    logits, state = step_fn(params, gcache, state, tok, kernels)
     return i + 1, draw(logits, i + 1), state, out, done, num
 
   _, _, _, out, _, num = jax.lax.while_loop(cond, body, init)
@@ -208,9 +254,12 @@ def generate_tokens(params, tokens, lengths, key, sampling: dict, g_lm=None, *,
 def generate(params, prompts, *, config: PLDRConfig, max_new_tokens: int,
              key: jax.Array | None = None, sampling: SamplingConfig = SamplingConfig(),
              g_cache: bool = True, g_lm=None, buckets: Sequence[int] | None = None,
-             cache_len: int | None = None) -> list[list[int]]:
+             cache_len: int | None = None, cache=None) -> list[list[int]]:
   """Generate continuations for a list of prompts (lists of token ids).
 
+  cache: None / FullCache() (the KV-cache and, unless g_cache=False, the
+  G-cache) or SparseCache(policy, kernels) (H2O, Λ-masking, sliding window,
+  LESS), the way a kvpress user passes a press: no model change.
   Returns one list of new token ids per prompt (ending at the stop token, if
   it was produced). The decode loop runs in one jitted `lax.while_loop`.
   """
@@ -219,9 +268,11 @@ def generate(params, prompts, *, config: PLDRConfig, max_new_tokens: int,
     cache_len = auto_cache_len(tokens.shape[1], max_new_tokens, config, buckets)
   key = jax.random.key(0) if key is None else key
   g_lm = model.resolve_g_lm(config, g_lm)
+  static = _static_cache(cache if cache is not None else FullCache(g_cache))
   out, num = generate_tokens(params, tokens, lengths, key, sampling.as_arrays(), g_lm,
-                             config=config, max_new_tokens=max_new_tokens,
-                             cache_len=cache_len, g_cache=g_cache, path=sampling.path)
+                             getattr(cache, "kernels", None), config=config,
+                             max_new_tokens=max_new_tokens, cache_len=cache_len, cache=static,
+                             path=sampling.path)
   out, num = np.asarray(out), np.asarray(num)
   return [out[i, :num[i]].tolist() for i in range(len(prompts))]
 
@@ -229,12 +280,12 @@ def generate(params, prompts, *, config: PLDRConfig, max_new_tokens: int,
 def stream(params, prompts, *, config: PLDRConfig, max_new_tokens: int,
            key: jax.Array | None = None, sampling: SamplingConfig = SamplingConfig(),
            g_cache: bool = True, g_lm=None, buckets: Sequence[int] | None = None,
-           cache_len: int | None = None) -> Iterator[np.ndarray]:
+           cache_len: int | None = None, cache=None) -> Iterator[np.ndarray]:
   """Yield the next token of every prompt, one step at a time: int32 [B] arrays.
 
   A sequence that has produced the stop token yields PAD afterwards; the
   iteration ends when every sequence stopped or after max_new_tokens steps.
-  Draws the same tokens as `generate` with the same key.
+  Draws the same tokens as `generate` with the same key and cache.
   """
   tokens, lengths = pad_prompts(prompts, config, max_new_tokens, buckets, cache_len)
   if cache_len is None:
@@ -242,8 +293,19 @@ def stream(params, prompts, *, config: PLDRConfig, max_new_tokens: int,
   key = jax.random.key(0) if key is None else key
   g_lm = model.resolve_g_lm(config, g_lm)
   arrays = sampling.as_arrays()
-  logits, state, gcache = decode.prefill_jit(params, tokens, lengths, g_lm, config=config,
-                                             cache_len=cache_len, g_cache=g_cache)
+  static = _static_cache(cache if cache is not None else FullCache(g_cache))
+  if isinstance(static, FullCache):
+    logits, state, gcache = decode.prefill_jit(params, tokens, lengths, g_lm, config=config,
+                                               cache_len=cache_len, g_cache=static.g_cache)
+    step = lambda gc, st, tok: decode.decode_step_jit(params, gc, st, tok, config=config,
+                                                      g_cache=static.g_cache)
+  else:
+    from less_jax import model as less_model
+    (policy, mode), kernels = static, cache.kernels
+    logits, state, gcache = less_model.less_prefill_jit(params, tokens, lengths, kernels, g_lm,
+                                                        config=config, policy=policy, mode=mode)
+    step = lambda gc, st, tok: less_model.less_decode_step_jit(params, gc, st, tok, kernels,
+                                                               config=config, policy=policy)
   last = jax.vmap(lambda row, n: row[n - 1])(logits, jnp.asarray(lengths))
   done = np.zeros(len(prompts), bool)
   for i in range(max_new_tokens):
@@ -253,8 +315,7 @@ def stream(params, prompts, *, config: PLDRConfig, max_new_tokens: int,
     done |= tok_np == sampling.stop_token
     if done.all() or i + 1 == max_new_tokens:
       return
-    last, state = decode.decode_step_jit(params, gcache, state, tok, config=config,
-                                         g_cache=g_cache)
+    last, state = step(gcache, state, tok)
 
 
 @functools.partial(jax.jit, static_argnames=("path",))

@@ -360,3 +360,39 @@ def test_transferred_g_from_published_model(published_data):
   with pytest.raises(g_modes.GShapeError, match="transferred G_LM"):
     g_modes.make_fixed_g(cfg.tiny(g_mode="transferred"),
                          source=published_data / "g_lm_pldrv51_110m_1.npy")
+
+
+def test_generate_and_stream_take_a_sparse_or_less_cache():
+  """generate/stream with SparseCache(policy, kernels): a budget that holds every token
+  gives the full cache's tokens; a small one gives what a hand-driven loop of
+  less_prefill + less_decode_step gives (greedy), with or without LESS kernels."""
+  import less_jax
+  from less_jax import model as less_model
+  c = cfg.tiny(max_len=64)
+  p = _params(c)
+  prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16], [17, 18, 19, 20, 21]]
+  full = gen.generate(p, prompts, config=c, max_new_tokens=10)
+  big = gen.SparseCache(less_jax.h2o(heavy=16, recent=16))
+  assert gen.generate(p, prompts, config=c, max_new_tokens=10, cache=big) == full
+  small = less_jax.h2o(heavy=2, recent=3)
+  kern = [less_jax.init_kernels(jax.random.key(i), c.head_dim, c.num_heads, rank=4, hidden=8)
+          for i in range(c.num_layers)]
+  for kernels in (None, kern):
+    sc = gen.SparseCache(small, kernels)
+    got = gen.generate(p, prompts, config=c, max_new_tokens=10, cache=sc)
+    streamed = np.stack(list(gen.stream(p, prompts, config=c, max_new_tokens=10, cache=sc)), 1)
+    assert streamed.tolist() == got
+    tokens, lengths = gen.pad_prompts(prompts, c, 10)
+    logits, state, gcache = less_model.less_prefill(p, tokens, lengths, config=c, policy=small,
+                                                    kernels=kernels)
+    tok = jnp.argmax(logits[jnp.arange(2), jnp.asarray(lengths) - 1], -1)
+    want = []
+    for _ in range(10):
+      want.append(np.asarray(tok))
+      logits, state = less_model.less_decode_step(p, gcache, state, tok, config=c,
+                                                  policy=small, kernels=kernels)
+      tok = jnp.argmax(logits, -1)
+    assert np.stack(want, 1).tolist() == got
+  assert got != full  # the small budget really changes the continuation
+  with pytest.raises(TypeError, match="cache must be"):
+    gen.generate(p, prompts, config=c, max_new_tokens=2, cache="h2o")
