@@ -201,8 +201,6 @@ def _cache_fns(cache, config: PLDRConfig, cache_len: int):
 
 def _static_cache(cache):
   """The hashable part of a cache spec (a SparseCache's kernels are traced arrays)."""
-  if cache is None:
-    return FullCache()
   if isinstance(cache, FullCache):
     return cache
   if isinstance(cache, SparseCache):
