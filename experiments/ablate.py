@@ -52,6 +52,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from pldr_jax import distributed  # noqa: E402
+from pldr_jax.metrics_file import read_metrics  # noqa: E402
 
 PRETRAIN = REPO / "experiments" / "pretrain.py"
 
@@ -111,24 +112,6 @@ def train_command(mode: str, gin_files: list[str], gin_params: list[str], out: P
 
 
 # ---------------------------------------------------------------- metrics files
-
-def read_metrics(workdir: Path) -> tuple[dict[int, dict], dict[int, dict]]:
-  """({step: train record}, {step: eval metrics}); a resumed run's later lines win."""
-  train, evals = {}, {}
-  path = Path(workdir) / "metrics.jsonl"
-  if not path.is_file():
-    return train, evals
-  for line in path.read_text().splitlines():
-    try:
-      rec = json.loads(line)
-    except json.JSONDecodeError:
-      continue  # a line cut short by a kill
-    if "eval" in rec:
-      evals[int(rec["step"])] = rec["eval"]
-    elif "loss" in rec:
-      train[int(rec["step"])] = rec
-  return train, evals
-
 
 def is_finished(workdir: Path, num_steps: int) -> bool:
   return num_steps in read_metrics(workdir)[0]

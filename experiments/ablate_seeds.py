@@ -22,6 +22,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pldr_jax.metrics_file import read_metrics
+
 REPO = Path(__file__).resolve().parents[1]
 ABLATE = REPO / "experiments" / "ablate.py"
 MODES = ("learned", "identity", "random", "transferred", "inference_only")
@@ -42,17 +44,7 @@ def run_seed(seed: int, gin_files, gin_params, out: Path) -> Path:
 
 def eval_curve(workdir: Path) -> list[tuple[int, float]]:
   """[(step, validation loss)] from a run's metrics.jsonl (later lines win)."""
-  path = workdir / "metrics.jsonl"
-  curve = {}
-  if path.is_file():
-    for line in path.read_text().splitlines():
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      if "eval" in rec and "step" in rec:
-        curve[int(rec["step"])] = float(rec["eval"]["loss"])
-  return sorted(curve.items())
+  return sorted((step, float(m["loss"])) for step, m in read_metrics(workdir)[1].items())
 
 
 def aggregate(seed_dirs: dict[int, Path]) -> list[dict]:

@@ -17,25 +17,14 @@ import math
 import sys
 from pathlib import Path
 
+from pldr_jax.metrics_file import read_metrics
+
 
 def read(workdir: Path) -> tuple[dict[int, dict], dict[int, dict]]:
   """({step: train record}, {step: eval metrics}) of a run's metrics.jsonl."""
-  train, evals = {}, {}
-  path = Path(workdir) / "metrics.jsonl"
-  if not path.is_file():
+  if not (Path(workdir) / "metrics.jsonl").is_file():
     raise SystemExit(f"{workdir}: no metrics.jsonl (not a pretraining run directory?)")
-  for line in path.read_text().splitlines():
-    try:
-      rec = json.loads(line)
-    except json.JSONDecodeError:
-      continue
-    if "step" not in rec:
-      continue
-    if "eval" in rec:
-      evals[int(rec["step"])] = rec["eval"]
-    elif "loss" in rec:
-      train[int(rec["step"])] = rec
-  return train, evals
+  return read_metrics(workdir)
 
 
 def summary(label: str, train: dict, evals: dict) -> dict:

@@ -36,6 +36,7 @@ import numpy as np
 from pldr_jax import errors
 from pldr_jax import checkpoint as ckpt_lib
 from pldr_jax import distributed, g_modes, model, train
+from pldr_jax.metrics_file import trim_metrics
 from pldr_jax import params as params_lib
 from pldr_jax.config import ConfigError, PLDRConfig
 from pldr_jax.data import DataConfig, load_tokenizer, make_eval_batches, make_train_iterator
@@ -191,24 +192,6 @@ def set_aside(directory: Path, steps, suffix: str) -> list[Path]:
     src.rename(dst)
     moved.append(dst)
   return moved
-
-
-def trim_metrics(path: Path, last_step: int) -> None:
-  """Keep the records of steps <= last_step (a resume rewrites the later ones); drop
-  lines cut short by a kill."""
-  if not path.is_file():
-    return
-  kept = []
-  for line in path.read_text().splitlines():
-    try:
-      rec = json.loads(line)
-    except json.JSONDecodeError:
-      continue
-    if isinstance(rec, dict) and int(rec.get("step", 0)) <= last_step:
-      kept.append(line)
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text("".join(k + "\n" for k in kept))
-  os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- stopping on a signal
