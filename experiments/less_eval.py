@@ -77,6 +77,7 @@ from less_jax import model as less_model  # noqa: E402
 from less_jax import policies as policies_lib  # noqa: E402
 from less_jax import train_kernels as tk  # noqa: E402
 from pldr_jax import model as pmodel  # noqa: E402
+from pldr_jax import train as ptrain  # noqa: E402
 
 DEFAULT_RANK = 8
 FIELDS = ["method", "policy", "budget", "slots", "perplexity", "nll", "tokens", "gap_closed",
@@ -116,26 +117,7 @@ def kernel_path(kernels_root, policy: policies_lib.Policy) -> str:
 # ----------------------------------------------------------------------------
 # Scoring.
 
-def model_inputs(tokens, mask):
-  """The model reads tokens[:, :-1] (as in pldr_jax.train.loss_fn): a sequence of n real
-  tokens runs n - 1 of them. tokens, mask: [B, S] -> (inputs [B, S-1], lengths [B])."""
-  tokens, mask = np.asarray(tokens), np.asarray(mask)
-  lengths = np.clip(mask.sum(axis=-1) - 1, 1, tokens.shape[1] - 1).astype(np.int32)
-  return jnp.asarray(tokens[:, :-1], jnp.int32), jnp.asarray(lengths)
-
-
-@jax.jit
-def _nll_terms(logits, tokens, mask, first_target=0):
-  """(sum of next-token NLL, number of counted targets); [PAD] targets ignored.
-
-  logits: [B, S-1, V] of the inputs tokens[:, :-1]; tokens, mask: [B, S]; only
-  targets at index >= first_target count (the continuation after a prompt).
-  """
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  tgt = jnp.take_along_axis(logp, tokens[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
-  after = jnp.arange(1, tokens.shape[1]) >= first_target
-  w = mask[:, 1:].astype(jnp.float32) * after[None, :]
-  return -jnp.sum(tgt * w), jnp.sum(w)
+_nll_terms = jax.jit(ptrain.target_nll)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -148,7 +130,8 @@ def score(logits_fn, batches, first_target: int = 0) -> tuple[float, float]:
   g_lm the batch's 'g_lm' entry (a prompt's G_LM) or None."""
   tot, cnt = 0.0, 0.0
   for b in batches:
-    inputs, lengths = model_inputs(b["tokens"], b["mask"])
+    inputs, lengths = ptrain.model_inputs(jnp.asarray(b["tokens"], jnp.int32),
+                                          jnp.asarray(b["mask"], jnp.int32))
     s, n = _nll_terms(logits_fn(inputs, lengths, b.get("g_lm")),
                       jnp.asarray(b["tokens"], jnp.int32), jnp.asarray(b["mask"], jnp.int32),
                       first_target)

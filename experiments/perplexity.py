@@ -31,21 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _nll_after(params, tokens, mask, g_lm, prompt_len, *, config):
-  """(sum NLL, count) of the targets at index >= prompt_len; model input tokens[:, :-1].
-
-  tokens, mask: [B, S]; g_lm: None (computed from the input) or [L, B, H, dk, dk].
-  """
-  import jax
-  import jax.numpy as jnp
-  from pldr_jax import model
-  lengths = jnp.clip(jnp.sum(mask, -1) - 1, 1, tokens.shape[1] - 1).astype(jnp.int32)
-  logits, _ = model.forward(params, tokens[:, :-1], lengths, config=config, g_lm=g_lm)
-  ft = jnp.promote_types(logits.dtype, jnp.float32)
-  logp = jax.nn.log_softmax(logits.astype(ft), axis=-1)
-  tgt = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-  after = jnp.arange(1, tokens.shape[1]) >= prompt_len
-  w = mask[:, 1:].astype(ft) * after[None, :]
-  return -jnp.sum(tgt * w), jnp.sum(w)
+  """(sum NLL, count) of the targets at index >= prompt_len, the model reading
+  tokens[:, :-1]. tokens, mask: [B, S]; g_lm: None (computed from the input) or a
+  prompt's G_LM (pldr_jax.decode.prompt_g)."""
+  from pldr_jax import model, train
+  inputs, lengths = train.model_inputs(tokens, mask)
+  logits, _ = model.forward(params, inputs, lengths, config=config, g_lm=g_lm)
+  return train.target_nll(logits, tokens, mask, prompt_len)
 
 
 def prompt_g_eval(params, config, batches, prompt_lens) -> list[dict]:

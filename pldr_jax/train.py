@@ -129,18 +129,44 @@ def dag_term(x: jax.Array) -> jax.Array:
   return jnp.mean(jnp.abs(jax.vmap(_log_trace_expm)(flat) - jnp.log(dk)))
 
 
+def model_inputs(tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """What the model reads of a batch, as the authors' code: tokens[:, :-1].
+
+  tokens, mask: [B, S] right-padded (mask 0 at [PAD]). A sequence of n real
+  tokens runs n - 1 of them, so A (the sum over queries) never holds the query
+  of the last target. Returns (inputs [B, S-1], lengths int32 [B]).
+  """
+  inputs = tokens[:, :-1]
+  lengths = jnp.clip(jnp.sum(mask, axis=-1) - 1, 1, inputs.shape[1]).astype(jnp.int32)
+  return inputs, lengths
+
+
+def target_nll(logits: jax.Array, tokens: jax.Array, mask: jax.Array,
+               first_target=0) -> tuple[jax.Array, jax.Array]:
+  """(sum of next-token NLL, number of counted targets), in >= fp32.
+
+  logits: [B, S-1, V] of `model_inputs`; tokens, mask: [B, S]. Targets are
+  tokens[:, 1:]; [PAD] targets and those at index < first_target (the prompt,
+  when scoring a continuation) do not count.
+  """
+  ft = jnp.promote_types(logits.dtype, jnp.float32)
+  logp = jax.nn.log_softmax(logits.astype(ft), axis=-1)
+  tgt = jnp.take_along_axis(logp, tokens[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
+  after = jnp.arange(1, tokens.shape[1]) >= first_target
+  w = mask[:, 1:].astype(ft) * after[None, :]
+  return -jnp.sum(tgt * w), jnp.sum(w)
+
+
 def loss_fn(params, batch: dict, *, config: PLDRConfig, g_lm=None, dag_coeff: float = 0.0):
   """Next-token cross-entropy (fp32) ignoring [PAD], plus the optional DAG term.
 
   batch: {'tokens': int32 [B, S], 'mask': int32 [B, S]} (mask 0 at [PAD],
-  right-padded). As the authors' code, the model reads tokens[:, :-1] and
-  predicts tokens[:, 1:]: a sequence of n real tokens runs n - 1 of them, so
-  A (the sum over queries) never holds the query of the last target.
-  Returns (loss, metrics) with metrics: loss, ce, accuracy, tokens (counted).
+  right-padded). The model reads tokens[:, :-1] (`model_inputs`) and predicts
+  tokens[:, 1:]. Returns (loss, metrics) with metrics: loss, ce, accuracy,
+  tokens (counted).
   """
   tokens, mask = batch["tokens"], batch["mask"]
-  inputs = tokens[:, :-1]
-  lengths = jnp.clip(jnp.sum(mask, axis=-1) - 1, 1, inputs.shape[1]).astype(jnp.int32)
+  inputs, lengths = model_inputs(tokens, mask)
   logits, ded = model.forward(params, inputs, lengths, config=config, g_lm=g_lm,
                               return_deductive=dag_coeff > 0)
   logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
