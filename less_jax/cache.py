@@ -234,6 +234,25 @@ def sparse_decode_step(cache: SparseKVCache, q: jax.Array, k_new: jax.Array,
   return out.astype(v_new.dtype), new_cache
 
 
+def _fold_evicted(kernels, k, v_bh, kept, lengths):
+  """The LESS state (H, z) of the prompt pairs that left the cache, each folded once.
+
+  k: [B, S, H, D] prompt keys; v_bh: [B, H, S, D] values; kept: bool [B, H, S]
+  (prompt positions still in the cache); lengths: [B]. Without kernels: the
+  empty rank-0 state.
+  """
+  b, s, h, d = k.shape
+  hs, zs = state_lib.init_state(b, h, kernels_lib.kernel_rank(kernels), d)
+  if kernels is None:
+    return hs, zs
+  real = jnp.arange(s)[None, None, :] < lengths[:, None, None]
+  evicted = real & ~kept  # [B, H, S]
+  psi_k = jnp.moveaxis(kernels_lib.psi(kernels, k), 1, 2)  # [B, H, S, R]
+  psi_k = jnp.where(evicted[..., None], psi_k, 0.0)
+  return (hs + jnp.einsum("bhsr,bhsd->bhrd", psi_k, v_bh.astype(jnp.float32)),
+          zs + jnp.sum(psi_k, axis=2))
+
+
 def _one_shot_keep(logits: jax.Array, lengths: jax.Array, policy: policies_lib.Policy):
   """Full causal attention over the prompt, then one eviction down to the budget.
 
@@ -287,15 +306,7 @@ def _one_shot_prefill(q, k_c, v_c, lengths, policy, kernels, dtype, scale):
   slot_score = jnp.where(in_slot, jnp.take_along_axis(score, order, axis=-1), 0.0)
   take = lambda x: jnp.where(in_slot[..., None],
                              jnp.take_along_axis(x, order[..., None], axis=2), 0).astype(dtype)
-  rank = kernels_lib.kernel_rank(kernels)
-  hs, zs = state_lib.init_state(b, h, rank, d)
-  if kernels is not None:
-    real = j[None, None, :] < lengths[:, None, None]
-    evicted = real & ~kept
-    psi_k = jnp.moveaxis(kernels_lib.psi(kernels, k_c), 1, 2)  # [B, H, S, R]
-    psi_k = jnp.where(evicted[..., None], psi_k, 0.0)
-    hs = hs + jnp.einsum("bhsr,bhsd->bhrd", psi_k, v_bh.astype(jnp.float32))
-    zs = zs + jnp.sum(psi_k, axis=2)
+  hs, zs = _fold_evicted(kernels, k_c, v_bh, kept, lengths)
   cache = SparseKVCache(k=take(k_bh), v=take(v_bh), pos=pos, score=slot_score.astype(jnp.float32),
                         h=hs, z=zs)
   return out, cache
@@ -351,18 +362,10 @@ def sparse_prefill(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
   k_slots = jnp.where(valid, jnp.take_along_axis(k_bh, idx, axis=2), 0).astype(dtype)
   v_slots = jnp.where(valid, jnp.take_along_axis(v_bh, idx, axis=2), 0).astype(dtype)
 
-  rank = kernels_lib.kernel_rank(kernels)
-  hs, zs = state_lib.init_state(b, h, rank, d)
-  if kernels is not None:
-    bi = jnp.arange(b, dtype=jnp.int32)[:, None, None]
-    hi = jnp.arange(h, dtype=jnp.int32)[None, :, None]
-    kept = jnp.zeros((b, h, s), bool).at[bi, hi, jnp.where(pos >= 0, pos, s)].set(
-        True, mode="drop")
-    real = jnp.arange(s)[None, None, :] < lengths[:, None, None]
-    evicted = real & ~kept  # [B, H, S]
-    psi_k = jnp.moveaxis(kernels_lib.psi(kernels, k_c), 1, 2)  # [B, H, S, R]
-    psi_k = jnp.where(evicted[..., None], psi_k, 0.0)
-    hs = hs + jnp.einsum("bhsr,bhsd->bhrd", psi_k, v_bh.astype(jnp.float32))
-    zs = zs + jnp.sum(psi_k, axis=2)
+  bi = jnp.arange(b, dtype=jnp.int32)[:, None, None]
+  hi = jnp.arange(h, dtype=jnp.int32)[None, :, None]
+  kept = jnp.zeros((b, h, s), bool).at[bi, hi, jnp.where(pos >= 0, pos, s)].set(
+      True, mode="drop")
+  hs, zs = _fold_evicted(kernels, k_c, v_bh, kept, lengths)
   cache = SparseKVCache(k=k_slots, v=v_slots, pos=pos, score=score, h=hs, z=zs)
   return out, cache
