@@ -141,19 +141,38 @@ def model_inputs(tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Arr
   return inputs, lengths
 
 
+def log_probs(logits: jax.Array) -> jax.Array:
+  """Log-softmax over the vocabulary in >= fp32 (bf16 logits are upcast): [..., V]."""
+  return jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)),
+                            axis=-1)
+
+
+def token_logprobs(logp: jax.Array, targets: jax.Array) -> jax.Array:
+  """log p of each target: logp [..., V] (of `log_probs`), targets int [...] -> [...]."""
+  return jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def target_weights(mask: jax.Array, first_target=0, dtype=jnp.float32) -> jax.Array:
+  """Which next-token targets count: 1/0 weights [B, S-1] of the targets tokens[:, 1:].
+
+  mask: [B, S] (0 at [PAD]); first_target: a scalar or [B]. [PAD] targets and
+  those at index < first_target (the prompt, when scoring a continuation) get 0.
+  """
+  after = jnp.arange(1, mask.shape[1])[None, :] >= jnp.reshape(first_target, (-1, 1))
+  return mask[:, 1:].astype(dtype) * after
+
+
 def target_nll(logits: jax.Array, tokens: jax.Array, mask: jax.Array,
                first_target=0) -> tuple[jax.Array, jax.Array]:
   """(sum of next-token NLL, number of counted targets), in >= fp32.
 
   logits: [B, S-1, V] of `model_inputs`; tokens, mask: [B, S]. Targets are
   tokens[:, 1:]; [PAD] targets and those at index < first_target (the prompt,
-  when scoring a continuation) do not count.
+  when scoring a continuation) do not count (`target_weights`).
   """
-  ft = jnp.promote_types(logits.dtype, jnp.float32)
-  logp = jax.nn.log_softmax(logits.astype(ft), axis=-1)
-  tgt = jnp.take_along_axis(logp, tokens[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
-  after = jnp.arange(1, tokens.shape[1]) >= first_target
-  w = mask[:, 1:].astype(ft) * after[None, :]
+  logp = log_probs(logits)
+  tgt = token_logprobs(logp, tokens[:, 1:])
+  w = target_weights(mask, first_target, logp.dtype)
   return -jnp.sum(tgt * w), jnp.sum(w)
 
 

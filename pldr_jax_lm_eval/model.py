@@ -49,7 +49,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from pldr_jax import decode, model
+from pldr_jax import decode, model, train
 from pldr_jax.config import PLDRConfig
 from pldr_jax.data.tokenizer import END_ID, PAD_ID
 from pldr_jax.generate import SamplingConfig, bucket_length, default_buckets, generate
@@ -78,6 +78,16 @@ def resolve_checkpoint_dir(path) -> Path:
   return p
 
 
+def token_stats(logits, targets):
+  """(log p(targets), greedy) from logits [..., V] and int targets [...].
+
+  The log-probs are the training NLL's (`train.log_probs`, `train.token_logprobs`);
+  greedy (lm-eval's is_greedy) says whether each target is the argmax of them.
+  """
+  lp = train.log_probs(logits)
+  return train.token_logprobs(lp, targets), jnp.argmax(lp, axis=-1) == targets
+
+
 def _pow2_buckets(limit: int, start: int = 1) -> tuple[int, ...]:
   out, n = [], start
   while n < limit:
@@ -100,17 +110,12 @@ def score_continuations(params, g_lm, ctx, ctx_len, cont, cont_len, *, config: P
                                          cache_len=cache_len, g_cache=g_cache, g_lm=g_lm)
   first = jax.vmap(lambda row, n: row[n - 1])(logits, ctx_len)
 
-  def stats(lg, tok):
-    lp = jax.nn.log_softmax(lg.astype(jnp.float32), axis=-1)
-    return (jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0],
-            jnp.argmax(lp, axis=-1).astype(jnp.int32) == tok)
-
-  lp0, g0 = stats(first, cont[:, 0])
+  lp0, g0 = token_stats(first, cont[:, 0])
 
   def body(state, xs):
     tok, nxt = xs
     lg, state = decode.decode_step(params, gcache, state, tok, config=config, g_cache=g_cache)
-    return state, stats(lg, nxt)
+    return state, token_stats(lg, nxt)
 
   nc = cont.shape[1]
   if nc > 1:
@@ -128,14 +133,14 @@ def score_full(params, g_lm, tokens, lengths, first_pred, *, config: PLDRConfig)
   """Plain forward: sum of log p(tokens[t] | tokens[:t]) for t in [first_pred, length).
 
   tokens: int32 [B, S]; lengths, first_pred: int32 [B]. Returns (sum [B], greedy [B]).
+  The forward reads all `lengths` tokens (not `train.model_inputs`' n - 1), so a
+  learned G_LM sees the last token too; the log-probs and which targets count are
+  the training NLL's (`train.target_weights`), summed per row.
   """
   logits, _ = model.forward(params, tokens, lengths, config=config, g_lm=g_lm)
-  lp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-  tgt = tokens[:, 1:]
-  tok_lp = jnp.take_along_axis(lp, tgt[..., None], axis=-1)[..., 0]
-  pos = jnp.arange(1, tokens.shape[1])[None, :]
-  valid = (pos >= first_pred[:, None]) & (pos < lengths[:, None])
-  greedy = jnp.argmax(lp, axis=-1) == tgt
+  tok_lp, greedy = token_stats(logits[:, :-1], tokens[:, 1:])
+  mask = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
+  valid = train.target_weights(mask, first_pred) > 0
   return jnp.sum(jnp.where(valid, tok_lp, 0.0), axis=1), jnp.all(greedy | ~valid, axis=1)
 
 
