@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pldr_jax.config import LESS_DEFAULT_DROPOUT, LESS_DEFAULT_HIDDEN, LESS_DEFAULT_RANK
+
 __all__ = [
     "KernelParams",
     "init_kernels",
@@ -43,9 +45,10 @@ __all__ = [
     "DEFAULT_DROPOUT",
 ]
 
-DEFAULT_RANK = 8        # R
-DEFAULT_HIDDEN = 512    # R'
-DEFAULT_DROPOUT = 0.3
+# R, R' and the dropout rate: defined with LessTrainConfig in pldr_jax.config.
+DEFAULT_RANK = LESS_DEFAULT_RANK
+DEFAULT_HIDDEN = LESS_DEFAULT_HIDDEN
+DEFAULT_DROPOUT = LESS_DEFAULT_DROPOUT
 D_INIT = 1e-4
 
 

@@ -51,7 +51,7 @@ from less_jax import kernels as kernels_lib
 from less_jax import model as less_model
 from less_jax import parallel as parallel_lib
 from less_jax import policies as policies_lib
-from pldr_jax.config import PLDRConfig
+from pldr_jax.config import LessTrainConfig, PLDRConfig  # noqa: F401 (re-export)
 
 __all__ = [
     "LessTrainConfig",
@@ -84,72 +84,6 @@ KernelLoadError = errors.KernelLoadError  # the one error hierarchy: pldr_jax.er
 
 # ----------------------------------------------------------------------------
 # Config.
-
-@dataclasses.dataclass(frozen=True)
-class LessTrainConfig:
-  """What a kernel-training run does (bound by gin in experiments/train_less.py only).
-
-  Attributes:
-    policy: sparse policy name (`less_jax.POLICY_NAMES`: "h2o", "lambda",
-      "sliding_window", ...).
-    heavy, recent, sink: the policy's budgets (h2o: heavy + recent; lambda:
-      sink + recent; sliding_window: recent). Unused ones stay None.
-    rank: R (feature dimension of phi/psi).
-    hidden: R' (hidden width of the kernel MLPs).
-    share_heads: one kernel per layer shared by its heads (default: per head).
-    epochs: number of epochs.
-    epoch_steps: training batches per epoch.
-    lr: Adam learning rate (halved every `lr_halve_epochs` epochs).
-    lr_halve_epochs: epochs between halvings.
-    dropout: kernel dropout rate (training only).
-    seed: kernel init / dropout seed.
-    val_batches: held-out batches of the eval split used for validation.
-    batch_size: training batch size (None: the pretraining DataConfig's).
-  """
-
-  policy: str = "h2o"
-  heavy: int | None = None
-  recent: int | None = None
-  sink: int | None = None
-  rank: int = kernels_lib.DEFAULT_RANK
-  hidden: int = kernels_lib.DEFAULT_HIDDEN
-  share_heads: bool = False
-  epochs: int = 40
-  epoch_steps: int = 16
-  lr: float = 1e-3
-  lr_halve_epochs: int = 10
-  dropout: float = kernels_lib.DEFAULT_DROPOUT
-  seed: int = 0
-  val_batches: int = 4
-  batch_size: int | None = None
-
-  def __post_init__(self):
-    for name, minimum in (("rank", 1), ("hidden", 1), ("epochs", 1), ("epoch_steps", 1),
-                          ("lr_halve_epochs", 1), ("seed", 0), ("val_batches", 0)):
-      v = getattr(self, name)
-      if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
-        raise ValueError(f"LessTrainConfig.{name} must be an integer >= {minimum}, got {v!r}")
-    if self.batch_size is not None and (not isinstance(self.batch_size, int)
-                                        or self.batch_size < 1):
-      raise ValueError(f"LessTrainConfig.batch_size must be None or >= 1, got {self.batch_size!r}")
-    if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-      raise ValueError(f"LessTrainConfig.lr must be > 0, got {self.lr!r}")
-    if not (0.0 <= float(self.dropout) < 1.0):
-      raise ValueError(f"LessTrainConfig.dropout must lie in [0, 1), got {self.dropout!r}")
-    self.make_policy()  # validates the policy name and budgets
-
-  def policy_kwargs(self) -> dict:
-    return {k: getattr(self, k) for k in ("heavy", "recent", "sink")
-            if getattr(self, k) is not None}
-
-  def make_policy(self, max_len: int | None = None) -> policies_lib.Policy:
-    return policies_lib.make_policy(self.policy, max_len=max_len, **self.policy_kwargs())
-
-  def run_name(self) -> str:
-    """`<policy kind>_<budget>`, the directory name under <workdir>/less_kernels."""
-    p = self.make_policy()
-    return f"{p.kind}_{p.budget}"
-
 
 def _policy_json(policy: policies_lib.Policy) -> dict:
   return {"kind": policy.kind, "budget": int(policy.budget),

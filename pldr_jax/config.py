@@ -1,17 +1,26 @@
-"""Static model configuration for PLDR-LLM.
+"""Every configuration dataclass of pldr-jax and less_jax, in one place.
 
-`PLDRConfig` is a frozen (hashable) dataclass so it can be passed to `jax.jit`
-as a static argument. Gin binds it only at the entry points in `experiments/`.
+`PLDRConfig` (the model), `TrainConfig` (optimisation and schedule, used by
+`pldr_jax.train`), `DataConfig` (the input pipeline, `pldr_jax.data`) and
+`LessTrainConfig` (LESS kernel training, `less_jax.train_kernels`). They are
+frozen (hashable) dataclasses, so a `PLDRConfig` can be passed to `jax.jit` as
+a static argument. Gin binds them only at the entry points in `experiments/`;
+the modules that use them re-export them (`from pldr_jax.train import
+TrainConfig` keeps working). This module imports nothing of pldr_jax but
+`errors`, and no less_jax at import time.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from pldr_jax import errors
+
+if TYPE_CHECKING:
+  from less_jax.policies import Policy
 
 GMode = Literal["learned", "identity", "random", "transferred"]
 G_MODES = ("learned", "identity", "random", "transferred")
@@ -19,6 +28,15 @@ _DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 ConfigError = errors.ConfigError  # the one error hierarchy: pldr_jax.errors
+DataError = errors.DataError
+
+# The TFDS name of the local text-corpus builder (pldr_jax.data.tfds_text).
+LOCAL_DATASET = "pldr_text_corpus"
+
+# LESS kernel defaults (less_jax.kernels re-exports them as DEFAULT_*).
+LESS_DEFAULT_RANK = 8        # R
+LESS_DEFAULT_HIDDEN = 512    # R'
+LESS_DEFAULT_DROPOUT = 0.3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,3 +145,202 @@ def preset(name: str, **overrides) -> PLDRConfig:
   if name not in PRESETS:
     raise ConfigError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
   return PRESETS[name](**overrides)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Optimisation and schedule (defaults: the published PLDRv51 recipe).
+
+  Attributes:
+    num_steps: optimizer steps to run.
+    learning_rate: peak learning rate after warmup.
+    warmup_steps: linear warmup from 0.
+    end_lr_ratio: cosine decays to learning_rate * end_lr_ratio at num_steps.
+    beta1, beta2, eps, weight_decay: AdamW.
+    decay_all_params: AdamW decays every parameter (biases, LayerNorms and the
+      embedding included), as the authors' torch.optim.AdamW does; False
+      decays matrices only (ndim >= 2), the common LLM practice.
+    clip_value: clip each gradient element to [-clip_value, clip_value] (0: off).
+    dag_coeff: weight c of the DAG loss term (0: off).
+    seed: parameter-init seed.
+    mesh_data, mesh_fsdp: mesh shape; -1 means "all remaining devices".
+    log_every, eval_every, checkpoint_every: in steps.
+    keep_checkpoints: how many checkpoints Orbax keeps.
+    max_eval_batches: cap on evaluation batches (None: whole split).
+  """
+  num_steps: int = 250_000
+  learning_rate: float = 1e-3
+  warmup_steps: int = 2000
+  end_lr_ratio: float = 0.1
+  beta1: float = 0.9
+  beta2: float = 0.95
+  eps: float = 1e-5
+  weight_decay: float = 0.1
+  decay_all_params: bool = True
+  clip_value: float = 1.0
+  dag_coeff: float = 0.0
+  seed: int = 1234
+  mesh_data: int = -1
+  mesh_fsdp: int = 1
+  log_every: int = 10
+  eval_every: int = 1000
+  checkpoint_every: int = 1000
+  keep_checkpoints: int = 3
+  max_eval_batches: int | None = None
+
+  def __post_init__(self):
+    if self.num_steps < 1:
+      raise ConfigError(f"TrainConfig.num_steps must be >= 1, got {self.num_steps}")
+    if self.warmup_steps < 0 or self.learning_rate <= 0:
+      raise ConfigError("TrainConfig needs learning_rate > 0 and warmup_steps >= 0")
+    for name in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+      if getattr(self, name) < 1:
+        raise ConfigError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where the text comes from and how it becomes batches.
+
+  Attributes:
+    dataset: TFDS name given to `tfds.data_source`: "pldr_text_corpus" (the
+      local builder), or any registered text dataset, e.g. "c4/en:3.1.0",
+      "lm1b" — prepared in ArrayRecord format under `data_dir`.
+    data_dir: TFDS data_dir (None: TFDS's default, ~/tensorflow_datasets).
+    train_split / eval_split: TFDS split names (slicing like "train[:1%]" works).
+    text_key: feature holding the document text ("text" for c4, lm1b and the
+      local builder).
+    tokenizer_path: SentencePiece .model with [PAD]=0 [UNK]=1 [START]=2 [END]=3.
+    vocab_size: pieces to train when `prepare_default_data` makes a tokenizer
+      (an upper bound: see `train_tokenizer`).
+    seq_len: tokens per chunk (>= 2: inputs are tokens[:-1], targets tokens[1:]).
+    batch_size: chunks per training batch (per host when sharded).
+    eval_batch_size: chunks per eval batch (None: batch_size).
+    max_eval_batches: stop evaluation after this many batches (None: whole split).
+    seed: shuffle seed.
+    shuffle: shuffle documents (train only).
+    num_epochs: passes over the train split (None: repeat forever).
+    num_threads: grain reader threads that tokenize ahead (0: in the caller).
+    prefetch_buffer_size: documents tokenized ahead.
+    download: let TFDS download/prepare a registered dataset when missing.
+  """
+
+  dataset: str = LOCAL_DATASET
+  data_dir: str | None = None
+  train_split: str = "train"
+  eval_split: str = "validation"
+  text_key: str = "text"
+  tokenizer_path: str | None = None
+  vocab_size: int = 32000
+  seq_len: int = 1024
+  batch_size: int = 32
+  eval_batch_size: int | None = None
+  max_eval_batches: int | None = None
+  seed: int = 1234
+  shuffle: bool = True
+  num_epochs: int | None = None
+  num_threads: int = 4
+  prefetch_buffer_size: int = 64
+  download: bool = False
+
+  def __post_init__(self):
+    def _int(name, minimum, optional=False):
+      value = getattr(self, name)
+      if optional and value is None:
+        return
+      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise DataError(f"DataConfig.{name} must be an integer >= {minimum}, got {value!r}")
+    _int("seq_len", 2)
+    _int("batch_size", 1)
+    _int("eval_batch_size", 1, optional=True)
+    _int("max_eval_batches", 1, optional=True)
+    _int("num_epochs", 1, optional=True)
+    _int("vocab_size", 1)
+    _int("num_threads", 0)
+    _int("prefetch_buffer_size", 0)
+    _int("seed", 0)
+    for name in ("dataset", "train_split", "eval_split", "text_key"):
+      if not isinstance(getattr(self, name), str) or not getattr(self, name):
+        raise DataError(f"DataConfig.{name} must be a non-empty string")
+
+  def replace(self, **kwargs) -> "DataConfig":
+    unknown = set(kwargs) - {f.name for f in dataclasses.fields(self)}
+    if unknown:
+      raise DataError(f"unknown DataConfig field(s): {sorted(unknown)}")
+    return dataclasses.replace(self, **kwargs)
+
+
+# ----------------------------------------------------------------------------- LESS kernel training
+
+
+@dataclasses.dataclass(frozen=True)
+class LessTrainConfig:
+  """What a kernel-training run does (bound by gin in experiments/train_less.py only).
+
+  Attributes:
+    policy: sparse policy name (`less_jax.POLICY_NAMES`: "h2o", "lambda",
+      "sliding_window", ...).
+    heavy, recent, sink: the policy's budgets (h2o: heavy + recent; lambda:
+      sink + recent; sliding_window: recent). Unused ones stay None.
+    rank: R (feature dimension of phi/psi).
+    hidden: R' (hidden width of the kernel MLPs).
+    share_heads: one kernel per layer shared by its heads (default: per head).
+    epochs: number of epochs.
+    epoch_steps: training batches per epoch.
+    lr: Adam learning rate (halved every `lr_halve_epochs` epochs).
+    lr_halve_epochs: epochs between halvings.
+    dropout: kernel dropout rate (training only).
+    seed: kernel init / dropout seed.
+    val_batches: held-out batches of the eval split used for validation.
+    batch_size: training batch size (None: the pretraining DataConfig's).
+  """
+
+  policy: str = "h2o"
+  heavy: int | None = None
+  recent: int | None = None
+  sink: int | None = None
+  rank: int = LESS_DEFAULT_RANK
+  hidden: int = LESS_DEFAULT_HIDDEN
+  share_heads: bool = False
+  epochs: int = 40
+  epoch_steps: int = 16
+  lr: float = 1e-3
+  lr_halve_epochs: int = 10
+  dropout: float = LESS_DEFAULT_DROPOUT
+  seed: int = 0
+  val_batches: int = 4
+  batch_size: int | None = None
+
+  def __post_init__(self):
+    for name, minimum in (("rank", 1), ("hidden", 1), ("epochs", 1), ("epoch_steps", 1),
+                          ("lr_halve_epochs", 1), ("seed", 0), ("val_batches", 0)):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
+        raise ValueError(f"LessTrainConfig.{name} must be an integer >= {minimum}, got {v!r}")
+    if self.batch_size is not None and (not isinstance(self.batch_size, int)
+                                        or self.batch_size < 1):
+      raise ValueError(f"LessTrainConfig.batch_size must be None or >= 1, got {self.batch_size!r}")
+    if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+      raise ValueError(f"LessTrainConfig.lr must be > 0, got {self.lr!r}")
+    if not (0.0 <= float(self.dropout) < 1.0):
+      raise ValueError(f"LessTrainConfig.dropout must lie in [0, 1), got {self.dropout!r}")
+    self.make_policy()  # validates the policy name and budgets
+
+  def policy_kwargs(self) -> dict:
+    return {k: getattr(self, k) for k in ("heavy", "recent", "sink")
+            if getattr(self, k) is not None}
+
+  def make_policy(self, max_len: int | None = None) -> Policy:
+    from less_jax import policies  # here, not at the top: pldr_jax.config imports no less_jax
+    return policies.make_policy(self.policy, max_len=max_len, **self.policy_kwargs())
+
+  def run_name(self) -> str:
+    """`<policy kind>_<budget>`, the directory name under <workdir>/less_kernels."""
+    p = self.make_policy()
+    return f"{p.kind}_{p.budget}"

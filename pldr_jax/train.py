@@ -10,7 +10,6 @@ gathered by XLA where needed. Data parallelism is fsdp=1; pure FSDP is data=1.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any
 
@@ -20,60 +19,9 @@ import numpy as np
 import optax
 
 from pldr_jax import model, params as params_lib
-from pldr_jax.config import ConfigError, PLDRConfig
+from pldr_jax.config import ConfigError, PLDRConfig, TrainConfig  # noqa: F401 (re-export)
 
 P = jax.sharding.PartitionSpec
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-  """Optimisation and schedule (defaults: the published PLDRv51 recipe).
-
-  Attributes:
-    num_steps: optimizer steps to run.
-    learning_rate: peak learning rate after warmup.
-    warmup_steps: linear warmup from 0.
-    end_lr_ratio: cosine decays to learning_rate * end_lr_ratio at num_steps.
-    beta1, beta2, eps, weight_decay: AdamW.
-    decay_all_params: AdamW decays every parameter (biases, LayerNorms and the
-      embedding included), as the authors' torch.optim.AdamW does; False
-      decays matrices only (ndim >= 2), the common LLM practice.
-    clip_value: clip each gradient element to [-clip_value, clip_value] (0: off).
-    dag_coeff: weight c of the DAG loss term (0: off).
-    seed: parameter-init seed.
-    mesh_data, mesh_fsdp: mesh shape; -1 means "all remaining devices".
-    log_every, eval_every, checkpoint_every: in steps.
-    keep_checkpoints: how many checkpoints Orbax keeps.
-    max_eval_batches: cap on evaluation batches (None: whole split).
-  """
-  num_steps: int = 250_000
-  learning_rate: float = 1e-3
-  warmup_steps: int = 2000
-  end_lr_ratio: float = 0.1
-  beta1: float = 0.9
-  beta2: float = 0.95
-  eps: float = 1e-5
-  weight_decay: float = 0.1
-  decay_all_params: bool = True
-  clip_value: float = 1.0
-  dag_coeff: float = 0.0
-  seed: int = 1234
-  mesh_data: int = -1
-  mesh_fsdp: int = 1
-  log_every: int = 10
-  eval_every: int = 1000
-  checkpoint_every: int = 1000
-  keep_checkpoints: int = 3
-  max_eval_batches: int | None = None
-
-  def __post_init__(self):
-    if self.num_steps < 1:
-      raise ConfigError(f"TrainConfig.num_steps must be >= 1, got {self.num_steps}")
-    if self.warmup_steps < 0 or self.learning_rate <= 0:
-      raise ConfigError("TrainConfig needs learning_rate > 0 and warmup_steps >= 0")
-    for name in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
-      if getattr(self, name) < 1:
-        raise ConfigError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
 
 
 def lr_schedule(tc: TrainConfig) -> optax.Schedule:

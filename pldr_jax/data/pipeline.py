@@ -30,7 +30,6 @@ exactly those the uninterrupted iterator would have produced.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,7 +40,8 @@ import numpy as np
 
 from pldr_jax.data.corpus import (DataError, corpus_fingerprint, default_corpus_dir,
                                   find_split_files)
-from pldr_jax.data.tfds_text import LOCAL_DATASET, build_text_dataset, open_data_source
+from pldr_jax.config import DataConfig  # noqa: F401 (re-export)
+from pldr_jax.data.tfds_text import build_text_dataset, open_data_source
 from pldr_jax.data.tokenizer import (END_ID, PAD_ID, Tokenizer, load_tokenizer,
                                      train_tokenizer)
 
@@ -49,78 +49,6 @@ __all__ = [
     "DataConfig", "PackedIterDataset", "make_train_dataset", "make_train_iterator",
     "make_eval_batches", "prepare_default_data", "pack_documents",
 ]
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-  """Where the text comes from and how it becomes batches.
-
-  Attributes:
-    dataset: TFDS name given to `tfds.data_source`: "pldr_text_corpus" (the
-      local builder), or any registered text dataset, e.g. "c4/en:3.1.0",
-      "lm1b" — prepared in ArrayRecord format under `data_dir`.
-    data_dir: TFDS data_dir (None: TFDS's default, ~/tensorflow_datasets).
-    train_split / eval_split: TFDS split names (slicing like "train[:1%]" works).
-    text_key: feature holding the document text ("text" for c4, lm1b and the
-      local builder).
-    tokenizer_path: SentencePiece .model with [PAD]=0 [UNK]=1 [START]=2 [END]=3.
-    vocab_size: pieces to train when `prepare_default_data` makes a tokenizer
-      (an upper bound: see `train_tokenizer`).
-    seq_len: tokens per chunk (>= 2: inputs are tokens[:-1], targets tokens[1:]).
-    batch_size: chunks per training batch (per host when sharded).
-    eval_batch_size: chunks per eval batch (None: batch_size).
-    max_eval_batches: stop evaluation after this many batches (None: whole split).
-    seed: shuffle seed.
-    shuffle: shuffle documents (train only).
-    num_epochs: passes over the train split (None: repeat forever).
-    num_threads: grain reader threads that tokenize ahead (0: in the caller).
-    prefetch_buffer_size: documents tokenized ahead.
-    download: let TFDS download/prepare a registered dataset when missing.
-  """
-
-  dataset: str = LOCAL_DATASET
-  data_dir: str | None = None
-  train_split: str = "train"
-  eval_split: str = "validation"
-  text_key: str = "text"
-  tokenizer_path: str | None = None
-  vocab_size: int = 32000
-  seq_len: int = 1024
-  batch_size: int = 32
-  eval_batch_size: int | None = None
-  max_eval_batches: int | None = None
-  seed: int = 1234
-  shuffle: bool = True
-  num_epochs: int | None = None
-  num_threads: int = 4
-  prefetch_buffer_size: int = 64
-  download: bool = False
-
-  def __post_init__(self):
-    def _int(name, minimum, optional=False):
-      value = getattr(self, name)
-      if optional and value is None:
-        return
-      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise DataError(f"DataConfig.{name} must be an integer >= {minimum}, got {value!r}")
-    _int("seq_len", 2)
-    _int("batch_size", 1)
-    _int("eval_batch_size", 1, optional=True)
-    _int("max_eval_batches", 1, optional=True)
-    _int("num_epochs", 1, optional=True)
-    _int("vocab_size", 1)
-    _int("num_threads", 0)
-    _int("prefetch_buffer_size", 0)
-    _int("seed", 0)
-    for name in ("dataset", "train_split", "eval_split", "text_key"):
-      if not isinstance(getattr(self, name), str) or not getattr(self, name):
-        raise DataError(f"DataConfig.{name} must be a non-empty string")
-
-  def replace(self, **kwargs) -> "DataConfig":
-    unknown = set(kwargs) - {f.name for f in dataclasses.fields(self)}
-    if unknown:
-      raise DataError(f"unknown DataConfig field(s): {sorted(unknown)}")
-    return dataclasses.replace(self, **kwargs)
 
 
 # ----------------------------------------------------------------------------

@@ -27,12 +27,12 @@ from typing import Any
 import tensorflow_datasets as tfds
 from etils import epath
 
+from pldr_jax.config import LOCAL_DATASET
 from pldr_jax.data.corpus import (DataError, corpus_fingerprint, find_split_files,
                                   iter_documents)
 
 __all__ = ["PldrTextCorpus", "LOCAL_DATASET", "build_text_dataset", "open_data_source"]
 
-LOCAL_DATASET = "pldr_text_corpus"
 _SOURCE_FILE = "pldr_source.json"
 
 
