@@ -26,6 +26,7 @@ decode,train` runs a subset (the report then uses what the file holds).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -43,71 +44,195 @@ from benchmarks import common, compile_bench, decode_bench, report  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
-# Per suite: what to run. Decode entries: (preset, weights, batches, lengths, modes).
+@dataclasses.dataclass(frozen=True)
+class DecodeSpec:
+  """Decode cases: every batch x length x mode of one preset and weight dtype.
+
+  Attributes:
+    preset: `pldr_jax.config` preset ("tiny", "pldrv51_110m").
+    weights: "float32" or "bfloat16" (params and compute).
+    batches: batch sizes.
+    lengths: context lengths (tokens already in the cache).
+    modes: `decode_bench.MODES` entries ("kv", "kv+g", "sdpa", "h2o", ...).
+  """
+  preset: str
+  weights: str
+  batches: tuple[int, ...]
+  lengths: tuple[int, ...]
+  modes: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class PairedSpec:
+  """KV+G-cache vs SDPA decode, timed step by step in alternation.
+
+  Attributes:
+    preset: `pldr_jax.config` preset.
+    batch: batch size.
+    lengths: context lengths.
+    rounds: alternating steps per length (medians are reported).
+  """
+  preset: str
+  batch: int
+  lengths: tuple[int, ...]
+  rounds: int
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillSpec:
+  """Prefill seconds of the kv+g, sdpa and less modes.
+
+  Attributes:
+    preset: `pldr_jax.config` preset.
+    batches: batch sizes.
+    lengths: prompt lengths.
+  """
+  preset: str
+  batches: tuple[int, ...]
+  lengths: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSpec:
+  """One train-step measurement, run in its own process (benchmarks/train_bench.py).
+
+  Attributes:
+    preset: `pldr_jax.config` preset.
+    batch: global batch size.
+    seq: tokens per sequence.
+    steps: timed steps.
+    devices: devices of the mesh (> 1: forced host devices, CPU only).
+    compute_dtype: "float32" or "bfloat16".
+  """
+  preset: str
+  batch: int
+  seq: int
+  steps: int
+  devices: int
+  compute_dtype: str
+
+
+@dataclasses.dataclass(frozen=True)
+class CeilingsSpec:
+  """Arguments of `common.ceilings`.
+
+  Attributes:
+    gib: size of the array whose read bandwidth is measured, GiB.
+    n: side of the [n, n] matmul whose rate is measured (>= 8192 on a GPU).
+    repeats: repetitions (the best is kept).
+  """
+  gib: float
+  n: int
+  repeats: int
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileSpec:
+  """Arguments of `compile_bench.generate_counts`: compilations while generating.
+
+  Attributes:
+    num_prompts: prompts of assorted lengths generated one after the other.
+    max_len: the config's context (prompt lengths are drawn below it).
+    max_new_tokens: tokens generated per prompt.
+  """
+  num_prompts: int
+  max_len: int
+  max_new_tokens: int = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Suite:
+  """What one suite runs (`--suite NAME`), section by section.
+
+  Attributes:
+    decode: decode cases (section "decode").
+    decode_steps: timed decode steps per preset.
+    paired: KV+G vs SDPA alternating measurements (section "gcache").
+    prefill: prefill cases (section "prefill").
+    train: train-step cases (section "train"); `GPU_TRAIN` is added on a GPU.
+    memory_lengths: lengths of the decode-state memory table (section "memory").
+    ceilings: bandwidth / matmul ceilings (section "ceilings").
+    compile: the compilation count (section "compile").
+    budget: cache budget (slots) of the sparse modes (h2o, lambda, less).
+  """
+  decode: tuple[DecodeSpec, ...]
+  decode_steps: dict[str, int]
+  paired: tuple[PairedSpec, ...]
+  prefill: tuple[PrefillSpec, ...]
+  train: tuple[TrainSpec, ...]
+  memory_lengths: tuple[int, ...]
+  ceilings: CeilingsSpec
+  compile: CompileSpec
+  budget: int = 256
+
+
 SUITES = {
-    "quick": {
-        "decode": [
-            ("tiny", "float32", (1, 8), (256, 1024, 4096, 8192),
-             tuple(m for m in decode_bench.MODES if m != "recompute")),
-            ("tiny", "float32", (1, 8), (256, 1024), ("recompute",)),
-            ("pldrv51_110m", "float32", (1,), (1024, 4096, 8192),
-             ("kv", "kv+g", "sdpa", "h2o", "lambda", "less")),
-            ("pldrv51_110m", "float32", (1,), (256,), ("recompute",)),
-            ("pldrv51_110m", "float32", (8,), (1024, 8192), ("kv+g", "sdpa", "less")),
-            ("pldrv51_110m", "bfloat16", (1,), (1024,), ("kv+g",)),
-        ],
-        "decode_steps": {"tiny": 20, "pldrv51_110m": 16},
-        "paired": [("pldrv51_110m", 1, (1024, 8192), 24)],
-        "prefill": [("tiny", (1,), (1024, 8192)), ("pldrv51_110m", (1,), (1024,))],
-        "train": [  # (preset, batch, seq, steps, devices, compute dtype)
-            ("tiny", 16, 128, 10, 1, "float32"),
-            ("tiny", 16, 128, 10, 8, "float32"),
-            ("pldrv51_110m", 1, 512, 2, 1, "float32"),
-        ],
-        "memory_lengths": (256, 1024, 4096, 8192),
-        "ceilings": {"gib": 1.0, "n": 2048, "repeats": 5},
-        "compile": {"num_prompts": 20, "max_len": 512},
-    },
-    "full": {
-        "decode": [
-            ("tiny", "float32", (1, 8), (256, 512, 1024, 2048, 4096, 8192), decode_bench.MODES),
-            ("pldrv51_110m", "float32", (1, 8), (256, 1024, 2048, 4096, 8192),
-             ("kv", "kv+g", "sdpa", "h2o", "lambda", "less")),
-            ("pldrv51_110m", "float32", (1,), (256, 1024), ("recompute",)),
-            ("pldrv51_110m", "bfloat16", (1, 8), (1024, 8192), ("kv+g", "sdpa", "less")),
-        ],
-        "decode_steps": {"tiny": 40, "pldrv51_110m": 16},
-        "paired": [("pldrv51_110m", b, (256, 1024, 4096, 8192), 60) for b in (1, 8)],
-        "prefill": [("tiny", (1, 8), (256, 1024, 4096, 8192)),
-                    ("pldrv51_110m", (1,), (256, 1024, 4096))],
-        "train": [
-            ("tiny", 16, 128, 20, 1, "float32"),
-            ("tiny", 16, 128, 20, 8, "float32"),
-            ("pldrv51_110m", 2, 1024, 3, 1, "float32"),
-            ("pldrv51_110m", 8, 1024, 2, 8, "float32"),
-            ("pldrv51_110m", 2, 1024, 3, 1, "bfloat16"),
-        ],
-        "memory_lengths": (256, 512, 1024, 2048, 4096, 8192),
-        "ceilings": {"gib": 2.0, "n": 4096, "repeats": 10},
-        "compile": {"num_prompts": 20, "max_len": 2048},
-    },
+    "quick": Suite(
+        decode=(
+            DecodeSpec("tiny", "float32", (1, 8), (256, 1024, 4096, 8192),
+                       tuple(m for m in decode_bench.MODES if m != "recompute")),
+            DecodeSpec("tiny", "float32", (1, 8), (256, 1024), ("recompute",)),
+            DecodeSpec("pldrv51_110m", "float32", (1,), (1024, 4096, 8192),
+                       ("kv", "kv+g", "sdpa", "h2o", "lambda", "less")),
+            DecodeSpec("pldrv51_110m", "float32", (1,), (256,), ("recompute",)),
+            DecodeSpec("pldrv51_110m", "float32", (8,), (1024, 8192), ("kv+g", "sdpa", "less")),
+            DecodeSpec("pldrv51_110m", "bfloat16", (1,), (1024,), ("kv+g",)),
+        ),
+        decode_steps={"tiny": 20, "pldrv51_110m": 16},
+        paired=(PairedSpec("pldrv51_110m", 1, (1024, 8192), 24),),
+        prefill=(PrefillSpec("tiny", (1,), (1024, 8192)),
+                 PrefillSpec("pldrv51_110m", (1,), (1024,))),
+        train=(
+            TrainSpec("tiny", 16, 128, 10, 1, "float32"),
+            TrainSpec("tiny", 16, 128, 10, 8, "float32"),
+            TrainSpec("pldrv51_110m", 1, 512, 2, 1, "float32"),
+        ),
+        memory_lengths=(256, 1024, 4096, 8192),
+        ceilings=CeilingsSpec(gib=1.0, n=2048, repeats=5),
+        compile=CompileSpec(num_prompts=20, max_len=512),
+    ),
+    "full": Suite(
+        decode=(
+            DecodeSpec("tiny", "float32", (1, 8), (256, 512, 1024, 2048, 4096, 8192),
+                       tuple(decode_bench.MODES)),
+            DecodeSpec("pldrv51_110m", "float32", (1, 8), (256, 1024, 2048, 4096, 8192),
+                       ("kv", "kv+g", "sdpa", "h2o", "lambda", "less")),
+            DecodeSpec("pldrv51_110m", "float32", (1,), (256, 1024), ("recompute",)),
+            DecodeSpec("pldrv51_110m", "bfloat16", (1, 8), (1024, 8192),
+                       ("kv+g", "sdpa", "less")),
+        ),
+        decode_steps={"tiny": 40, "pldrv51_110m": 16},
+        paired=tuple(PairedSpec("pldrv51_110m", b, (256, 1024, 4096, 8192), 60) for b in (1, 8)),
+        prefill=(PrefillSpec("tiny", (1, 8), (256, 1024, 4096, 8192)),
+                 PrefillSpec("pldrv51_110m", (1,), (256, 1024, 4096))),
+        train=(
+            TrainSpec("tiny", 16, 128, 20, 1, "float32"),
+            TrainSpec("tiny", 16, 128, 20, 8, "float32"),
+            TrainSpec("pldrv51_110m", 2, 1024, 3, 1, "float32"),
+            TrainSpec("pldrv51_110m", 8, 1024, 2, 8, "float32"),
+            TrainSpec("pldrv51_110m", 2, 1024, 3, 1, "bfloat16"),
+        ),
+        memory_lengths=(256, 512, 1024, 2048, 4096, 8192),
+        ceilings=CeilingsSpec(gib=2.0, n=4096, repeats=10),
+        compile=CompileSpec(num_prompts=20, max_len=2048),
+    ),
+    # A seconds-long pass over every section (tests/test_benchmarks.py); numbers meaningless.
+    "smoke": Suite(
+        decode=(DecodeSpec("tiny", "float32", (1,), (64,), tuple(decode_bench.MODES)),
+                DecodeSpec("tiny", "float32", (2,), (128,), ("kv+g", "less")),
+                DecodeSpec("tiny", "bfloat16", (1,), (64,), ("kv+g",))),
+        decode_steps={"tiny": 2},
+        paired=(PairedSpec("tiny", 1, (64,), 3),),
+        prefill=(PrefillSpec("tiny", (1,), (64,)),),
+        train=(TrainSpec("tiny", 4, 32, 1, 2, "float32"),),
+        memory_lengths=(64, 128),
+        budget=32,
+        ceilings=CeilingsSpec(gib=0.0625, n=256, repeats=2),
+        compile=CompileSpec(num_prompts=3, max_len=32, max_new_tokens=4),
+    ),
 }
-# A seconds-long pass over every section (tests/test_benchmarks.py); numbers meaningless.
-SUITES["smoke"] = {
-    "decode": [("tiny", "float32", (1,), (64,), decode_bench.MODES),
-               ("tiny", "float32", (2,), (128,), ("kv+g", "less")),
-               ("tiny", "bfloat16", (1,), (64,), ("kv+g",))],
-    "decode_steps": {"tiny": 2},
-    "paired": [("tiny", 1, (64,), 3)],
-    "prefill": [("tiny", (1,), (64,))],
-    "train": [("tiny", 4, 32, 1, 2, "float32")],
-    "memory_lengths": (64, 128),
-    "budget": 32,
-    "ceilings": {"gib": 0.0625, "n": 256, "repeats": 2},
-    "compile": {"num_prompts": 3, "max_len": 32, "max_new_tokens": 4},
-}
-GPU_TRAIN = [("pldrv51_110m", 32, 1024, 10, 1, "bfloat16"),
-             ("pldrv51_110m", 64, 1024, 10, 1, "bfloat16")]
+GPU_TRAIN = (TrainSpec("pldrv51_110m", 32, 1024, 10, 1, "bfloat16"),
+             TrainSpec("pldrv51_110m", 64, 1024, 10, 1, "bfloat16"))
 SECTIONS = ("ceilings", "decode", "gcache", "prefill", "train", "compile", "memory")
 
 
@@ -115,15 +240,16 @@ def log(msg: str) -> None:
   print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def run_decode(spec, ceil, rows):
+def run_decode(suite: Suite, ceil, rows):
   bw = ceil["read_bandwidth"]["bytes_per_s"] if ceil else None
-  for preset, weights, batches, lengths, modes in spec["decode"]:
-    for batch in batches:
-      for length in lengths:
-        for mode in modes:
+  for d in suite.decode:
+    preset, weights = d.preset, d.weights
+    for batch in d.batches:
+      for length in d.lengths:
+        for mode in d.modes:
           case = decode_bench.DecodeCase(preset, mode, batch, length, weights,
-                                         budget=spec.get("budget", 256),
-                                         steps=spec["decode_steps"][preset])
+                                         budget=suite.budget,
+                                         steps=suite.decode_steps[preset])
           try:
             r = decode_bench.run_case(case)
           except Exception as e:  # a failed case is recorded, the suite goes on
@@ -141,10 +267,11 @@ def run_decode(spec, ceil, rows):
               f"(compile {r['compile_s']:.1f}s)")
 
 
-def run_gcache(spec, rows):
+def run_gcache(suite: Suite, rows):
   """KV+G-cache vs same-size SDPA decode, timed step by step in alternation."""
-  for preset, batch, lengths, rounds in spec["paired"]:
-    for length in lengths:
+  for ps in suite.paired:
+    preset, batch, rounds = ps.preset, ps.batch, ps.rounds
+    for length in ps.lengths:
       cases = [decode_bench.DecodeCase(preset, m, batch, length) for m in ("kv+g", "sdpa")]
       a, b = decode_bench.paired(cases, rounds)
       over = a["latency_ms"] / b["latency_ms"] - 1.0
@@ -154,14 +281,14 @@ def run_gcache(spec, rows):
           f"overhead {100 * over:+.1f}%")
 
 
-def run_prefill(spec, rows):
-  for preset, batches, lengths in spec["prefill"]:
-    for batch in batches:
-      for length in lengths:
+def run_prefill(suite: Suite, rows):
+  for ps in suite.prefill:
+    preset = ps.preset
+    for batch in ps.batches:
+      for length in ps.lengths:
         for mode in ("kv+g", "sdpa", "less"):
           try:
-            r = decode_bench.prefill_time(preset, mode, batch, length,
-                                          budget=spec.get("budget", 256))
+            r = decode_bench.prefill_time(preset, mode, batch, length, budget=suite.budget)
           except Exception as e:
             r = {"preset": preset, "mode": mode, "batch": batch, "length": length,
                  "error": f"{type(e).__name__}: {e}"}
@@ -170,10 +297,12 @@ def run_prefill(spec, rows):
               f"{r.get('prefill_s', float('nan')):.3f} s")
 
 
-def run_train(spec, ceil, rows, on_gpu: bool):
-  cases = list(spec["train"]) + (GPU_TRAIN if on_gpu else [])
+def run_train(suite: Suite, ceil, rows, on_gpu: bool):
+  cases = suite.train + (GPU_TRAIN if on_gpu else ())
   mm = ceil["matmul"] if ceil else None
-  for preset, batch, seq, steps, devices, dtype in cases:
+  for case in cases:
+    preset, batch, seq, steps = case.preset, case.batch, case.seq, case.steps
+    devices, dtype = case.devices, case.compute_dtype
     if on_gpu and devices > 1:
       continue  # one GPU: forced host devices are a CPU-only measurement
     env = dict(os.environ)
@@ -204,11 +333,11 @@ def run_train(spec, ceil, rows, on_gpu: bool):
     rows.append(r)
 
 
-def run_memory(spec, rows):
+def run_memory(suite: Suite, rows):
   for preset in ("tiny", "pldrv51_110m"):
-    for length in spec["memory_lengths"]:
+    for length in suite.memory_lengths:
       for mode in ("kv", "kv+g", "sdpa", "h2o", "lambda", "less"):
-        r = decode_bench.state_memory(preset, mode, 1, length, budget=spec.get("budget", 256))
+        r = decode_bench.state_memory(preset, mode, 1, length, budget=suite.budget)
         rows.append(r)
   log(f"memory: {len(rows)} rows")
 
@@ -224,7 +353,7 @@ def main(argv=None) -> int:
   unknown = set(sections) - set(SECTIONS)
   if unknown:
     ap.error(f"unknown sections {sorted(unknown)}; known: {SECTIONS}")
-  spec = SUITES[a.suite]
+  suite = SUITES[a.suite]
   on_gpu = jax.devices()[0].platform == "gpu"
   t_start = time.perf_counter()
   record = {"suite": a.suite, "environment": common.environment(), "sections": list(sections)}
@@ -233,18 +362,20 @@ def main(argv=None) -> int:
       f"jax {jax.__version__}")
   ceil = None
   if "ceilings" in sections:
-    ceil = common.ceilings(**spec["ceilings"], gpu=on_gpu)
+    ceil = common.ceilings(**dataclasses.asdict(suite.ceilings), gpu=on_gpu)
     record["ceilings"] = ceil
     log(f"ceilings: read {ceil['read_bandwidth']['bytes_per_s'] / 1e9:.2f} GB/s "
         f"({ceil['read_bandwidth']['best_method']}), matmul fp32 "
         f"{ceil['matmul']['float32'] / 1e9:.1f} GFLOP/s, bf16 "
         f"{ceil['matmul']['bfloat16'] / 1e9:.1f} GFLOP/s")
-  for name, fn in (("compile", lambda rows: rows.append(compile_bench.generate_counts(**spec["compile"]))),
-                   ("memory", lambda rows: run_memory(spec, rows)),
-                   ("decode", lambda rows: run_decode(spec, ceil, rows)),
-                   ("gcache", lambda rows: run_gcache(spec, rows)),
-                   ("prefill", lambda rows: run_prefill(spec, rows)),
-                   ("train", lambda rows: run_train(spec, ceil, rows, on_gpu))):
+  compile_kwargs = dataclasses.asdict(suite.compile)
+  for name, fn in (("compile", lambda rows: rows.append(
+                       compile_bench.generate_counts(**compile_kwargs))),
+                   ("memory", lambda rows: run_memory(suite, rows)),
+                   ("decode", lambda rows: run_decode(suite, ceil, rows)),
+                   ("gcache", lambda rows: run_gcache(suite, rows)),
+                   ("prefill", lambda rows: run_prefill(suite, rows)),
+                   ("train", lambda rows: run_train(suite, ceil, rows, on_gpu))):
     if name in sections:
       t0 = time.perf_counter()
       rows = []
