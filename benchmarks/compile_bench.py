@@ -2,7 +2,7 @@
 
 `generate_counts` decodes prompts of assorted lengths with
 pldr_jax.generate.generate and counts how many times the one-program
-generate function was traced (pldr_jax.generate.TRACE_COUNT): prompts are
+generate function was compiled (the jit cache of pldr_jax.generate.generate_tokens): prompts are
 right-padded to power-of-two length buckets, so the count must equal the
 number of distinct buckets the prompts fall in, not the number of prompts.
 """
@@ -27,7 +27,7 @@ def generate_counts(preset: str = "tiny", num_prompts: int = 20, max_len: int = 
   lengths = rng.integers(1, max_len - max_new_tokens, num_prompts)
   buckets = gen.default_buckets(c.max_len)
   used = sorted({gen.bucket_length(int(n), buckets) for n in lengths})
-  before = gen.TRACE_COUNT["generate"]
+  before = gen.generate_tokens._cache_size()
   t0 = time.perf_counter()
   per_prompt = []
   for n in lengths:
@@ -36,7 +36,7 @@ def generate_counts(preset: str = "tiny", num_prompts: int = 20, max_len: int = 
     gen.generate(params, [prompt], config=c, max_new_tokens=max_new_tokens,
                  sampling=gen.SamplingConfig(temperature=0.0), key=jax.random.key(0))
     per_prompt.append(time.perf_counter() - t1)
-  traces = gen.TRACE_COUNT["generate"] - before
+  traces = gen.generate_tokens._cache_size() - before
   return {"preset": preset, "max_len": max_len, "num_prompts": num_prompts,
           "prompt_lengths": [int(n) for n in lengths], "buckets_used": used,
           "num_buckets_used": len(used), "compilations": traces,

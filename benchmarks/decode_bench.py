@@ -42,6 +42,7 @@ from benchmarks import common
 from less_jax import kernels as kernels_lib
 from less_jax import model as less_model
 from less_jax import policies as policies_lib
+from pldr_jax.kv_cache import KVCache, zeros_like_abstract
 from pldr_jax import config as cfg
 from pldr_jax import decode, model
 
@@ -103,10 +104,9 @@ def read_param_bytes(params: dict, c, mode: str, batch: int) -> int:
              + batch * emb.shape[1] * emb.dtype.itemsize)
 
 
-def _gcache_read_bytes(gcache: dict, mode: str) -> int:
-  if mode == "kv":  # reads A, recomputes the rest
-    return common.tree_bytes([g.get("A") for g in gcache["layers"] if "A" in g])
-  return common.tree_bytes([g.get("G_LM") for g in gcache["layers"] if "G_LM" in g])
+def _gcache_read_bytes(gcache, mode: str) -> int:
+  """Bytes of the G-cache a step reads: A (kv: the rest is recomputed) or G_LM."""
+  return common.tree_bytes(gcache.a if mode == "kv" else gcache.g_lm)
 
 
 def _policy(case: DecodeCase):
@@ -156,20 +156,21 @@ def run_case(case: DecodeCase, _build_only: bool = False) -> dict:
     g_cache = case.mode != "kv"
     _, small, gcache = decode.prefill_jit(params, toks, lens, config=c, cache_len=prompt,
                                           g_cache=g_cache)
-    shape = (b, c.num_heads, case.length, c.head_dim)
-    state = {"lengths": start,
-             "layers": [{**{k: v for k, v in layer.items() if k not in ("k", "v")},
-                         "k": jnp.zeros(shape, layer["k"].dtype),
-                         "v": jnp.zeros(shape, layer["v"].dtype)} for layer in small["layers"]]}
+    full = KVCache.abstract(c, b, case.length, g_cache)
+    state = small.replace(k=zeros_like_abstract(full.k), v=zeros_like_abstract(full.v),
+                          lengths=start)
     del small
-    lowered = decode.decode_step_jit.lower(params, gcache, state, tok, config=c, g_cache=g_cache)
+    step_params = decode.decode_params(params, c, g_cache)
+    lowered = decode.decode_step_jit.lower(step_params, gcache, state, tok, config=c,
+                                           g_cache=g_cache)
   else:
     policy = _policy(case)
     kernels = _kernels(c, case.rank, case.hidden) if case.mode == "less" else None
     _, state, gcache = less_model.less_prefill_jit(params, toks, lens, kernels, None, config=c,
                                                    policy=policy)
-    state = {**state, "lengths": start}
-    lowered = less_model.less_decode_step_jit.lower(params, gcache, state, tok, kernels,
+    state = state.replace(lengths=start)
+    step_params = decode.decode_params(params, c)
+    lowered = less_model.less_decode_step_jit.lower(step_params, gcache, state, tok, kernels,
                                                     config=c, policy=policy)
   key = (c, case.mode, b, case.budget, case.rank, case.hidden,
          str(jax.tree.map(lambda x: (x.shape, x.dtype), state)))
@@ -178,7 +179,6 @@ def run_case(case: DecodeCase, _build_only: bool = False) -> dict:
     _COMPILED[key] = (lowered.compile(), time.perf_counter() - t0)
   compiled, row["compile_s"] = _COMPILED[key]
   extra = (kernels, None) if case.mode not in FULL_MODES else ()  # kernels, active
-  step_params = decode.decode_params(params, c, case.mode != "kv")
   step = lambda state: compiled(step_params, gcache, state, tok, *extra)
   row["state_bytes"] = common.tree_bytes(state)
   row["gcache_bytes"] = common.tree_bytes(gcache)

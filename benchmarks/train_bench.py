@@ -35,8 +35,8 @@ from pldr_jax import train  # noqa: E402
 
 
 def run(preset: str, batch: int, seq: int | None, steps: int, compute_dtype: str = "float32",
-        fsdp: int = 1, g_mode: str | None = None) -> dict:
-  c = cfg.preset(preset, compute_dtype=compute_dtype)
+        fsdp: int = 1, g_mode: str | None = None, scan_layers: bool = True) -> dict:
+  c = cfg.preset(preset, compute_dtype=compute_dtype, scan_layers=scan_layers)
   if g_mode:
     c = c.replace(g_mode=g_mode)
   seq = seq or c.max_len
@@ -67,7 +67,8 @@ def run(preset: str, batch: int, seq: int | None, steps: int, compute_dtype: str
   dt = float(np.median(times))
   tps = batch * seq / dt
   fpt = train.flops_per_token(c, seq)
-  return {"preset": preset, "g_mode": c.g_mode, "batch": batch, "seq": seq,
+  return {"preset": preset, "g_mode": c.g_mode, "scan_layers": scan_layers, "batch": batch,
+          "seq": seq,
           "compute_dtype": compute_dtype, "devices": n, "fsdp": fsdp, "steps": steps,
           "step_s": dt, "step_min_s": float(np.min(times)), "tokens_per_s": tps,
           "flops_per_token": fpt, "model_flops_per_s": fpt * tps, "compile_s": compile_s,
@@ -83,8 +84,10 @@ def main(argv=None) -> int:
   ap.add_argument("--compute_dtype", default="float32")
   ap.add_argument("--fsdp", type=int, default=1)
   ap.add_argument("--g_mode", default=None)
+  ap.add_argument("--unrolled", action="store_true", help="PLDRConfig.scan_layers=False")
   a = ap.parse_args(argv)
-  row = run(a.preset, a.batch, a.seq, a.steps, a.compute_dtype, a.fsdp, a.g_mode)
+  row = run(a.preset, a.batch, a.seq, a.steps, a.compute_dtype, a.fsdp, a.g_mode,
+            scan_layers=not a.unrolled)
   print("RESULT " + json.dumps(row))
   return 0
 

@@ -180,10 +180,9 @@ def _schedule(todo, running, done, modes, gin_files, gin_params, out, data_workd
 
 def strip_metric_learner(params: dict, config) -> dict:
   """The parameters a fixed-G model of `config` has (drops metric learner and PLGA tensors)."""
-  from pldr_jax.params import layer_specs
-  keep = set(layer_specs(config))
-  return {**params, "layers": [{k: v for k, v in layer.items() if k in keep}
-                               for layer in params["layers"]]}
+  from pldr_jax.params import without_g_network
+  del config  # every fixed-G config has the same layer keys
+  return without_g_network(params)
 
 
 def inference_only(run: dict, data, learned: Path, wd: Path, prompt=(START_ID,)) -> dict:

@@ -11,7 +11,7 @@ docs/less.md):
   parallel  whole-sequence form (kernel training, perplexity scoring).
 """
 
-from less_jax.cache import (SparseKVCache, cache_bytes, check_cache, init_cache,
+from less_jax.cache import (SparseKVCache, SparseState, cache_bytes, check_cache, init_cache,
                             sparse_decode_step, sparse_prefill)
 from less_jax.kernels import (DEFAULT_DROPOUT, DEFAULT_HIDDEN, DEFAULT_RANK,
                               KernelParams, init_kernels, kernel_rank, phi, psi)
@@ -26,7 +26,7 @@ from less_jax.state import (LR_FLOOR, fold_in, init_state, less_combine,
                             less_norm, safe_log)
 
 __all__ = [
-    "SparseKVCache", "cache_bytes", "check_cache", "init_cache",
+    "SparseKVCache", "SparseState", "cache_bytes", "check_cache", "init_cache",
     "sparse_decode_step", "sparse_prefill",
     "DEFAULT_DROPOUT", "DEFAULT_HIDDEN", "DEFAULT_RANK", "KernelParams",
     "init_kernels", "kernel_rank", "phi", "psi",

@@ -48,19 +48,20 @@ authors' decode code); their training-time mask uses the dense softmax.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from less_jax import kernels as kernels_lib
 from less_jax import parallel as parallel_lib
 from less_jax import policies as policies_lib
 from less_jax import state as state_lib
+from pldr_jax.kv_cache import ArrayInfo
 
 __all__ = [
     "SparseKVCache",
+    "SparseState",
     "init_cache",
     "check_cache",
     "sparse_decode_step",
@@ -73,7 +74,8 @@ PREFILL_MODES = ("one_shot", "greedy")
 _EVICTED = np.iinfo(np.int32).max  # position marking a token out of the candidate set
 
 
-class SparseKVCache(NamedTuple):
+@struct.dataclass
+class SparseKVCache:
   """Per-layer decode state (see the module docstring for shapes)."""
 
   k: jax.Array
@@ -90,6 +92,39 @@ class SparseKVCache(NamedTuple):
   @property
   def rank(self) -> int:
     return int(self.h.shape[2])
+
+  @classmethod
+  def abstract(cls, batch: int, num_heads: int, head_dim: int, budget: int, rank: int = 0,
+               dtype=jnp.float32) -> "SparseKVCache":
+    """Shapes, dtypes and logical axes of each field (pldr_jax.kv_cache.ArrayInfo)."""
+    slots = ("batch", "heads", "cache_seq")
+    return cls(k=ArrayInfo((batch, num_heads, budget, head_dim), jnp.dtype(dtype),
+                           slots + ("head_dim",)),
+               v=ArrayInfo((batch, num_heads, budget, head_dim), jnp.dtype(dtype),
+                           slots + ("head_dim",)),
+               pos=ArrayInfo((batch, num_heads, budget), jnp.dtype(jnp.int32), slots),
+               score=ArrayInfo((batch, num_heads, budget), jnp.dtype(jnp.float32), slots),
+               h=ArrayInfo((batch, num_heads, rank, head_dim), jnp.dtype(jnp.float32),
+                           ("batch", "heads", "rank", "head_dim")),
+               z=ArrayInfo((batch, num_heads, rank), jnp.dtype(jnp.float32),
+                           ("batch", "heads", "rank")))
+
+
+@struct.dataclass
+class SparseState:
+  """The decode state of a sparse / LESS model: one SparseKVCache per layer
+  (each layer may have its own LESS rank) and the tokens seen per sequence.
+  Its size depends on the budget and ranks only, never on the sequence."""
+
+  lengths: jax.Array                       # [B] int32
+  layers: tuple[SparseKVCache, ...]        # L entries
+
+  @classmethod
+  def abstract(cls, batch: int, num_heads: int, head_dim: int, budget: int,
+               ranks: tuple[int, ...], dtype=jnp.float32) -> "SparseState":
+    return cls(lengths=ArrayInfo((batch,), jnp.dtype(jnp.int32), ("batch",)),
+               layers=tuple(SparseKVCache.abstract(batch, num_heads, head_dim, budget, r, dtype)
+                            for r in ranks))
 
 
 def init_cache(batch: int, num_heads: int, head_dim: int,

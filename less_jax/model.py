@@ -28,15 +28,15 @@ donated), `less_forward_jit`, `collect_layer_io_jit` (config, policy static).
 Decode state (donated each step; its size depends on the policy budget T and
 the kernel rank R only, never on the sequence length or the context):
 
-    {'lengths': int32 [B],
-     'layers':  [SparseKVCache(k, v [B, H, T, dk], pos, score [B, H, T],
-                               h [B, H, R, dk], z [B, H, R]) per layer]}
+    SparseState(lengths int32 [B],
+                layers=(SparseKVCache(k, v [B, H, T, dk], pos, score [B, H, T],
+                                      h [B, H, R, dk], z [B, H, R]) per layer))
 
 G-cache (constant, never donated), exactly what pldr_jax.decode.prefill builds
-with g_cache=True: per layer {'A', 'A_LM', 'G_LM'} (learned), {'G_LM'} (a
-given/fixed G) or {} (identity). Decode reads only 'G_LM' from it, so decode
-costs the sparse attention over T slots, one q @ G_LM per head and the
-low-rank part.
+with g_cache=True: a pldr_jax.kv_cache.GCache with g_lm, a, a_lm [L, B, H, dk, dk]
+(learned), g_lm only (a given/fixed G) or empty (identity). Decode reads only
+g_lm from it, so decode costs the sparse attention over T slots, one q @ G_LM
+per head and the low-rank part.
 
 Where G_LM comes from
   * Prefill computes G_LM from the prompt as pldr_jax does
@@ -71,10 +71,11 @@ from less_jax import cache as cache_lib
 from less_jax import kernels as kernels_lib
 from less_jax import parallel as parallel_lib
 from less_jax import policies as policies_lib
-from pldr_jax import decode as pdecode
 from pldr_jax import model as pmodel
 from pldr_jax import plga
 from pldr_jax.config import PLDRConfig
+from pldr_jax.kv_cache import GCache
+from less_jax.cache import SparseState
 
 __all__ = [
     "less_prefill",
@@ -134,61 +135,34 @@ def check_kernels_list(kernels, config: PLDRConfig) -> list:
   return kernels
 
 
-def _layer_given_g(g_lm, i: int, batch: int):
-  """Layer i of a checked g_lm ([L, H, dk, dk] or [L, B, H, dk, dk]) as [B, H, dk, dk]."""
-  if g_lm is None:
-    return None
-  g = g_lm[i]
-  return jnp.broadcast_to(g, (batch, *g.shape[-3:])) if g.ndim == 3 else g
-
-
-def _layer_g(layer_p: dict, q, valid, config: PLDRConfig, given):
-  """(G_LM or None, deductive dict) for one layer over a whole sequence.
-
-  given: a G_LM [B, H, dk, dk] to use, or None (learned: computed from q as
-  pldr_jax does; identity: None = I).
-  """
-  if given is None and config.learned_g:
-    ded = pmodel.deductive_g(layer_p, q, valid, config)
-    return ded["G_LM"], ded
-  if given is not None:
-    return given, {"G_LM": given}
-  return None, {}
-
-
-def _at_last(x, lengths):
-  """x: [B, S, ...] -> x[b, lengths_b - 1]."""
-  return jax.vmap(lambda xb, n: xb[n - 1])(x, lengths)
-
-
 # ----------------------------------------------------------------------------
-# The decoder with a pluggable attention.
+# The decoder with a sparse / LESS attention.
 
 def _run(params: dict, tokens, lengths, config: PLDRConfig, g_lm, capacity: int,
-         attend: Callable):
-  """Runs the whole decoder with attend(i, layer_p, q, q_eff, k, v, g, ded, lengths,
-  positions) -> (out [B, S, H, dk], record) as each layer's attention.
+         attend: Callable, kernels: list):
+  """pldr_jax.model.decoder over whole sequences with attend(i, layer_p, q, q_eff,
+  k, v, ded, kern, lengths, positions) -> (out [B, S, H, dk], record) as each
+  layer's attention; G_LM per layer as pldr_jax computes it (or `g_lm`).
 
-  Returns (logits [B, S, V], records, lengths int32 [B]).
+  Layers run unrolled: each may have its own kernels (rank, heads) or none.
+  Returns (logits [B, S, V], records (one per layer), lengths int32 [B]).
   """
   _check_config(config)
   pmodel.check_inputs(tokens, lengths, config, capacity=capacity)
   g_lm = pmodel.resolve_g_lm(config, g_lm)
-  b, s = tokens.shape
-  lengths = (jnp.full((b,), s, jnp.int32) if lengths is None
-             else jnp.asarray(lengths).astype(jnp.int32))
-  positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-  valid = positions < lengths[:, None]
-  x = pmodel.embed(params, tokens, config)
-  records = []
-  for i, layer_p in enumerate(params["layers"]):
-    q, k, v = pmodel.qkv(layer_p, x, positions, config)
-    g, ded = _layer_g(layer_p, q, valid, config, _layer_given_g(g_lm, i, b))
-    q_eff = plga.apply_g(q, g)
-    out, rec = attend(i, layer_p, q, q_eff, k, v, g, ded, lengths, positions)
-    x = pmodel.finish_layer(layer_p, x, out, config)
-    records.append(rec)
-  return pmodel.lm_head(params, x), records, lengths
+  lengths, positions, valid, _ = pmodel.sequence_inputs(tokens, lengths)
+  given = pmodel.given_g(g_lm, tokens.shape[0])
+  xs = [(None if given is None else given[i], kernels[i]) for i in range(config.num_layers)]
+
+  def layer_attend(i, layer_p, layer_xs, state, q, k, v):
+    g, kern = layer_xs
+    g, ded = pmodel.sequence_g(layer_p, q, valid, g, config)
+    out, rec = attend(i, layer_p, q, plga.apply_g(q, g), k, v, ded, kern, lengths, positions)
+    return out, state, rec
+
+  logits, _, records = pmodel.decoder(params, tokens, positions, layer_attend, xs,
+                                      config=config)
+  return logits, records, lengths
 
 
 # ----------------------------------------------------------------------------
@@ -216,11 +190,10 @@ def less_forward(params: dict, tokens, lengths=None, *, config: PLDRConfig,
   _check_policy(policy, config.max_len)
   kernels = check_kernels_list(kernels, config)
 
-  def attend(i, layer_p, q, q_eff, k, v, g, ded, lengths, positions):
-    out = parallel_lib.less_attention_parallel(q_eff, k, v, lengths, policy, kernels[i])
-    return out, None
+  def attend(i, layer_p, q, q_eff, k, v, ded, kern, lengths, positions):
+    return parallel_lib.less_attention_parallel(q_eff, k, v, lengths, policy, kern), None
 
-  logits, _, _ = _run(params, tokens, lengths, config, g_lm, config.max_len, attend)
+  logits, _, _ = _run(params, tokens, lengths, config, g_lm, config.max_len, attend, kernels)
   return logits
 
 
@@ -251,8 +224,8 @@ def less_prefill(params: dict, tokens, lengths=None, *, config: PLDRConfig,
       exceed it. It does not size anything.
 
   Returns:
-    (logits [B, S, V], state, gcache); state = {'lengths': int32 [B],
-    'layers': [SparseKVCache]}, gcache = {'layers': [{...}]} as pldr_jax's
+    (logits [B, S, V], state, gcache); state = SparseState(lengths int32 [B],
+    layers: one SparseKVCache per layer), gcache = a GCache as pldr_jax's
     G-cache (see the module docstring).
   """
   _check_config(config)
@@ -261,40 +234,40 @@ def less_prefill(params: dict, tokens, lengths=None, *, config: PLDRConfig,
   kernels = check_kernels_list(kernels, config)
   cd = jnp.dtype(config.compute_dtype)
 
-  def attend(i, layer_p, q, q_eff, k, v, g, ded, lengths, positions):
-    out, cache = cache_lib.sparse_prefill(q_eff, k, v, lengths, policy, kernels[i], dtype=cd,
+  def attend(i, layer_p, q, q_eff, k, v, ded, kern, lengths, positions):
+    out, cache = cache_lib.sparse_prefill(q_eff, k, v, lengths, policy, kern, dtype=cd,
                                           mode=mode)
-    glayer = {}
-    if "A" in ded:  # learned G computed from the prompt
-      pick = (lambda t: _at_last(t, lengths)) if config.causal_metric else (lambda t: t)
-      glayer = {"A": pick(ded["A"]), "A_LM": pick(ded["A_LM"]), "G_LM": pick(ded["G_LM"])}
-    elif "G_LM" in ded:  # a given G
-      glayer = {"G_LM": ded["G_LM"]}
-    return out, (cache, glayer)
+    return out, (cache, {key: ded[key] for key in ("A", "A_LM", "G_LM") if key in ded})
 
-  logits, records, lengths = _run(params, tokens, lengths, config, g_lm, context, attend)
-  state = {"lengths": lengths, "layers": [r[0] for r in records]}
-  gcache = {"layers": [r[1] for r in records]}
-  return logits, state, gcache
+  logits, records, lengths = _run(params, tokens, lengths, config, g_lm, context, attend,
+                                  kernels)
+  ded = jax.tree.map(lambda *a: jnp.stack(a), *[r[1] for r in records])
+  pick = (lambda t: pmodel.at_last(t, lengths)) if config.causal_metric else (lambda t: t)
+  if "A" in ded:  # learned G computed from the prompt
+    gcache = GCache(g_lm=pick(ded["G_LM"]), a=pick(ded["A"]), a_lm=pick(ded["A_LM"]))
+  else:  # a given G, or the identity (empty)
+    gcache = GCache(g_lm=ded.get("G_LM"))
+  return logits, SparseState(lengths=lengths, layers=tuple(r[0] for r in records)), gcache
 
 
 def _check_state(state, config: PLDRConfig, batch: int):
-  if not isinstance(state, dict) or set(state) != {"lengths", "layers"}:
-    raise ValueError("state must be the dict {'lengths', 'layers'} returned by less_prefill")
-  if len(state["layers"]) != config.num_layers:
-    raise ValueError(f"state has {len(state['layers'])} layers, the model has "
+  if not isinstance(state, SparseState):
+    raise ValueError(f"state must be the SparseState returned by less_prefill, got "
+                     f"{type(state).__name__}")
+  if len(state.layers) != config.num_layers:
+    raise ValueError(f"state has {len(state.layers)} layers, the model has "
                      f"{config.num_layers}")
-  if tuple(state["lengths"].shape) != (batch,):
+  if tuple(state.lengths.shape) != (batch,):
     raise ValueError(f"tokens are [B] = [{batch}] but the state holds "
-                     f"{tuple(state['lengths'].shape)} sequences")
+                     f"{tuple(state.lengths.shape)} sequences")
 
 
-def less_decode_step(params: dict, gcache: dict, state: dict, tokens, *,
+def less_decode_step(params: dict, gcache: GCache, state: SparseState, tokens, *,
                      config: PLDRConfig, policy: policies_lib.Policy, kernels=None,
                      active=None):
   """Appends one token per sequence and returns its logits.
 
-  Per layer: q, k, v of the new token (rotary at position state['lengths']),
+  Per layer: q, k, v of the new token (rotary at position state.lengths),
   q_eff = q @ G_LM (G_LM from the G-cache; identity: q), sparse/LESS attention
   over the layer's fixed-size cache (less_jax.sparse_decode_step: attend,
   update H2O scores, evict + fold into H, z), output projection and post-LN
@@ -315,36 +288,34 @@ def less_decode_step(params: dict, gcache: dict, state: dict, tokens, *,
     raise ValueError(f"tokens must be [B] (one token per sequence), got shape {tokens.shape}")
   b = tokens.shape[0]
   _check_state(state, config, b)
-  if len(gcache.get("layers", ())) != config.num_layers:
-    raise ValueError("gcache must be the {'layers': [...]} returned by less_prefill")
-  pos = state["lengths"]
+  if not isinstance(gcache, GCache):
+    raise ValueError("gcache must be the GCache returned by less_prefill")
+  if gcache.g_lm is None and config.g_mode != "identity":
+    raise ValueError("the G-cache has no G_LM: build it with less_prefill")
+  pos = state.lengths
   if active is None:
     active = jnp.ones((b,), bool)
   else:
     active = jnp.asarray(active).astype(bool)
     if active.shape != (b,):
       raise ValueError(f"active must be bool [B] = [{b}], got shape {active.shape}")
-  x = pmodel.embed(params, tokens[:, None], config)
-  positions = pos[:, None]
-  new_layers = []
-  for i, (layer_p, cache, layer_g) in enumerate(
-      zip(params["layers"], state["layers"], gcache["layers"])):
-    q, k, v = pmodel.qkv(layer_p, x, positions, config)
-    g = layer_g.get("G_LM")
-    if g is None and config.g_mode != "identity":
-      raise ValueError(f"layer {i}: the G-cache has no G_LM (keys {sorted(layer_g)}); "
-                       "build it with less_prefill")
+  xs = [(state.layers[i], None if gcache.g_lm is None else gcache.g_lm[i], kernels[i])
+        for i in range(config.num_layers)]
+
+  def attend(i, layer_p, layer_xs, _, q, k, v):
+    cache, g, kern = layer_xs
     q_eff = plga.apply_g(q, g)
     try:
       out, cache = cache_lib.sparse_decode_step(
-          cache, q_eff[:, 0], k[:, 0], v[:, 0], pos, policy, kernels[i], active=active)
+          cache, q_eff[:, 0], k[:, 0], v[:, 0], pos, policy, kern, active=active)
     except ValueError as e:
       raise ValueError(f"layer {i}: {e}") from e
-    x = pmodel.finish_layer(layer_p, x, out[:, None], config)
-    new_layers.append(cache)
-  logits = pmodel.lm_head(params, x[:, 0])
-  new_state = {"lengths": pos + active.astype(pos.dtype), "layers": new_layers}
-  return logits, new_state
+    return out[:, None], None, cache
+
+  logits, _, caches = pmodel.decoder(params, tokens[:, None], pos[:, None], attend, xs,
+                                     config=config)
+  new_state = SparseState(lengths=pos + active.astype(pos.dtype), layers=tuple(caches))
+  return logits[:, 0], new_state
 
 
 def collect_layer_io(params: dict, tokens, lengths=None, *, config: PLDRConfig,
@@ -361,16 +332,17 @@ def collect_layer_io(params: dict, tokens, lengths=None, *, config: PLDRConfig,
   Padding positions (>= lengths) hold zeros in 'out'. G_LM as in
   `less_forward` (the full forward's, or `g_lm`).
   """
-  def attend(i, layer_p, q, q_eff, k, v, g, ded, lengths, positions):
+  def attend(i, layer_p, q, q_eff, k, v, ded, kern, lengths, positions):
     mask = plga.causal_mask(positions, positions, lengths)
-    out, _ = plga.plga_attention(q, k, v, g, mask)
+    out, _ = plga.plga_attention(q_eff, k, v, None, mask)
     real = positions < lengths[:, None]
     rec = {"q_eff": q_eff, "k": k, "v": v,
            "out": jnp.where(real[:, :, None, None], out, jnp.zeros((), out.dtype)),
            "wo": layer_p["wo"]}
     return out, rec
 
-  _, records, _ = _run(params, tokens, lengths, config, g_lm, config.max_len, attend)
+  _, records, _ = _run(params, tokens, lengths, config, g_lm, config.max_len, attend,
+                       [None] * config.num_layers)
   return records
 
 
@@ -396,25 +368,12 @@ def less_prefill_jit(params, tokens, lengths, kernels=None, g_lm=None, *, config
 
 
 @functools.partial(jax.jit, static_argnames=("config", "policy"), donate_argnames=("state",))
-def _less_decode_step_jitted(params, gcache, state, tokens, kernels=None, active=None, *,
-                             config, policy):
+def less_decode_step_jit(params, gcache, state, tokens, kernels=None, active=None, *, config,
+                         policy):
+  """Jitted `less_decode_step`: the state is donated; params, G-cache, kernels are not
+  (the metric learner and power-law tensors are unused, so jit leaves them out)."""
   return less_decode_step(params, gcache, state, tokens, config=config, policy=policy,
                           kernels=kernels, active=active)
-
-
-def less_decode_step_jit(params, gcache, state, tokens, kernels=None, active=None, *,
-                         config, policy):
-  """Jitted `less_decode_step`: the state is donated; params, G-cache, kernels are not.
-  Decode reads G_LM from the G-cache, so the metric learner and power-law tensors
-  are not passed (pldr_jax.decode.decode_params)."""
-  return _less_decode_step_jitted(pdecode.decode_params(params, config), gcache, state, tokens,
-                                  kernels, active, config=config, policy=policy)
-
-
-less_decode_step_jit.lower = (
-    lambda params, gcache, state, tokens, kernels=None, active=None, *, config, policy:
-    _less_decode_step_jitted.lower(pdecode.decode_params(params, config), gcache, state,
-                                   tokens, kernels, active, config=config, policy=policy))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "policy"))

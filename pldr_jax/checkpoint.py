@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import logging
 import os
 import threading
@@ -348,6 +349,46 @@ def _check_layout(item_dir: str, item: str, saved: dict[str, tuple], abstract) -
         f"the abstract '{item}' tree does not match the checkpoint: " + "; ".join(problems))
 
 
+def _legacy_layers(saved: dict[str, tuple], abstract) -> int | None:
+  """L when the checkpoint holds layers as a list ('layers/0/...', written
+  before layers were stacked) and `abstract` asks for stacked layers, else None."""
+  idx = {int(m.group(1)) for k in saved if (m := re.search(r"(?:^|/)layers/(\d+)/", k))}
+  stacked = any(re.search(r"(?:^|/)layers/[^0-9]", k) for k in _flat(abstract))
+  return max(idx) + 1 if idx and stacked else None
+
+
+def _per_layer_abstract(tree, n: int):
+  """An abstract tree with stacked layers -> the same with a list of n per-layer
+  trees (each ShapeDtypeStruct without its [L] axis, sharding likewise)."""
+  def drop(x):
+    sh = x.sharding
+    if isinstance(sh, jax.sharding.NamedSharding):
+      sh = jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec(*tuple(sh.spec)[1:]))
+    return jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=sh)
+
+  def walk(t):
+    if isinstance(t, dict):
+      return {k: ([jax.tree.map(drop, v)] * n if k == "layers" and isinstance(v, dict)
+                  else walk(v)) for k, v in t.items()}
+    if hasattr(t, "_fields"):
+      return type(t)(*(walk(x) for x in t))
+    if isinstance(t, (list, tuple)):
+      return type(t)(walk(x) for x in t)
+    return t
+  return walk(tree)
+
+
+def _as_requested(restored, read_as, abstract):
+  """A tree restored per layer from an older checkpoint -> stacked, with the
+  requested shardings; anything else unchanged."""
+  if read_as is abstract:
+    return restored
+  from pldr_jax.params import stack_layers
+  place = lambda a, s: (jax.device_put(a, s.sharding)
+                       if getattr(s, "sharding", None) is not None else a)
+  return jax.tree.map(place, stack_layers(restored), abstract)
+
+
 # ---------------------------------------------------------------- Checkpointer
 
 def _handlers() -> dict:
@@ -581,6 +622,9 @@ class Checkpointer:
       raise CheckpointError(step_dir, "checkpoint is corrupt or unreadable: cannot read its "
                                       f"metadata: {_describe(e)}") from e
     for item, tree in stored.items():
+      n = _legacy_layers(layouts[item], tree)
+      if n is not None:  # restored per layer, then stacked (params_lib.stack_layers)
+        stored[item] = tree = _per_layer_abstract(tree, n)
       _check_layout(os.path.join(step_dir, item), item, layouts[item], tree)
     return step, step_dir, stored
 
@@ -601,17 +645,18 @@ class Checkpointer:
     args = {k: ocp.args.StandardRestore(v) for k, v in stored.items()}
     args.update({DATA_STATE: ocp.args.JsonRestore(), META: ocp.args.JsonRestore()})
     out = self._orbax_restore(step, step_dir, ocp.args.Composite(**args))
-    trees = {k: out[k] if k in stored else abstract[k] for k in (PARAMS, OPT_STATE)}
+    trees = {k: _as_requested(out[k], stored[k], abstract[k]) if k in stored else abstract[k]
+             for k in (PARAMS, OPT_STATE)}
     return {"params": trees[PARAMS], "opt_state": trees[OPT_STATE],
             "data_state": _unpack_data_state(out[DATA_STATE], step_dir),
             "meta": out[META], "step": step}
 
   def restore_params(self, step: int | None = None, *, abstract_params):
     """Only the parameters (for generation/eval: no optimizer state needed)."""
-    step, step_dir, _ = self._prepare(step, {PARAMS: abstract_params})
+    step, step_dir, stored = self._prepare(step, {PARAMS: abstract_params})
     out = self._orbax_restore(step, step_dir, ocp.args.Composite(
-        **{PARAMS: ocp.args.StandardRestore(abstract_params)}))
-    return out[PARAMS]
+        **{PARAMS: ocp.args.StandardRestore(stored[PARAMS])}))
+    return _as_requested(out[PARAMS], stored[PARAMS], abstract_params)
 
   def _orbax_restore(self, step: int, step_dir: str, args):
     try:

@@ -65,6 +65,10 @@ class PLDRConfig:
     rope_interleaved: rotary pairs (x[2i], x[2i+1]) as the authors' code (True,
       the Hugging Face port's `reference_rope=true`) or (x[i], x[i + dk/2]),
       rotate_half (False, `reference_rope=false`). Same weights, other outputs.
+    scan_layers: run the stacked layers of a whole-sequence pass (training,
+      scoring, prefill) with one `lax.scan` (True: one layer compiled) or
+      unrolled (False). Same numbers; decode always runs unrolled on
+      per-layer weights (pldr_jax.decode.decode_params).
   """
 
   vocab_size: int = 32000
@@ -82,6 +86,7 @@ class PLDRConfig:
   ln_eps: float = 1e-6
   rope_base: float = 10000.0
   rope_interleaved: bool = True
+  scan_layers: bool = True
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff",
@@ -100,6 +105,8 @@ class PLDRConfig:
       raise ConfigError(
           f"head_dim = d_model/num_heads = {self.head_dim} must be even for the "
           "rotary embedding")
+    if not isinstance(self.scan_layers, (bool, np.bool_)):
+      raise ConfigError(f"PLDRConfig.scan_layers must be True or False, got {self.scan_layers!r}")
     if not isinstance(self.rope_interleaved, (bool, np.bool_)):
       raise ConfigError(
           f"PLDRConfig.rope_interleaved must be True or False, got {self.rope_interleaved!r}")

@@ -129,7 +129,7 @@ def _get(tree, path: tuple):
 def _our_shapes(config: PLDRConfig) -> dict[tuple, tuple[int, ...]]:
   """Pytree path -> shape, from the ParamSpecs (allocates nothing)."""
   from pldr_jax.params import param_specs, ParamSpec
-  specs = param_specs(config)
+  specs = param_specs(config, stacked=False)
   flat, _ = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, ParamSpec))
   return {tuple(_path_key(k) for k in path): s.shape for path, s in flat}
 
@@ -324,8 +324,8 @@ def state_dict_to_params(state_dict: Mapping[str, Any], config: PLDRConfig, *,
         "float64 parameters need jax.config.update('jax_enable_x64', True) before loading; "
         "or load them as float32: param_dtype='float32' (config_from_state_dict / load_hf / "
         "load_checkpoint override), dtype='float32' here, or to_jax=False for NumPy arrays")
-  from pldr_jax.params import param_specs, ParamSpec
-  params = jax.tree.map(lambda s: None, param_specs(config),
+  from pldr_jax.params import param_specs, ParamSpec, stack_layers
+  params = jax.tree.map(lambda s: None, param_specs(config, stacked=False),
                         is_leaf=lambda x: isinstance(x, ParamSpec))
   for key, path, transpose in key_map(config):
     arr = _to_numpy(sd[key])
@@ -335,8 +335,9 @@ def state_dict_to_params(state_dict: Mapping[str, Any], config: PLDRConfig, *,
       arr = arr.T
     arr = np.ascontiguousarray(arr.astype(dt, copy=False))
     parent = _get(params, path[:-1])
-    parent[path[-1]] = jax.numpy.asarray(arr) if to_jax else arr
-  return params
+    parent[path[-1]] = arr
+  params = stack_layers(params, np)  # the published per-layer names -> stacked [L, ...]
+  return jax.tree.map(jax.numpy.asarray, params) if to_jax else params
 
 
 def params_to_state_dict(params: Mapping, config: PLDRConfig, *,
@@ -347,6 +348,9 @@ def params_to_state_dict(params: Mapping, config: PLDRConfig, *,
   comes out as ml_dtypes.bfloat16). Raises CheckpointError for a missing or
   wrongly shaped parameter.
   """
+  from pldr_jax.params import unstack_layers
+  if isinstance(params, Mapping) and isinstance(params.get("layers"), Mapping):
+    params = unstack_layers(params)
   ours = _our_shapes(config)
   dt = None if dtype is None else _np_dtype(dtype)
   out, problems = {}, []

@@ -19,9 +19,13 @@ from typing import Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
-from pldr_jax import decode, model
+from pldr_jax import decode, kv_cache, model
+from pldr_jax import params as params_lib
+from pldr_jax import sharding as sharding_lib
 from pldr_jax.config import PLDRConfig
+from pldr_jax.kv_cache import GCache, KVCache
 
 PAD_ID = 0
 
@@ -162,71 +166,120 @@ def auto_cache_len(width: int, max_new_tokens: int, config: PLDRConfig,
                            + (config.max_len,)), config.max_len)
 
 
-TRACE_COUNT = {"generate": 0}
-
-
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class FullCache:
   """The default cache: a KV-cache sized to the request, plus the G-cache
   (g_cache=False recomputes G_LM from the cached A at every step)."""
-  g_cache: bool = True
+  g_cache: bool = struct.field(pytree_node=False, default=True)
+
+  def prefill(self, params, tokens, lengths, g_lm, *, config, cache_len):
+    """-> (logits [B, S, V], KVCache, GCache)."""
+    return decode.prefill(params, tokens, lengths, config=config, cache_len=cache_len,
+                          g_cache=self.g_cache, g_lm=g_lm)
+
+  def step_params(self, params, *, config):
+    """What `step` reads: per-layer weights without the unused G network."""
+    return decode.decode_params(params, config, self.g_cache)
+
+  def abstract(self, *, config, batch, cache_len):
+    """(KVCache, GCache) of ArrayInfo: shapes, dtypes, logical axes."""
+    return (KVCache.abstract(config, batch, cache_len, self.g_cache),
+            GCache.abstract(config, batch, self.g_cache))
+
+  def step(self, params, gcache, state, tokens, *, config):
+    """params: `step_params(...)` -> (logits [B, V], KVCache)."""
+    return decode.decode_step(params, gcache, state, tokens, config=config,
+                              g_cache=self.g_cache)
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@struct.dataclass
 class SparseCache:
   """A fixed-size sparse cache: `policy` (less_jax: H2O, Λ-masking, sliding window)
   and optional LESS `kernels` (one KernelParams or None per layer), prefilled
   'one_shot' (default) or 'greedy' (less_jax.model.less_prefill). Its memory does
-  not grow with the sequence."""
-  policy: object
+  not grow with the sequence. A pytree: the kernels are traced, policy and
+  prefill mode static (changing them compiles another program)."""
+  policy: object = struct.field(pytree_node=False)
   kernels: object = None
-  prefill: str = "one_shot"
+  prefill_mode: str = struct.field(pytree_node=False, default="one_shot")
+
+  def prefill(self, params, tokens, lengths, g_lm, *, config, cache_len):
+    """-> (logits [B, S, V], less_jax SparseState, GCache)."""
+    from less_jax import model as less_model
+    del cache_len  # the budget fixes the size
+    return less_model.less_prefill(params, tokens, lengths, config=config, policy=self.policy,
+                                   kernels=self.kernels, g_lm=g_lm, mode=self.prefill_mode)
+
+  def step_params(self, params, *, config):
+    """What `step` reads: per-layer weights without the G network (G-cache)."""
+    return decode.decode_params(params, config)
+
+  def abstract(self, *, config, batch, cache_len):
+    """(SparseState, GCache) of ArrayInfo: shapes, dtypes, logical axes."""
+    from less_jax import cache as cache_lib, kernels as kernels_lib, model as less_model
+    del cache_len
+    ranks = tuple(kernels_lib.kernel_rank(k)
+                  for k in less_model.check_kernels_list(self.kernels, config))
+    return (cache_lib.SparseState.abstract(batch, config.num_heads, config.head_dim,
+                                           self.policy.budget, ranks, config.compute_dtype),
+            GCache.abstract(config, batch))
+
+  def step(self, params, gcache, state, tokens, *, config):
+    """params: `step_params(...)` -> (logits [B, V], less_jax SparseState)."""
+    from less_jax import model as less_model
+    return less_model.less_decode_step(params, gcache, state, tokens, config=config,
+                                       policy=self.policy, kernels=self.kernels)
 
 
-def _cache_fns(cache, config: PLDRConfig, cache_len: int):
-  """(prefill(params, tokens, lengths, g_lm, kernels), step(params, gcache, state, tok,
-  kernels)) for a cache spec."""
-  if isinstance(cache, FullCache):
-    return (lambda p, t, l, g, k: decode.prefill(p, t, l, config=config, cache_len=cache_len,
-                                                 g_cache=cache.g_cache, g_lm=g),
-            lambda p, gc, st, tok, k: decode.decode_step(p, gc, st, tok, config=config,
-                                                         g_cache=cache.g_cache))
-  from less_jax import model as less_model
-  policy, mode = cache
-  return (lambda p, t, l, g, k: less_model.less_prefill(p, t, l, config=config, policy=policy,
-                                                        kernels=k, g_lm=g, mode=mode),
-          lambda p, gc, st, tok, k: less_model.less_decode_step(p, gc, st, tok, config=config,
-                                                                policy=policy, kernels=k))
+def _check_cache(cache):
+  if cache is None:
+    return FullCache()
+  if not isinstance(cache, (FullCache, SparseCache)):
+    raise TypeError(f"cache must be a generate.FullCache or generate.SparseCache, got {cache!r}")
+  return cache
 
 
-def _static_cache(cache):
-  """The hashable part of a cache spec (a SparseCache's kernels are traced arrays)."""
-  if isinstance(cache, FullCache):
-    return cache
-  if isinstance(cache, SparseCache):
-    return (cache.policy, cache.prefill)
-  raise TypeError(f"cache must be a generate.FullCache or generate.SparseCache, got {cache!r}")
+def _constrain(tree, abstract, mesh):
+  """Pin a cache to the shardings its logical axes give on `mesh` (None: as is)."""
+  if mesh is None:
+    return tree
+  return jax.lax.with_sharding_constraint(tree, kv_cache.shardings(abstract, mesh))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "cache_len", "cache",
-                                             "path"))
-def generate_tokens(params, tokens, lengths, key, sampling: dict, g_lm=None, kernels=None, *,
-                    config: PLDRConfig, max_new_tokens: int, cache_len: int,
-                    cache=FullCache(), path: SamplingPath = SamplingPath()):
+def place(params, tokens, lengths, g_lm, cache, *, config: PLDRConfig, mesh):
+  """Put generation's inputs on `mesh`: parameters by their logical axes (the
+  training layout), the prompts split over the batch axes, the rest replicated."""
+  if mesh is None:
+    return params, tokens, lengths, g_lm, cache
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  on_batch = lambda x: jax.device_put(x, sharding_lib.logical_sharding(
+      x.shape, ("batch",) + (None,) * (x.ndim - 1), mesh))
+  return (jax.device_put(params, params_lib.param_shardings(config, mesh)), on_batch(tokens),
+          on_batch(lengths), None if g_lm is None else jax.device_put(g_lm, rep),
+          jax.device_put(cache, rep))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "cache_len", "path",
+                                             "mesh"))
+def generate_tokens(params, tokens, lengths, key, sampling: dict, g_lm=None, cache=FullCache(),
+                    *, config: PLDRConfig, max_new_tokens: int, cache_len: int,
+                    path: SamplingPath = SamplingPath(), mesh=None):
   """Prefill + decode loop in one program.
 
   tokens: int32 [B, S] right-padded; lengths: int32 [B]; key: typed PRNG key;
   sampling: SamplingConfig.as_arrays(); path: SamplingConfig.path; cache: a
-  FullCache or the static part of a SparseCache (policy, prefill mode), whose
-  kernels come as `kernels`. Returns (out int32 [B, max_new_tokens] padded with
+  FullCache or SparseCache (a pytree: its static fields select the program).
+  Returns (out int32 [B, max_new_tokens] padded with
   PAD after a stop token or the end, num int32 [B] generated tokens per
   sequence, stop token included).
   """
-  TRACE_COUNT["generate"] += 1
   b = tokens.shape[0]
-  prefill_fn, step_fn = _cache_fns(cache, config, cache_len)
-  logits, state, gcache = prefill_fn(params, tokens, lengths, g_lm, kernels)
-  last = jax.vmap(lambda row, n: row[n - 1])(logits, lengths)
+  logits, state, gcache = cache.prefill(params, tokens, lengths, g_lm, config=config,
+                                        cache_len=cache_len)
+  abstract = cache.abstract(config=config, batch=b, cache_len=cache_len)
+  state, gcache = _constrain(state, abstract[0], mesh), _constrain(gcache, abstract[1], mesh)
+  last = _at_last(logits, lengths)
+  step_params = cache.step_params(params, config=config)  # sliced once, outside the loop
   draw = lambda lg, i: sample_logits(lg, jax.random.fold_in(key, i), sampling["temperature"],
                                      sampling["top_p"], path)
   out = jnp.full((b, max_new_tokens), PAD_ID, jnp.int32)
@@ -242,7 +295,8 @@ def generate_tokens(params, tokens, lengths, key, sampling: dict, g_lm=None, ker
     out = out.at[:, i].set(jnp.where(done, PAD_ID, tok))
     num = num + (~done).astype(jnp.int32)
     done = done | (tok == sampling["stop_token"])
-    logits, state = step_fn(params, gcache, state, tok, kernels)
+    logits, state = cache.step(step_params, gcache, state, tok, config=config)
+    state = _constrain(state, abstract[0], mesh)
     return i + 1, draw(logits, i + 1), state, out, done, num
 
   _, _, _, out, _, num = jax.lax.while_loop(cond, body, init)
@@ -252,12 +306,16 @@ def generate_tokens(params, tokens, lengths, key, sampling: dict, g_lm=None, ker
 def generate(params, prompts, *, config: PLDRConfig, max_new_tokens: int,
              key: jax.Array | None = None, sampling: SamplingConfig = SamplingConfig(),
              g_cache: bool = True, g_lm=None, buckets: Sequence[int] | None = None,
-             cache_len: int | None = None, cache=None) -> list[list[int]]:
+             cache_len: int | None = None, cache=None,
+             mesh: jax.sharding.Mesh | None = None) -> list[list[int]]:
   """Generate continuations for a list of prompts (lists of token ids).
 
   cache: None / FullCache() (the KV-cache and, unless g_cache=False, the
   G-cache) or SparseCache(policy, kernels) (H2O, Λ-masking, sliding window,
   LESS), the way a kvpress user passes a press: no model change.
+  mesh: decode sharded like training (pldr_jax.train.make_mesh): weights by
+  their logical axes, prompts and caches split over the batch axes by the same
+  Flax logical-axis rules (pldr_jax.sharding); the tokens equal one device's.
   Returns one list of new token ids per prompt (ending at the stop token, if
   it was produced). The decode loop runs in one jitted `lax.while_loop`.
   """
@@ -266,11 +324,12 @@ def generate(params, prompts, *, config: PLDRConfig, max_new_tokens: int,
     cache_len = auto_cache_len(tokens.shape[1], max_new_tokens, config, buckets)
   key = jax.random.key(0) if key is None else key
   g_lm = model.resolve_g_lm(config, g_lm)
-  static = _static_cache(cache if cache is not None else FullCache(g_cache))
-  out, num = generate_tokens(params, tokens, lengths, key, sampling.as_arrays(), g_lm,
-                             getattr(cache, "kernels", None), config=config,
-                             max_new_tokens=max_new_tokens, cache_len=cache_len, cache=static,
-                             path=sampling.path)
+  cache = _check_cache(cache if cache is not None else FullCache(g_cache))
+  params, tokens, lengths, g_lm, cache = place(params, tokens, lengths, g_lm, cache,
+                                               config=config, mesh=mesh)
+  out, num = generate_tokens(params, tokens, lengths, key, sampling.as_arrays(), g_lm, cache,
+                             config=config, max_new_tokens=max_new_tokens, cache_len=cache_len,
+                             path=sampling.path, mesh=mesh)
   out, num = np.asarray(out), np.asarray(num)
   return [out[i, :num[i]].tolist() for i in range(len(prompts))]
 
@@ -278,7 +337,8 @@ def generate(params, prompts, *, config: PLDRConfig, max_new_tokens: int,
 def stream(params, prompts, *, config: PLDRConfig, max_new_tokens: int,
            key: jax.Array | None = None, sampling: SamplingConfig = SamplingConfig(),
            g_cache: bool = True, g_lm=None, buckets: Sequence[int] | None = None,
-           cache_len: int | None = None, cache=None) -> Iterator[np.ndarray]:
+           cache_len: int | None = None, cache=None,
+           mesh: jax.sharding.Mesh | None = None) -> Iterator[np.ndarray]:
   """Yield the next token of every prompt, one step at a time: int32 [B] arrays.
 
   A sequence that has produced the stop token yields PAD afterwards; the
@@ -291,20 +351,13 @@ def stream(params, prompts, *, config: PLDRConfig, max_new_tokens: int,
   key = jax.random.key(0) if key is None else key
   g_lm = model.resolve_g_lm(config, g_lm)
   arrays = sampling.as_arrays()
-  static = _static_cache(cache if cache is not None else FullCache(g_cache))
-  if isinstance(static, FullCache):
-    logits, state, gcache = decode.prefill_jit(params, tokens, lengths, g_lm, config=config,
-                                               cache_len=cache_len, g_cache=static.g_cache)
-    step = lambda gc, st, tok: decode.decode_step_jit(params, gc, st, tok, config=config,
-                                                      g_cache=static.g_cache)
-  else:
-    from less_jax import model as less_model
-    (policy, mode), kernels = static, cache.kernels
-    logits, state, gcache = less_model.less_prefill_jit(params, tokens, lengths, kernels, g_lm,
-                                                        config=config, policy=policy, mode=mode)
-    step = lambda gc, st, tok: less_model.less_decode_step_jit(params, gc, st, tok, kernels,
-                                                               config=config, policy=policy)
-  last = jax.vmap(lambda row, n: row[n - 1])(logits, jnp.asarray(lengths))
+  cache = _check_cache(cache if cache is not None else FullCache(g_cache))
+  params, tokens, lengths, g_lm, cache = place(params, tokens, lengths, g_lm, cache,
+                                               config=config, mesh=mesh)
+  logits, state, gcache = _prefill_jit(params, tokens, lengths, g_lm, cache, config=config,
+                                       cache_len=cache_len, mesh=mesh)
+  last = _at_last(logits, jnp.asarray(lengths))
+  step_params = _step_params_jit(params, cache, config=config)
   done = np.zeros(len(prompts), bool)
   for i in range(max_new_tokens):
     tok = _sample_jit(last, jax.random.fold_in(key, i), arrays, sampling.path)
@@ -313,7 +366,35 @@ def stream(params, prompts, *, config: PLDRConfig, max_new_tokens: int,
     done |= tok_np == sampling.stop_token
     if done.all() or i + 1 == max_new_tokens:
       return
-    last, state = step(gcache, state, tok)
+    last, state = _step_jit(step_params, gcache, state, tok, cache, config=config, mesh=mesh)
+
+
+def _at_last(logits, lengths):
+  """logits [B, S, V] -> each sequence's last real row [B, V]."""
+  return jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("config", "cache_len", "mesh"))
+def _prefill_jit(params, tokens, lengths, g_lm, cache, *, config, cache_len, mesh=None):
+  logits, state, gcache = cache.prefill(params, tokens, lengths, g_lm, config=config,
+                                        cache_len=cache_len)
+  abstract = cache.abstract(config=config, batch=tokens.shape[0], cache_len=cache_len)
+  return logits, _constrain(state, abstract[0], mesh), _constrain(gcache, abstract[1], mesh)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _step_params_jit(params, cache, *, config):
+  return cache.step_params(params, config=config)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "mesh"), donate_argnames=("state",))
+def _step_jit(params, gcache, state, tokens, cache, *, config, mesh=None):
+  logits, state = cache.step(params, gcache, state, tokens, config=config)
+  if mesh is not None:
+    abstract = cache.abstract(config=config, batch=tokens.shape[0],
+                              cache_len=getattr(state, "cache_len", None))
+    state = _constrain(state, abstract[0], mesh)
+  return logits, state
 
 
 @functools.partial(jax.jit, static_argnames=("path",))

@@ -11,19 +11,22 @@ Sequences are right-padded; `lengths` says how many tokens of each are real.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from pldr_jax import errors
 from pldr_jax import metric, nn, plga, power_law, rotary
+from pldr_jax import params as params_lib
 from pldr_jax.config import PLDRConfig
 from pldr_jax.g_modes import check_g
 from pldr_jax.params import init_params  # re-exported: model.init_params
 
-__all__ = ["forward", "init_params", "embed", "check_inputs", "InputError"]
+__all__ = ["forward", "decoder", "scan_layers", "init_params", "embed", "check_inputs",
+           "InputError"]
 
 
 InputError = errors.InputError  # the one error hierarchy: pldr_jax.errors
@@ -113,14 +116,6 @@ def deductive_g(layer_p: dict, q: jax.Array, valid: jax.Array, config: PLDRConfi
   return {"gram": gram, "A_in": a_in, "A": a, **power_law.power_law_step(layer_p["plga"], a)}
 
 
-def _layer_g(g_lm: Any, i: int, batch: int) -> jax.Array | None:
-  """Layer i's given G_LM broadcast to [B, H, dk, dk] (None stays None)."""
-  if g_lm is None:
-    return None
-  g = g_lm[i]
-  return jnp.broadcast_to(g, (batch, *g.shape[-3:])) if g.ndim == 3 else g
-
-
 def resolve_g_lm(config: PLDRConfig, g_lm):
   """Check a given G_LM (or its absence) against config.g_mode."""
   if g_lm is None:
@@ -131,24 +126,103 @@ def resolve_g_lm(config: PLDRConfig, g_lm):
   return check_g(config, g_lm)
 
 
-def decoder_layer(layer_p: dict, x: jax.Array, positions: jax.Array, valid: jax.Array,
-                  mask: jax.Array, config: PLDRConfig, g: jax.Array | None):
-  """One decoder layer over a whole (right-padded) sequence.
+def given_g(g_lm, batch: int):
+  """A checked given G_LM as per-layer xs for `decoder`: [L, B, H, dk, dk]
+  ([L, B, S, H, dk, dk] stays), or None."""
+  if g_lm is None:
+    return None
+  if g_lm.ndim == 4:  # [L, H, dk, dk]: one G for every sequence
+    return jnp.broadcast_to(g_lm[:, None], (g_lm.shape[0], batch, *g_lm.shape[1:]))
+  return g_lm
 
-  x: [B, S, d]; positions: int [B, S]; valid: bool [B, S]; mask: bool [B, S, S];
-  g: a given G_LM [B, H, dk, dk] or None (learned: computed here; identity: I).
-  Returns (x_out [B, S, d], aux) with aux holding k, v, the deductive
-  tensors and the pre-mask 'logits' [B, H, S, S].
+
+def sequence_g(layer_p: dict, q: jax.Array, valid: jax.Array, g: jax.Array | None,
+               config: PLDRConfig) -> tuple[jax.Array | None, dict]:
+  """G_LM of one layer over a whole sequence, and the deductive tensors.
+
+  q: [B, S, H, dk]; valid: bool [B, S]; g: a given G_LM [B, H, dk, dk] (or
+  [B, S, H, dk, dk]) or None. Learned G with nothing given: computed from q
+  (`deductive_g`); given: that one ({'G_LM': g}); identity: (None, {}).
   """
-  q, k, v = qkv(layer_p, x, positions, config)
-  aux = {"k": k, "v": v}
   if g is None and config.learned_g:
-    aux.update(deductive_g(layer_p, q, valid, config))
-    g = aux["G_LM"]
-  elif g is not None:
-    aux["G_LM"] = g
-  out, aux["logits"] = plga.plga_attention(q, k, v, g, mask)
-  return finish_layer(layer_p, x, out, config), aux
+    ded = deductive_g(layer_p, q, valid, config)
+    return ded["G_LM"], ded
+  if g is not None:
+    return g, {"G_LM": g}
+  return None, {}
+
+
+def scan_layers(body: Callable, carry, layers, xs=None, *, unroll: bool = False):
+  """Run body(carry, (i, layer_params, layer_xs)) -> (carry, ys) over the stacked layers.
+
+  layers: the stacked layer parameters ([L, ...] leaves); xs: a pytree of
+  per-layer inputs with a leading [L] axis, or a list of L per-layer inputs
+  (e.g. LESS kernels, some None), which forces the unrolled loop. i is the
+  layer index (traced under the scan, a Python int unrolled). unroll=False is
+  one `lax.scan` (the layer traced and compiled once); unroll=True a Python
+  loop over static layer slices. Returns (carry, ys stacked on a leading [L];
+  a list of L with per-layer xs).
+  """
+  listed = isinstance(layers, (list, tuple))  # per-layer trees (params_lib.unstack_layers)
+  n = len(layers) if listed else params_lib.num_stacked(layers)
+  per_layer = isinstance(xs, list)
+  if per_layer and len(xs) != n:
+    raise ValueError(f"{len(xs)} per-layer inputs for {n} layers")
+  if not (unroll or per_layer or listed):
+    return jax.lax.scan(body, carry, (jnp.arange(n, dtype=jnp.int32), layers, xs))
+  ys = []
+  for i in range(n):
+    layer_xs = xs[i] if per_layer else jax.tree.map(lambda a: a[i], xs)
+    layer_p = layers[i] if listed else params_lib.layer_slice(layers, i)
+    carry, y = body(carry, (i, layer_p, layer_xs))
+    ys.append(y)
+  return carry, (ys if per_layer else jax.tree.map(lambda *a: jnp.stack(a), *ys))
+
+
+Attend = Callable[..., tuple[jax.Array, Any, Any]]
+
+
+def decoder(params: dict, tokens: jax.Array, positions: jax.Array, attend: Attend, xs=None,
+            state=None, *, config: PLDRConfig, unroll: bool = False):
+  """The one decoder core: embedding, L post-LN PLGA layers, LM head.
+
+  tokens, positions: int [B, S] (decode: S = 1).
+  attend(i, layer_p, layer_xs, state, q, k, v) -> (out [B, S, H, dk], state, ys)
+  is layer i's attention (q, k after rotary, [B, S, H, dk]), which reads and
+  writes whatever cache it uses: full causal attention (training, prefill),
+  the KV- and G-cache (decode), a sparse or LESS cache. It gets layer i's
+  slice of `xs` (per-layer inputs: an [L]-leading pytree, or a list of L
+  entries) and the whole `state`, carried from layer to layer (a stacked cache
+  it updates in place at layer i).
+  Returns (logits [B, S, V], state, ys stacked [L, ...]).
+  """
+  chex.assert_rank([tokens, positions], 2)
+  chex.assert_equal_shape([tokens, positions])
+  x = embed(params, tokens, config)
+
+  def body(carry, layer):
+    x, state = carry
+    i, layer_p, layer_xs = layer
+    q, k, v = qkv(layer_p, x, positions, config)
+    out, state, ys = attend(i, layer_p, layer_xs, state, q, k, v)
+    return (finish_layer(layer_p, x, out, config), state), ys
+
+  (x, state), ys = scan_layers(body, (x, state), params["layers"], xs, unroll=unroll)
+  return lm_head(params, x), state, ys
+
+
+def at_last(x: jax.Array, lengths: jax.Array) -> jax.Array:
+  """x: [L, B, S, ...] -> x[:, b, lengths_b - 1]: [L, B, ...]."""
+  return x[:, jnp.arange(x.shape[1]), lengths - 1]
+
+
+def sequence_inputs(tokens, lengths):
+  """(lengths int32 [B], positions [B, S], valid [B, S], causal mask [B, S, S])."""
+  b, s = tokens.shape
+  lengths = jnp.full((b,), s, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
+  positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+  return lengths, positions, positions < lengths[:, None], plga.causal_mask(
+      positions, positions, lengths)
 
 
 DEDUCTIVE_KEYS = ("A_in", "A", "A_LM", "A_P", "G_LM", "logits")
@@ -156,8 +230,8 @@ DEDUCTIVE_KEYS = ("A_in", "A", "A_LM", "A_P", "G_LM", "logits")
 
 def forward(params: dict, tokens: jax.Array, lengths: jax.Array | None = None, *,
             config: PLDRConfig, g_lm=None, return_deductive: bool = False,
-            return_aux: bool = False):
-  """The full forward pass.
+            return_aux: bool = False, unroll: bool | None = None):
+  """The full forward pass (training, scoring, prefill).
 
   tokens: int [B, S] right-padded; lengths: int [B] (None: all S real);
   g_lm: optional G_LM [L, H, dk, dk], [L, B, H, dk, dk] or [L, B, S, H, dk, dk] used instead of the
@@ -166,29 +240,35 @@ def forward(params: dict, tokens: jax.Array, lengths: jax.Array | None = None, *
   return_deductive, else one dict per layer with 'A_in', 'A', 'A_LM', 'A_P',
   'G_LM' ([B, H, dk, dk]; causal metric [B, S, H, dk, dk]), the parameters
   'P', 'a', 'b_a' [H, dk, dk] and the pre-mask 'logits' [B, H, S, S].
-  return_aux=True returns the raw per-layer aux (k, v, gram, ...) instead.
+  return_aux=True returns the per-layer aux stacked on [L] instead: k, v
+  [L, B, S, H, dk], the deductive tensors and 'gram' (learned G).
+  unroll: None follows config.scan_layers.
   """
   check_inputs(tokens, lengths, config)
   g_lm = resolve_g_lm(config, g_lm)
-  b, s = tokens.shape
-  lengths = jnp.full((b,), s, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
-  positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-  valid = positions < lengths[:, None]
-  mask = plga.causal_mask(positions, positions, lengths)
-  x = embed(params, tokens, config)
-  auxes = []
-  for i, layer_p in enumerate(params["layers"]):
-    x, aux = decoder_layer(layer_p, x, positions, valid, mask, config, _layer_g(g_lm, i, b))
-    auxes.append(aux)
-  logits = lm_head(params, x)
+  lengths, positions, valid, mask = sequence_inputs(tokens, lengths)
+
+  def attend(i, layer_p, g, state, q, k, v):
+    g, ded = sequence_g(layer_p, q, valid, g, config)
+    out, logits = plga.plga_attention(q, k, v, g, mask)
+    if return_aux:
+      return out, state, {"k": k, "v": v, **ded}
+    if return_deductive:
+      return out, state, {**{key: ded[key] for key in DEDUCTIVE_KEYS if key in ded},
+                          "logits": logits}
+    return out, state, None
+
+  logits, _, ys = decoder(params, tokens, positions, attend, given_g(g_lm, tokens.shape[0]),
+                       config=config,
+                       unroll=(not config.scan_layers) if unroll is None else unroll)
   if return_aux:
-    return logits, auxes
+    return logits, ys
   if not return_deductive:
     return logits, None
   deductive = []
-  for layer_p, aux in zip(params["layers"], auxes):
-    d = {key: aux[key] for key in DEDUCTIVE_KEYS if key in aux}
-    if "plga" in layer_p:
-      d.update({key: layer_p["plga"][key] for key in ("P", "a", "b_a")})
+  for i in range(config.num_layers):
+    d = params_lib.layer_slice(ys, i)
+    if "plga" in params["layers"]:
+      d.update({key: params["layers"]["plga"][key][i] for key in ("P", "a", "b_a")})
     deductive.append(d)
   return logits, deductive

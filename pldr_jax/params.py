@@ -2,20 +2,27 @@
 
 `param_specs(config)` returns the parameter pytree with a `ParamSpec` at each
 leaf (shape, initialiser, logical axis names). `init_params` draws arrays from
-it; `param_shardings` maps logical axes onto a mesh; `count_params` counts
-without allocating anything.
+it; `param_shardings` maps logical axes onto a mesh (Flax logical-axis rules,
+pldr_jax.sharding); `count_params` counts without allocating anything.
+
+The decoder layers are stacked: `params["layers"]` is one layer's tree whose
+every array has a leading [L] axis (logical axis "layers"), which
+`pldr_jax.model.decoder` runs with `lax.scan` (or unrolled). `unstack_layers` /
+`stack_layers` convert to and from a list of per-layer trees (the published
+checkpoint's layer-by-layer names, older checkpoints).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pldr_jax import sharding as sharding_lib
 from pldr_jax.config import PLDRConfig
 
 
@@ -25,10 +32,18 @@ Initializer = Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
 @dataclasses.dataclass(frozen=True)
 class ParamSpec:
   """shape; init: a `jax.nn.initializers` callable (key, shape, dtype) -> array;
-  axes: a logical axis name (or None) per dimension."""
+  axes: a logical axis name (or None) per dimension. A stacked layer parameter
+  has axes[0] == "layers": its init draws each layer separately (the fans are
+  those of one layer's tensor)."""
   shape: tuple[int, ...]
   init: Initializer
   axes: tuple[str | None, ...]
+
+  def draw(self, key: jax.Array, dtype) -> jax.Array:
+    if self.axes[:1] == ("layers",):
+      keys = jax.random.split(key, self.shape[0])
+      return jax.vmap(lambda k: self.init(k, self.shape[1:], dtype))(keys)
+    return self.init(key, self.shape, dtype)
 
 
 # ------------------------------------------------------------------ initialisers
@@ -114,18 +129,72 @@ def layer_specs(c: PLDRConfig) -> dict:
   return layer
 
 
-def param_specs(c: PLDRConfig) -> dict:
-  """The whole parameter tree of ParamSpecs."""
+def _is_spec(x) -> bool:
+  return isinstance(x, ParamSpec)
+
+
+def _stacked(spec: ParamSpec, n: int) -> ParamSpec:
+  return ParamSpec((n, *spec.shape), spec.init, ("layers", *spec.axes))
+
+
+def param_specs(c: PLDRConfig, *, stacked: bool = True) -> dict:
+  """The whole parameter tree of ParamSpecs: layers stacked on a leading [L]
+  axis, or (stacked=False) a list of L per-layer trees."""
+  layer = layer_specs(c)
+  layers = (jax.tree.map(lambda s: _stacked(s, c.num_layers), layer, is_leaf=_is_spec)
+            if stacked else [layer_specs(c) for _ in range(c.num_layers)])
   return {
       "embed": ParamSpec((c.vocab_size, c.d_model), embedding_normal, ("vocab", "embed")),
       "ln_embed": _ln(c.d_model, None),
-      "layers": [layer_specs(c) for _ in range(c.num_layers)],
+      "layers": layers,
       "head": _dense(c.d_model, c.vocab_size, "embed", "vocab"),
   }
 
 
-def _is_spec(x) -> bool:
-  return isinstance(x, ParamSpec)
+def stack_layers(tree, xp=jnp):
+  """Every {'layers': [per-layer tree, ...]} inside `tree` (params, or an
+  optimizer state that mirrors them) -> {'layers': tree of [L, ...] arrays}
+  (stacked with xp.stack: jnp, or np to stay on the host)."""
+  if isinstance(tree, dict):
+    return {k: (jax.tree.map(lambda *xs: xp.stack(xs), *[stack_layers(x, xp) for x in v])
+                if k == "layers" and isinstance(v, list) and v and isinstance(v[0], dict)
+                else stack_layers(v, xp)) for k, v in tree.items()}
+  if hasattr(tree, "_fields"):  # a NamedTuple (optax states)
+    return type(tree)(*(stack_layers(x, xp) for x in tree))
+  if isinstance(tree, (list, tuple)):
+    return type(tree)(stack_layers(x, xp) for x in tree)
+  return tree
+
+
+def num_stacked(layers) -> int:
+  """L of a stacked layers tree."""
+  return int(jax.tree.leaves(layers)[0].shape[0])
+
+
+def layer_slice(layers, i: int):
+  """Layer i of a stacked layers tree (arrays without the [L] axis)."""
+  return jax.tree.map(lambda a: a[i], layers)
+
+
+G_NETWORK = ("ln_a", "res_units", "plga")
+
+
+def without_g_network(params: dict) -> dict:
+  """params without the metric learner and power-law tensors (ln_a, res_units,
+  plga): what a fixed-G model has and what decode with a G-cache reads.
+  Layers stacked or listed."""
+  strip = lambda layer: {k: v for k, v in layer.items() if k not in G_NETWORK}
+  layers = params["layers"]
+  return {**params, "layers": (strip(layers) if isinstance(layers, dict)
+                               else [strip(layer) for layer in layers])}
+
+
+def unstack_layers(params: dict) -> dict:
+  """params with stacked layers -> the same with a list of per-layer trees."""
+  layers = params["layers"]
+  if isinstance(layers, (list, tuple)):
+    return params
+  return {**params, "layers": [layer_slice(layers, i) for i in range(num_stacked(layers))]}
 
 
 def init_params(config: PLDRConfig, key: jax.Array) -> dict:
@@ -136,7 +205,7 @@ def init_params(config: PLDRConfig, key: jax.Array) -> dict:
   specs = param_specs(config)
   leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
   dtype = jnp.dtype(config.param_dtype)
-  arrays = [s.init(jax.random.fold_in(key, i), s.shape, dtype) for i, s in enumerate(leaves)]
+  arrays = [s.draw(jax.random.fold_in(key, i), dtype) for i, s in enumerate(leaves)]
   return jax.tree.unflatten(treedef, arrays)
 
 
@@ -158,21 +227,9 @@ def describe_param_count(config: PLDRConfig) -> str:
           f"{total - config.num_layers * (learner + plga):,}")
 
 
-# Logical axis -> mesh axis. 'fsdp' shards weights along their embed dimension;
-# everything else is replicated. Batch is sharded over ('data', 'fsdp').
-DEFAULT_RULES: Mapping[str, Any] = {"embed": "fsdp", "vocab": None, "qkv": None,
-                                    "mlp": None, "heads": None}
-
-
 def param_shardings(config: PLDRConfig, mesh: jax.sharding.Mesh,
-                    rules: Mapping[str, Any] = DEFAULT_RULES) -> dict:
-  """NamedSharding per parameter; a dimension the mesh axis does not divide stays replicated."""
-  def one(spec: ParamSpec):
-    names = []
-    for dim, ax in zip(spec.shape, spec.axes):
-      mesh_ax = rules.get(ax) if ax is not None else None
-      if mesh_ax is not None and dim % mesh.shape[mesh_ax]:
-        mesh_ax = None
-      names.append(mesh_ax)
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*names))
-  return jax.tree.map(one, param_specs(config), is_leaf=_is_spec)
+                    rules=sharding_lib.LOGICAL_RULES) -> dict:
+  """NamedSharding per parameter from its logical axes and Flax logical-axis
+  `rules`; a dimension the mesh axes do not divide stays replicated."""
+  return jax.tree.map(lambda s: sharding_lib.logical_sharding(s.shape, s.axes, mesh, rules),
+                      param_specs(config), is_leaf=_is_spec)

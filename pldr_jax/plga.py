@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -53,6 +54,8 @@ def plga_attention(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array | None
   q: [B,S,H,dk]; k, v: [B,T,H,dk]; g: see `apply_g`; mask: bool [B,S,T].
   Returns (out [B,S,H,dk] in v.dtype, pre-mask logits [B,H,S,T]).
   """
+  chex.assert_rank([q, k, v, mask], [4, 4, 4, 3])
+  chex.assert_equal_shape([k, v])
   logits = attention_logits(apply_g(q, g), k)
   probs = masked_softmax(logits, mask[:, None, :, :])
   out = jnp.einsum("bhst,bthd->bshd", probs.astype(v.dtype), v)
@@ -70,6 +73,8 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array | No
   The cache is the left operand of both products ([T, dk] @ [dk] and
   [T] @ [T, dk] per head), the layout XLA reads without transposing it.
   """
+  chex.assert_rank([q, k, v, visible], [3, 4, 4, 2])
+  chex.assert_equal_shape([k, v])
   ft = nn.upcast(q.dtype)
   qg = apply_g(q[:, None], g)[:, 0].astype(ft)
   logits = jnp.einsum("bhtd,bhd->bht", k.astype(ft), qg) / math.sqrt(q.shape[-1])

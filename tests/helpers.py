@@ -11,11 +11,11 @@ def perturbed_params(c, seed=0):
   """init_params with non-zero b / b_a so zero init cannot hide a bug."""
   p = model.init_params(c, jax.random.key(seed))
   rng = np.random.default_rng(seed)
-  for layer in p["layers"]:
-    if "plga" in layer:
-      for name in ("b", "b_a"):
-        layer["plga"][name] = jnp.asarray(
-            0.05 * rng.standard_normal(layer["plga"][name].shape), layer["plga"][name].dtype)
+  layer = p["layers"]  # stacked: every array [L, ...]
+  if "plga" in layer:
+    for name in ("b", "b_a"):
+      layer["plga"][name] = jnp.asarray(
+          0.05 * rng.standard_normal(layer["plga"][name].shape), layer["plga"][name].dtype)
   return p
 
 

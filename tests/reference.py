@@ -131,6 +131,24 @@ def learned_g(q_h, n, layer, h, eps):
 
 # ------------------------------------------------------------ the forward
 
+def _index(tree, i):
+  """Layer i of a nested dict/list of stacked arrays."""
+  if isinstance(tree, dict):
+    return {k: _index(v, i) for k, v in tree.items()}
+  if isinstance(tree, (list, tuple)):
+    return [_index(v, i) for v in tree]
+  return tree[i]
+
+
+def per_layer(params):
+  """params with stacked layers ({'layers': tree of [L, ...]}) -> a list of L layer trees."""
+  layers = params["layers"]
+  if isinstance(layers, dict):
+    first = layers["wq"]["kernel"]
+    layers = [_index(layers, i) for i in range(first.shape[0])]
+  return {**params, "layers": layers}
+
+
 def forward(params, tokens, lengths, config, *, g_lm=None, causal_metric=None,
             skip_g=False):
   """Reference forward pass.
@@ -154,7 +172,7 @@ def forward(params, tokens, lengths, config, *, g_lm=None, causal_metric=None,
     'A_in', 'A', 'A_LM', 'A_P' ([B, H, dk, dk], or [B, S, H, dk, dk] with a
     causal metric) and 'P', 'a', 'b_a' [H, dk, dk].
   """
-  p = to_f64(params)
+  p = to_f64(per_layer(params))
   tokens = np.asarray(tokens)
   bsz, seq = tokens.shape
   if lengths is None:

@@ -118,4 +118,4 @@ def test_strip_metric_learner_leaves_a_fixed_g_model():
   stripped = ab.strip_metric_learner(learned, fixed)
   want = jax.tree.structure(param_specs(fixed), is_leaf=lambda x: hasattr(x, "init"))
   assert jax.tree.structure(stripped) == want
-  assert stripped["layers"][0]["wq"]["kernel"] is learned["layers"][0]["wq"]["kernel"]
+  assert stripped["layers"]["wq"]["kernel"] is learned["layers"]["wq"]["kernel"]  # stacked

@@ -21,7 +21,7 @@ from pldr_jax import model
 from pldr_jax.checkpoint import (CheckpointError, Checkpointer, abstract_like, load_g_lm,
                                  load_meta)
 from pldr_jax.g_modes import random_g
-from pldr_jax.params import param_shardings
+from pldr_jax.params import param_shardings, unstack_layers
 
 DATA_STATE = {"parent": {"next_index": 3}, "offset": 1913}
 
@@ -107,7 +107,9 @@ def test_round_trip_bit_exact(tmp_path, state):
     _assert_bit_equal(r["opt_state"], opt_state)
     assert type(r["opt_state"][0]) is type(opt_state[0])  # ScaleByAdamState namedtuple
     assert r["opt_state"][0].count.dtype == jnp.int32 and int(r["opt_state"][0].count) == 1
-    assert isinstance(r["params"]["layers"], list)
+    # stacked layers: one tree of [L, ...] arrays
+    assert isinstance(r["params"]["layers"], dict)
+    assert r["params"]["layers"]["wq"]["kernel"].shape == (cfg.num_layers, 16, 16)
     assert r["data_state"] == {**DATA_STATE, "offset": 5}
     meta = r["meta"]
     assert meta["step"] == 5 and meta["note"] == "hello" and meta["lr"] == 0.5
@@ -252,9 +254,9 @@ def test_abstract_tree_mismatch_names_key_paths(two_steps, state):
   ab_o = abstract_like(opt_state)
 
   bad = abstract_like(params)
-  bad["layers"][1]["wq"]["kernel"] = jax.ShapeDtypeStruct((8, 16), jnp.float32)
-  with pytest.raises(CheckpointError, match=r"shape mismatch at layers/1/wq/kernel saved "
-                                            r"\(16, 16\) vs requested \(8, 16\)"):
+  bad["layers"]["wq"]["kernel"] = jax.ShapeDtypeStruct((2, 8, 16), jnp.float32)
+  with pytest.raises(CheckpointError, match=r"shape mismatch at layers/wq/kernel saved "
+                                            r"\(2, 16, 16\) vs requested \(2, 8, 16\)"):
     ckpt.restore(abstract_params=bad, abstract_opt_state=ab_o)
 
   bad = abstract_like(params)
@@ -263,8 +265,16 @@ def test_abstract_tree_mismatch_names_key_paths(two_steps, state):
     ckpt.restore(abstract_params=bad, abstract_opt_state=ab_o)
 
   bad = abstract_like(params)
-  bad["layers"].append(bad["layers"][0])
-  with pytest.raises(CheckpointError, match="not in the checkpoint: layers/2/"):
+  bad["layers"]["wx"] = bad["layers"]["wq"]
+  with pytest.raises(CheckpointError, match="not in the checkpoint: layers/wx/bias, "
+                                            "layers/wx/kernel"):
+    ckpt.restore_params(abstract_params=bad)
+
+  bad = abstract_like(params)  # one layer more: the stacked [L] axis does not match
+  bad["layers"] = jax.tree.map(lambda x: jax.ShapeDtypeStruct((3, *x.shape[1:]), x.dtype),
+                               bad["layers"])
+  with pytest.raises(CheckpointError, match=r"shape mismatch at layers/ffn/w1/bias saved "
+                                            r"\(2, 24\) vs requested \(3, 24\)"):
     ckpt.restore_params(abstract_params=bad)
 
   bad = abstract_like(params)
@@ -370,9 +380,9 @@ def test_checkpoint_without_checksums_still_restores(two_steps, state):
   with Checkpointer(two_steps) as ckpt:
     _assert_bit_equal(_restore(ckpt, state)["opt_state"], opt_state)
     bad = abstract_like(params)
-    bad["layers"][0]["ffn"]["w3"]["bias"] = jax.ShapeDtypeStruct((3,), jnp.float32)
-    with pytest.raises(CheckpointError, match=r"shape mismatch at layers/0/ffn/w3/bias saved "
-                                              r"\(16,\) vs requested \(3,\)"):
+    bad["layers"]["ffn"]["w3"]["bias"] = jax.ShapeDtypeStruct((2, 3), jnp.float32)
+    with pytest.raises(CheckpointError, match=r"shape mismatch at layers/ffn/w3/bias saved "
+                                              r"\(2, 16\) vs requested \(2, 3\)"):
       ckpt.restore_params(abstract_params=bad)
 
 
@@ -434,13 +444,58 @@ def test_restore_with_sharding_one_device(two_steps, state):
   _assert_bit_equal(r["opt_state"], opt_state)
 
 
+def test_old_list_layout_checkpoint_restores_stacked(tmp_path, state):
+  """A checkpoint written before the layers were stacked (params["layers"] a list
+  of per-layer trees, the optimizer state built for those params) restores into
+  the stacked abstract trees: bit-exact, with the requested shardings."""
+  cfg, params, opt_state, _ = state
+  old_params = unstack_layers(params)
+  assert isinstance(old_params["layers"], list) and len(old_params["layers"]) == cfg.num_layers
+  adam, *rest = optax.adamw(1e-3).init(old_params)
+  adam = adam._replace(count=jnp.ones((), jnp.int32),  # as the `state` fixture, per layer
+                       mu=jax.tree.map(lambda p: 0.1 * p, old_params),
+                       nu=jax.tree.map(lambda p: p * p, old_params))
+  old_opt_state = (adam, *rest)
+  d = tmp_path / "ckpt"
+  with Checkpointer(d, async_save=False) as ckpt:
+    assert ckpt.save(4, params=old_params, opt_state=old_opt_state, data_state=DATA_STATE,
+                     meta={"config": cfg})
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("fsdp",))
+  shardings = param_shardings(cfg, mesh)
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  opt_shardings = (opt_state[0]._replace(count=rep, mu=shardings, nu=shardings),
+                   *[None] * len(opt_state[1:]))
+  ab_p = abstract_like(params, shardings)
+  ab_o = abstract_like(opt_state, opt_shardings)
+  with Checkpointer(d) as ckpt:
+    # The files hold the list layout: the old abstract tree still restores as it was.
+    old = ckpt.restore_params(abstract_params=abstract_like(old_params))
+    assert isinstance(old["layers"], list)
+    _assert_bit_equal(old, old_params)
+    r = ckpt.restore(abstract_params=ab_p, abstract_opt_state=ab_o)
+    only_params = ckpt.restore_params(abstract_params=ab_p)
+  assert r["step"] == 4 and r["data_state"] == DATA_STATE
+  assert isinstance(r["params"]["layers"], dict)
+  _assert_bit_equal(r["params"], params)
+  _assert_bit_equal(r["opt_state"], opt_state)
+  _assert_bit_equal(only_params, params)
+  assert type(r["opt_state"][0]) is type(opt_state[0])
+  assert r["opt_state"][0].count.dtype == jnp.int32 and int(r["opt_state"][0].count) == 1
+  for tree, abstract in ((r["params"], ab_p), (only_params, ab_p), (r["opt_state"], ab_o)):
+    assert jax.tree.structure(tree) == jax.tree.structure(abstract)
+    for got, want in zip(jax.tree.leaves(tree), jax.tree.leaves(abstract)):
+      assert got.sharding == want.sharding
+  assert r["params"]["embed"].sharding == shardings["embed"]
+  assert r["opt_state"][0].mu["layers"]["wq"]["kernel"].sharding == shardings["layers"]["wq"]["kernel"]
+
+
 _SHARDED_SCRIPT = textwrap.dedent("""
     import sys
     import jax, jax.numpy as jnp, numpy as np, optax
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from pldr_jax import config, model
     from pldr_jax.checkpoint import Checkpointer, abstract_like, load_g_lm
-    from pldr_jax.params import param_shardings
+    from pldr_jax.params import param_shardings, unstack_layers
     assert jax.device_count() == 4, jax.devices()
     directory, params_file = sys.argv[1:]
     cfg = config.tiny()
@@ -476,6 +531,15 @@ _SHARDED_SCRIPT = textwrap.dedent("""
       check(r["params"], sh4)
       assert r["opt_state"][0].mu["embed"].sharding == sh4["embed"]
       assert r["opt_state"][0].count.sharding == opt_state[0].count.sharding
+      # a checkpoint of per-layer params (before the layers were stacked) -> stacked, sharded
+      old = unstack_layers(host)
+      ckpt.save(3, params=old, opt_state=optax.adamw(1e-3).init(old), data_state={}, meta={})
+      ckpt.wait_until_finished()
+      check(ckpt.restore_params(3, abstract_params=abstract_like(host, sh2)), sh2)
+      r = ckpt.restore(3, abstract_params=abstract_like(host, sh4),
+                       abstract_opt_state=abstract_like(opt_state))
+      check(r["params"], sh4)
+      assert r["opt_state"][0].mu["layers"]["wq"]["kernel"].sharding == sh4["layers"]["wq"]["kernel"]
     assert load_g_lm(directory, 1)["G_LM"].sum() == 256
     print("SHARDED-OK")
 """)

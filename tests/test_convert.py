@@ -31,7 +31,7 @@ import pytest
 from pldr_jax import config as config_lib
 from pldr_jax import convert
 from pldr_jax.model import forward
-from pldr_jax.params import count_params, init_params
+from pldr_jax.params import count_params, init_params, unstack_layers
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 
@@ -231,16 +231,16 @@ def test_round_trip_is_exact(dtype, param_dtype, learned):
 def test_kernels_are_transposed_weights(tiny64):
   sd = random_state_dict(tiny_layout(), seed=5)
   p = convert.state_dict_to_params(sd, tiny64, to_jax=False)
-  np.testing.assert_array_equal(p["layers"][1]["wo"]["kernel"],
+  np.testing.assert_array_equal(p["layers"]["wo"]["kernel"][1],
                                 sd["decoder.dec_layers.1.mha1.dense.weight"].T)
   np.testing.assert_array_equal(p["head"]["kernel"], sd["final_layer.weight"].T)
   np.testing.assert_array_equal(p["embed"], sd["decoder.embedding.weight"])
   unit_key = "decoder.dec_layers.0.mha1.reslayerAs.1.denseAs.1.gluw3.weight"
-  np.testing.assert_array_equal(p["layers"][0]["res_units"][1]["glu2"]["w3"]["kernel"],
+  np.testing.assert_array_equal(p["layers"]["res_units"][1]["glu2"]["w3"]["kernel"][0],
                                 sd[unit_key].T)
-  np.testing.assert_array_equal(p["layers"][0]["plga"]["P"],
+  np.testing.assert_array_equal(p["layers"]["plga"]["P"][0],
                                 sd["decoder.dec_layers.0.mha1.plgatt_layer.pwlst"])
-  np.testing.assert_array_equal(p["layers"][1]["ln_a"]["scale"],
+  np.testing.assert_array_equal(p["layers"]["ln_a"]["scale"][1],
                                 sd["decoder.dec_layers.1.mha1.layernorm1.weight"])
 
 
@@ -268,7 +268,8 @@ def test_pldrv51_110m_layout_matches_spec():
   cfg = config_lib.pldrv51_110m()
   want = published_layout(layers=5, heads=14, dk=64, dff=2389, a_dff=170, res_units=8,
                           vocab=32000)
-  abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+  # key_map's paths are the published per-layer ones: (layers, i, ...) of the list layout.
+  abstract = jax.eval_shape(lambda: unstack_layers(init_params(cfg, jax.random.key(0))))
   got = {}
   for key, path, transpose in convert.key_map(cfg):
     leaf = abstract
@@ -323,7 +324,7 @@ def test_shape_mismatch_error(tiny64):
 def test_export_shape_error(tiny64):
   params = convert.state_dict_to_params(random_state_dict(tiny_layout(), seed=7), tiny64,
                                         to_jax=False)
-  params["layers"][0]["ffn"]["w1"]["kernel"] = np.zeros((16, 25))
+  params["layers"]["ffn"]["w1"]["kernel"] = np.zeros((tiny64.num_layers, 16, 25))  # stacked
   with pytest.raises(ValueError, match=r"layers/0/ffn/w1/kernel.*expected shape \(16, 24\), "
                                        r"got \(16, 25\)"):
     convert.params_to_state_dict(params, tiny64)
@@ -581,7 +582,7 @@ def test_hf_config_errors(tmp_path):
   # Inference-only ablation: the learned model's other weights, a G brought by the caller.
   abl_cfg, abl, g = convert.load_hf(folder, g_mode="transferred")
   assert abl_cfg == cfg.replace(g_mode="transferred") and g is None
-  assert len(jax.tree.leaves(abl)) == len(tiny_layout(learned=False))
+  assert len(jax.tree.leaves(unstack_layers(abl))) == len(tiny_layout(learned=False))
   hf = json.loads((folder / "config.json").read_text())
   for field, value, match in [("model_type", "llama", "not a PLDR-LLM"),
                               ("num_denseA", 3, "num_denseA"),

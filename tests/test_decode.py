@@ -9,6 +9,7 @@ from helpers import perturbed_params, random_tokens
 from pldr_jax import config as cfg
 from pldr_jax import decode, g_modes, model, params as params_lib
 from pldr_jax import generate as gen
+from pldr_jax.kv_cache import GCache
 
 F64 = dict(param_dtype="float64", compute_dtype="float64")
 
@@ -33,8 +34,8 @@ def _prompt_g(p, row, n, c):
   Returns [L, 1, H, dk, dk]. Uses padding (tested below) to keep one shape.
   """
   _, aux = fwd(p, row, jnp.array([n], jnp.int32), config=c, return_aux=True)
-  pick = (lambda g: g[:, n - 1]) if c.causal_metric else (lambda g: g)
-  return jnp.stack([pick(a["G_LM"]) for a in aux])
+  g = aux["G_LM"]  # stacked over layers
+  return g[:, :, n - 1] if c.causal_metric else g
 
 
 def _fwd_n(p, row, n, c, g_lm=None):
@@ -48,7 +49,7 @@ def _decode_all(p, c, t, lens, steps, g_cache, cache_len=20):
                                          config=c, cache_len=cache_len, g_cache=g_cache)
   outs, deds = [], []
   for _ in range(steps):
-    tok = jax.vmap(lambda row, n: row[n])(t, state["lengths"])
+    tok = jax.vmap(lambda row, n: row[n])(t, state.lengths)
     lg, state, ded = step(p, gcache, state, tok, config=c, g_cache=g_cache,
                                         return_deductive=True)
     outs.append(lg)
@@ -91,8 +92,9 @@ def test_g_cache_on_off_same_deductive_outputs_15_decimals():
   t = _tokens(c, (2, 12))
   _, out_on, ded_on, gc_on = _decode_all(p, c, t, [6, 5], 4, g_cache=True)
   _, out_off, ded_off, gc_off = _decode_all(p, c, t, [6, 5], 4, g_cache=False)
-  assert set(gc_on["layers"][0]) == {"A", "A_LM", "G_LM"}
-  assert set(gc_off["layers"][0]) == {"A"}
+  assert isinstance(gc_on, GCache) and isinstance(gc_off, GCache)
+  assert all(x is not None for x in (gc_on.g_lm, gc_on.a, gc_on.a_lm))
+  assert gc_off.a is not None and gc_off.g_lm is None and gc_off.a_lm is None
   assert set(ded_off[0][0]) == {"A", "A_LM", "A_P", "G_LM"}  # recomputed each step
   for step_on, step_off in zip(ded_on, ded_off):
     for l_on, l_off in zip(step_on, step_off):
@@ -112,9 +114,9 @@ def test_g_cache_skips_the_metric_learner():
   t = _tokens(c, (1, 10))
   _, state, gcache = prefill(p, t[:, :5], jnp.array([5]), config=c, cache_len=12)
   broken = jax.tree.map(lambda x: x, p)
-  for layer in broken["layers"]:
-    layer["plga"] = jax.tree.map(lambda x: x * jnp.nan, layer["plga"])
-    layer["res_units"] = jax.tree.map(lambda x: x * jnp.nan, layer["res_units"])
+  layers = broken["layers"]  # stacked over layers
+  layers["plga"] = jax.tree.map(lambda x: x * jnp.nan, layers["plga"])
+  layers["res_units"] = jax.tree.map(lambda x: x * jnp.nan, layers["res_units"])
   lg_ok, _ = step(p, gcache, state, t[:, 5], config=c)
   lg_broken, _ = step(broken, gcache, state, t[:, 5], config=c)
   np.testing.assert_array_equal(np.asarray(lg_ok), np.asarray(lg_broken))
@@ -169,7 +171,7 @@ def test_fp32_decode_close_to_forward():
   for b, n in enumerate(lens):
     # fp32 G_LM is sensitive to rounding (A_LM near its 1e-9 floor, raised to a
     # power), so compare against the forward run with the cached G itself.
-    g = jnp.stack([layer["G_LM"][b:b + 1] for layer in gcache["layers"]])
+    g = gcache.g_lm[:, b:b + 1]
     full = _fwd_n(p, t[b:b + 1], n + steps, c, g_lm=g)
     assert _rel(outs[b], full[n:n + steps]) < 1e-5
 
@@ -181,13 +183,13 @@ def test_jitted_decode_donates_state_and_matches_eager():
   lens = jnp.array([5, 3], jnp.int32)
   _, st, gc = decode.prefill_jit(p, t[:, :5], lens, config=c, cache_len=16)
   _, st_e, gc_e = prefill(p, t[:, :5], lens, config=c, cache_len=16)
-  k_before = st["layers"][0]["k"]
+  k_before = st.k[0]
   lg, st2 = decode.decode_step_jit(p, gc, st, t[:, 5], config=c)
   lg_e, _ = step(p, gc_e, st_e, t[:, 5], config=c)
   assert k_before.is_deleted()  # donated
-  assert not gc["layers"][0]["G_LM"].is_deleted()  # G-cache kept
+  assert not gc.g_lm.is_deleted()  # G-cache kept
   assert _rel(lg, lg_e) < 1e-5
-  np.testing.assert_array_equal(np.asarray(st2["lengths"]), [6, 4])
+  np.testing.assert_array_equal(np.asarray(st2.lengths), [6, 4])
 
 
 def test_generate_greedy_matches_forward_and_stream():
@@ -210,19 +212,19 @@ def test_generate_no_recompile_within_bucket():
   c = cfg.tiny()
   p = _params(c)
   gen.generate(p, [[4, 5, 6]], config=c, max_new_tokens=4)  # warm the 16-bucket
-  before = gen.TRACE_COUNT["generate"]
+  before = gen.generate_tokens._cache_size()
   rng = np.random.default_rng(0)
   samp = lambda: gen.SamplingConfig(temperature=float(rng.uniform(0.5, 1.5)), top_k=4,
                                     top_p=float(rng.uniform(0.5, 0.95)))
   gen.generate(p, [[4, 5, 6]], config=c, max_new_tokens=4, sampling=samp())  # the top-k path
-  before = gen.TRACE_COUNT["generate"]
+  before = gen.generate_tokens._cache_size()
   for n in (1, 7, 9, 12, 16):  # temperature and top_p are traced: no recompilation
     prompt = rng.integers(4, c.vocab_size, n).tolist()
     gen.generate(p, [prompt], config=c, max_new_tokens=4, sampling=samp(),
                  key=jax.random.key(n))
-  assert gen.TRACE_COUNT["generate"] == before
+  assert gen.generate_tokens._cache_size() == before
   gen.generate(p, [[4] * 17], config=c, max_new_tokens=4)  # next bucket, greedy: new programs
-  assert gen.TRACE_COUNT["generate"] == before + 1
+  assert gen.generate_tokens._cache_size() == before + 1
 
 
 def test_generate_sizes_the_cache_to_the_request():
@@ -329,7 +331,7 @@ def test_bad_inputs_raise_clear_errors():
 def test_fixed_g_modes():
   c = cfg.tiny(g_mode="random")
   p = model.init_params(c, jax.random.key(0))
-  assert "plga" not in p["layers"][0] and "res_units" not in p["layers"][0]
+  assert "plga" not in p["layers"] and "res_units" not in p["layers"]
   g = g_modes.make_fixed_g(c, jax.random.key(1))
   t = _tokens(c, (2, 9))
   lg, _ = fwd(p, t, config=c, g_lm=g)

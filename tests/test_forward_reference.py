@@ -90,7 +90,8 @@ def make_tokens(cfg, seed, batch=len(RAGGED_LENGTHS), seq=SEQ):
 
 
 def np_params(params):
-  return ref.to_f64(jax.tree_util.tree_map(np.asarray, params))
+  """float64 NumPy params with a list of per-layer trees (the reference layout)."""
+  return ref.to_f64(ref.per_layer(jax.tree_util.tree_map(np.asarray, params)))
 
 
 @pytest.fixture(scope="module")
@@ -353,8 +354,8 @@ WELL_CONDITIONED_SHIFT = 6.0
 def test_fp32_matches_reference_well_conditioned(model, causal):
   cfg = config_lib.tiny(param_dtype="float32", compute_dtype="float32", causal_metric=causal)
   params = make_params(model, cfg, 15)
-  for layer in params["layers"]:
-    layer["plga"]["b"] = layer["plga"]["b"] + jnp.float32(WELL_CONDITIONED_SHIFT)
+  plga_p = params["layers"]["plga"]  # stacked over layers
+  plga_p["b"] = plga_p["b"] + jnp.float32(WELL_CONDITIONED_SHIFT)
   tokens = make_tokens(cfg, 16)
   logits, ded = run_model(model, params, tokens, RAGGED_LENGTHS, cfg, jit=True,
                           return_deductive=True)
@@ -430,9 +431,8 @@ def test_model_padding_invariance(model):
 def test_identity_mode_is_sdpa(model):
   cfg = cfg64(g_mode="identity")
   params = make_params(model, cfg, 19)
-  for layer in params["layers"]:
-    for key in ("ln_a", "res_units", "plga"):
-      assert key not in layer, f"g_mode identity params still have '{key}'"
+  for key in ("ln_a", "res_units", "plga"):
+    assert key not in params["layers"], f"g_mode identity params still have '{key}'"
   tokens = make_tokens(cfg, 20)
   logits, _ = run_model(model, params, tokens, RAGGED_LENGTHS, cfg)
   p_np = np_params(params)

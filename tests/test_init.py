@@ -72,11 +72,16 @@ def test_init_spread_matches_torch(preset):
   key = jax.random.key(0)
   checked = 0
   for (role, shape), (path, spec) in _leaves(config).items():
-    n = math.prod(shape)
-    reps = max(1, math.ceil(MIN_SAMPLES / n))
+    # A stacked layer parameter [L, ...]: init_params draws it with spec.draw, each
+    # layer separately with one layer's fans; torch's reference is one layer's tensor.
+    stacked = spec.axes[:1] == ("layers",)
+    layer_shape = shape[1:] if stacked else shape
+    n = math.prod(layer_shape)
+    reps = max(1, math.ceil(MIN_SAMPLES / math.prod(shape)))
     keys = jax.random.split(key, reps)
-    ours = np.asarray(jax.vmap(lambda k: spec.init(k, shape, jnp.float32))(keys)).ravel()
-    torch_shape, fn = torch_reference(role, shape, config.d_model)
+    drawn = np.asarray(jax.vmap(lambda k: spec.draw(k, jnp.float32))(keys))  # [reps, *shape]
+    ours = drawn.ravel()
+    torch_shape, fn = torch_reference(role, layer_shape, config.d_model)
     torch.manual_seed(0)
 
     def draw_torch(i):
@@ -97,6 +102,8 @@ def test_init_spread_matches_torch(preset):
       assert shape_ours == pytest.approx(shape_theirs, abs=0.02), where
       if shape_theirs > 0.84:
         assert max_ours == pytest.approx(max_theirs, rel=0.01), where
+      if stacked:  # every layer its own draw, not copies of one
+        assert not np.array_equal(drawn[0, 0], drawn[0, 1]), where
     checked += 1
   assert checked >= 15
 
@@ -105,11 +112,13 @@ def test_power_law_std_is_the_whole_tensor_rule():
   """The spec's numbers: std sqrt(2/(dk^2 + H dk)) = 0.020 at 110M, 0.042 for d 128 / 4 heads."""
   for c, want in ((config_lib.pldrv51_110m(), 0.020),
                   (config_lib.tiny(d_model=128, num_heads=4), 0.042)):
-    spec = params_lib.param_specs(c)["layers"][0]["plga"]["P"]
-    w = spec.init(jax.random.key(1), spec.shape, jnp.float32)
+    spec = params_lib.param_specs(c)["layers"]["plga"]["P"]  # stacked: [L, H, dk, dk]
+    w = spec.draw(jax.random.key(1), jnp.float32)
     h, dk = c.num_heads, c.head_dim
+    assert w.shape == (c.num_layers, h, dk, dk)
     assert math.sqrt(2 / (dk * dk + h * dk)) == pytest.approx(want, abs=5e-4)
-    assert float(jnp.std(w)) == pytest.approx(math.sqrt(2 / (dk * dk + h * dk)), rel=0.05)
+    for i in range(c.num_layers):  # each layer's [H, dk, dk] tensor follows the rule
+      assert float(jnp.std(w[i])) == pytest.approx(math.sqrt(2 / (dk * dk + h * dk)), rel=0.05)
 
 
 @pytest.mark.slow

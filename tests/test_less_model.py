@@ -23,9 +23,15 @@ from less_jax import model as lm
 from helpers import perturbed_params, random_tokens
 from pldr_jax import config as cfg
 from pldr_jax import decode, g_modes, model
+from pldr_jax.kv_cache import GCache
 
-fwd = model.forward
-p_prefill = decode.prefill
+# pldr_jax's whole-sequence references run their layers unrolled, op by op like
+# less_jax.model (whose layers may each have their own kernels): the same eager
+# ops, where the default lax.scan compiles the layer as one XLA computation
+# (last-bit differences that a learned G_LM amplifies; see the test docstrings).
+# decode.decode_step runs its layers unrolled already.
+fwd = functools.partial(model.forward, unroll=True)
+p_prefill = functools.partial(decode.prefill, unroll=True)
 p_step = decode.decode_step
 
 
@@ -93,7 +99,7 @@ def _less_decode_all(p, c, t, lens, steps, policy, kernels=None, g_lm=None):
                                     config=c, policy=policy)
   outs = []
   for _ in range(steps):
-    lg, state = l_step(p, gcache, state, _next_tokens(t, state["lengths"]), kernels=kernels,
+    lg, state = l_step(p, gcache, state, _next_tokens(t, state.lengths), kernels=kernels,
                        config=c, policy=policy)
     outs.append(lg)
   return logits, jnp.stack(outs, 1), state, gcache
@@ -101,7 +107,7 @@ def _less_decode_all(p, c, t, lens, steps, policy, kernels=None, g_lm=None):
 
 def _cached_g(gcache, b):
   """The G-cache's G_LM of sequence b as a g_lm argument [L, 1, H, dk, dk]."""
-  return jnp.stack([layer["G_LM"][b:b + 1] for layer in gcache["layers"]])
+  return gcache.g_lm[:, b:b + 1]
 
 
 # (1) -------------------------------------------------------------------------
@@ -136,7 +142,7 @@ def test_large_budget_without_kernels_equals_full_model(g_mode, policy):
   if c.learned_g:
     for b, n in enumerate(real):
       assert _rel(got[b, :n], ref[b, :n]) < 1e-4
-    g_full = jnp.stack([a["G_LM"] for a in aux])
+    g_full = aux["G_LM"]
     ref, _ = fwd(p, t, lens, config=c, g_lm=g_full)
     got = l_forward(p, t, lens, None, g_full, config=c, policy=policy)
   for b, n in enumerate(real):
@@ -147,17 +153,17 @@ def test_large_budget_without_kernels_equals_full_model(g_mode, policy):
   if c.learned_g:
     pre_ref, _, gc = p_prefill(p, t, plens_a, config=c, cache_len=32)
     pre, _, gcache = l_prefill(p, t, plens_a, config=c, policy=policy)
-    assert jax.tree.structure(gcache) == jax.tree.structure(gc)  # {A, A_LM, G_LM} per layer
+    assert jax.tree.structure(gcache) == jax.tree.structure(gc)  # GCache(g_lm, a, a_lm)
     for b, n in enumerate(plens):
       assert _rel(pre[b, :n], pre_ref[b, :n]) < 1e-4
-    for i, (mine, theirs) in enumerate(zip(gcache["layers"], gc["layers"])):
-      for key in ("A", "A_LM", "G_LM"):
-        assert _rel(mine[key], theirs[key]) < (1e-6 if i == 0 else 1e-4)
-    g_lm = jnp.stack([layer["G_LM"] for layer in gc["layers"]])  # pldr_jax's G-cache
+    for i in range(c.num_layers):
+      for key in ("a", "a_lm", "g_lm"):
+        assert _rel(getattr(gcache, key)[i], getattr(gc, key)[i]) < (1e-6 if i == 0 else 1e-4)
+    g_lm = gc.g_lm  # pldr_jax's G-cache
   pre_ref, st, gc = p_prefill(p, t, plens_a, config=c, cache_len=32, g_lm=g_lm)
   outs_ref = []
   for _ in range(steps):
-    lg, st = p_step(p, gc, st, _next_tokens(t, st["lengths"]), config=c)
+    lg, st = p_step(p, gc, st, _next_tokens(t, st.lengths), config=c)
     outs_ref.append(lg)
   outs_ref = jnp.stack(outs_ref, 1)
   pre, outs, state, gcache = _less_decode_all(p, c, t, plens, steps, policy, g_lm=g_lm)
@@ -165,7 +171,7 @@ def test_large_budget_without_kernels_equals_full_model(g_mode, policy):
   for b, n in enumerate(plens):
     assert _rel(pre[b, :n], pre_ref[b, :n]) < 1e-5
   assert _rel(outs, outs_ref) < 1e-5
-  np.testing.assert_array_equal(np.asarray(state["lengths"]), np.asarray(plens) + steps)
+  np.testing.assert_array_equal(np.asarray(state.lengths), np.asarray(plens) + steps)
 
 
 # (2) -------------------------------------------------------------------------
@@ -184,7 +190,7 @@ def test_decode_matches_parallel_form_position_by_position(g_mode, policy, with_
   # Evictions happened in the prompt and during decode.
   assert policy.budget < min(lens)
   if with_kernels:
-    assert float(jnp.min(jnp.sum(state["layers"][0].z, -1))) > 0
+    assert float(jnp.min(jnp.sum(state.layers[0].z, -1))) > 0
   for b, n in enumerate(lens):
     row = t[b:b + 1]
     g = _cached_g(gcache, b) if c.learned_g else None
@@ -205,7 +211,7 @@ def test_less_differs_from_sparse_and_full_attention():
   t = _tokens(c, (1, W), seed=2)
   lens = jnp.array([W], jnp.int32)
   full, aux = fwd(p, t, lens, config=c, return_aux=True)
-  g = jnp.stack([a["G_LM"] for a in aux])
+  g = aux["G_LM"]
   sparse = l_forward(p, t, lens, None, g, config=c, policy=H2O_SMALL)
   less = l_forward(p, t, lens, _kernels(c), g, config=c, policy=H2O_SMALL)
   assert _rel(sparse, full) > 1e-3
@@ -242,9 +248,12 @@ def test_batched_sequences_get_what_they_get_alone(g_mode):
     pre1, outs1, _, gc1 = _less_decode_all(p, c, row, [n], steps, policy, kern)
     assert _rel(pre[b, :n], pre1[0, :n]) < 1e-5
     assert _rel(outs[b], outs1[0]) < 1e-5
-    for mine, alone in zip(gcache["layers"], gc1["layers"]):
-      for key in mine:
-        assert _rel(mine[key][b], alone[key][0]) < 1e-5
+    assert jax.tree.structure(gcache) == jax.tree.structure(gc1)
+    for key in ("g_lm", "a", "a_lm"):
+      if getattr(gcache, key) is None:
+        continue
+      for mine, alone in zip(getattr(gcache, key), getattr(gc1, key)):  # per layer
+        assert _rel(mine[b], alone[0]) < 1e-5
     fwd1 = l_forward(p, row, jnp.array([n], jnp.int32), kern, None, config=c, policy=policy)
     assert _rel(fwd_b[b, :n], fwd1[0, :n]) < 1e-5
 
@@ -274,11 +283,11 @@ def test_decode_state_bytes_do_not_grow_with_the_sequence():
   sizes = {"prompt, max_len 1024": lm.decode_state_bytes(st_1k_ctx),
            "prompt, max_len 8192": lm.decode_state_bytes(st)}
   for start in (1000, 8000):
-    st = {**st, "lengths": jnp.array([start, start + 100], jnp.int32)}
+    st = st.replace(lengths=jnp.array([start, start + 100], jnp.int32))
     for i in range(3):
       lg, st = l_step(p, gc, st, t[:, i], config=c8k, policy=policy, kernels=kern)
     assert np.isfinite(np.asarray(lg)).all()
-    np.testing.assert_array_equal(np.asarray(st["lengths"]), [start + 3, start + 103])
+    np.testing.assert_array_equal(np.asarray(st.lengths), [start + 3, start + 103])
     sizes[f"{start} tokens + 3 steps"] = lm.decode_state_bytes(st)
   assert set(sizes.values()) == {expect}, sizes
   # The full KV cache of pldr_jax grows with the context (shapes only, nothing allocated).
@@ -333,7 +342,7 @@ def test_bad_inputs_give_clear_errors():
   with pytest.raises(ValueError, match=r"state holds \(2,\) sequences"):
     lm.less_decode_step(p, gcache, state, t[:1, 0], config=c, policy=H2O_SMALL, kernels=kern)
   with pytest.raises(ValueError, match="G-cache has no G_LM"):
-    lm.less_decode_step(p, {"layers": [{}, {}]}, state, t[:, 0], config=c, policy=H2O_SMALL,
+    lm.less_decode_step(p, GCache(), state, t[:, 0], config=c, policy=H2O_SMALL,
                         kernels=kern)
   # Model inputs: checked as pldr_jax does.
   with pytest.raises(model.InputError, match="outside the vocabulary"):
@@ -357,25 +366,25 @@ def test_jitted_decode_donates_state_matches_eager_and_respects_active():
   lens = jnp.array([8, 6], jnp.int32)
   _, st_j, gc_j = lm.less_prefill_jit(p, t, lens, kern, config=c, policy=H2O_SMALL)
   _, st_e, gc_e = lm.less_prefill(p, t, lens, config=c, policy=H2O_SMALL, kernels=kern)
-  assert _rel(gc_j["layers"][0]["G_LM"], gc_e["layers"][0]["G_LM"]) < 1e-5
+  assert _rel(gc_j.g_lm[0], gc_e.g_lm[0]) < 1e-5
   # Decode both from the eager prefill: a learned G_LM in fp32 amplifies the
   # last-bit differences of jitted vs eager prefill (see tests/test_decode.py).
   st, gc = jax.tree.map(jnp.copy, st_e), jax.tree.map(jnp.copy, gc_e)
   lg_e, st_e2 = lm.less_decode_step(p, gc_e, st_e, t[:, 8], config=c, policy=H2O_SMALL,
                                     kernels=kern)
-  k_before = st["layers"][0].k
+  k_before = st.layers[0].k
   # A host copy (np.asarray would be a zero-copy view that pins the buffers).
   st_before = jax.tree.map(lambda x: np.array(x, copy=True), st)
   active = jnp.array([True, False])
   lg, st2 = lm.less_decode_step_jit(p, gc, st, t[:, 8], kern, active, config=c,
                                     policy=H2O_SMALL)
   assert k_before.is_deleted()  # donated
-  assert not gc["layers"][0]["G_LM"].is_deleted()
+  assert not gc.g_lm.is_deleted()
   assert _rel(lg, lg_e) < 1e-5
-  np.testing.assert_array_equal(np.asarray(st2["lengths"]), [9, 6])
+  np.testing.assert_array_equal(np.asarray(st2.lengths), [9, 6])
   # Sequence 1 was inactive: its cache is untouched; sequence 0's equals eager.
-  for new, ref, old in zip(st2["layers"], st_e2["layers"], st_before["layers"]):
-    for a, r, o in zip(new, ref, old):
+  for new, ref, old in zip(st2.layers, st_e2.layers, st_before.layers):
+    for a, r, o in zip(jax.tree.leaves(new), jax.tree.leaves(ref), jax.tree.leaves(old)):
       np.testing.assert_allclose(np.asarray(a[0]), np.asarray(r[0]), rtol=1e-5, atol=1e-6)
       np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(o[1]))
 
@@ -389,7 +398,8 @@ def test_collect_layer_io_is_the_frozen_models_attention(g_mode):
   io = lm.collect_layer_io(p, t, lens, config=c)
   _, aux = fwd(p, t, lens, config=c, return_aux=True)
   assert len(io) == c.num_layers
-  for i, (rec, a) in enumerate(zip(io, aux)):
+  for i, rec in enumerate(io):
+    a = jax.tree.map(lambda x, i=i: x[i], aux)  # layer i of the stacked aux
     assert set(rec) == {"q_eff", "k", "v", "out", "wo"}
     assert rec["out"].shape == (2, W, c.num_heads, c.head_dim)
     assert _rel(rec["k"], a["k"]) < 1e-6 and _rel(rec["v"], a["v"]) < 1e-6  # same eager ops
@@ -400,7 +410,7 @@ def test_collect_layer_io_is_the_frozen_models_attention(g_mode):
                                      lj.sliding_window(W))
     assert _rel(rec["out"], big) < 1e-5
     np.testing.assert_array_equal(np.asarray(rec["wo"]["kernel"]),
-                                  np.asarray(p["layers"][i]["wo"]["kernel"]))
+                                  np.asarray(p["layers"]["wo"]["kernel"][i]))
 
 
 def test_one_shot_prefill_keeps_the_prompts_own_outputs():
@@ -419,9 +429,9 @@ def test_one_shot_prefill_keeps_the_prompts_own_outputs():
   greedy, _, _ = lm.less_prefill(p, t, lens, config=c, policy=H2O_SMALL, kernels=kern,
                                  mode="greedy")
   assert _rel(greedy[0], want[0]) > 1e-3  # the sparse cache changes the prompt's outputs
-  for layer in st["layers"]:
+  for layer in st.layers:
     assert (np.asarray(layer.pos) >= 0).sum(-1).max() == H2O_SMALL.budget
     assert np.asarray(layer.z).any()  # evicted prompt pairs folded in
   nxt, st2 = lm.less_decode_step(p, gc, st, t[:, 5], config=c, policy=H2O_SMALL, kernels=kern)
   assert np.isfinite(np.asarray(nxt)).all()
-  np.testing.assert_array_equal(np.asarray(st2["lengths"]), [W + 1, 12])
+  np.testing.assert_array_equal(np.asarray(st2.lengths), [W + 1, 12])

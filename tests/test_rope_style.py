@@ -21,7 +21,7 @@ import pytest
 from pldr_jax import config as config_lib
 from pldr_jax import rotary
 from pldr_jax.model import forward
-from pldr_jax.params import init_params
+from pldr_jax.params import init_params, stack_layers, unstack_layers
 
 F64 = dict(param_dtype="float64", compute_dtype="float64")
 
@@ -56,11 +56,13 @@ def test_half_rotation_matches_rotate_half_and_permuted_interleaved():
 
 
 def permute_for_half_rotation(params, config):
-  """The interleaved model's parameters rearranged so that half rotation computes the same."""
+  """The interleaved model's parameters rearranged so that half rotation computes the same.
+
+  Permuted layer by layer (the list layout), returned with the layers stacked again."""
   h, dk = config.num_heads, config.head_dim
   p = _perm(dk)
   both = lambda t: t[..., p, :][..., p]
-  out = jax.tree.map(np.asarray, params)
+  out = unstack_layers(jax.tree.map(np.asarray, params))
   for layer in out["layers"]:
     for name in ("wq", "wk"):
       k = layer[name]["kernel"]
@@ -77,7 +79,7 @@ def permute_for_half_rotation(params, config):
           g["w3"]["bias"] = g["w3"]["bias"][p]
         unit["ln"] = {k: v[p] for k, v in unit["ln"].items()}
       layer["plga"] = {k: both(v) for k, v in layer["plga"].items()}
-  return out
+  return stack_layers(out, np)
 
 
 def _perturbed_params(config, seed):
@@ -110,8 +112,7 @@ def test_half_rotation_model_equals_permuted_interleaved_model(g_mode):
   # Permuting wq / wk alone is not enough when G is learned (or not the identity).
   wrong = jax.tree.map(np.asarray, params)
   good = permute_for_half_rotation(params, cfg)
-  for layer, src in zip(wrong["layers"], good["layers"]):
-    layer["wq"], layer["wk"] = src["wq"], src["wk"]
+  wrong["layers"]["wq"], wrong["layers"]["wk"] = good["layers"]["wq"], good["layers"]["wk"]
   bad, _ = forward(jax.tree.map(jnp.asarray, wrong), tokens, config=half_cfg, g_lm=g)
   assert np.max(np.abs(np.asarray(bad) - np.asarray(want))) > 1e-3 * np.max(np.abs(want))
 

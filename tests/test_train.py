@@ -47,7 +47,7 @@ _SHARDED_RUN = textwrap.dedent("""
         toks[-1, 20:] = 0
         state, m = step(state, train.global_batch({"tokens": toks, "mask": mask}, mesh))
         losses.append(float(m["loss"]))
-      shard = state["params"]["layers"][0]["wq"]["kernel"].sharding
+      shard = state["params"]["layers"]["wq"]["kernel"].sharding
       print(json.dumps({"losses": losses, "devices": len(jax.devices()),
                         "spec": str(shard.spec)}))
 """)

@@ -1,0 +1,113 @@
+"""The decode caches as typed values: `KVCache` and `GCache`.
+
+Both are `flax.struct.dataclass` pytrees with fixed fields and an `abstract()`
+that gives each field's shape, dtype and logical axes, so a cache is placed on
+a mesh by the same Flax logical-axis rules as the parameters
+(pldr_jax.sharding). The KV buffers are one array per layer, not one stacked
+[L, ...] array: a decode step writes one slot of each in place and reads it
+whole, and on XLA:CPU a slice of a stacked buffer is a copy (measured: see
+docs/architecture.md). The small G tensors are stacked on a leading [L].
+
+  KVCache   (donated each decode step)
+    k, v      L x [B, H, T, dk] compute dtype   keys (after rotary) and values,
+                                                head-major, T = cache_len slots:
+                                                one buffer per layer
+    lengths   [B]               int32           tokens held per sequence
+    gram      [L, B, H, dk, dk] >= float32      running sum of q q^T: only for
+                                                the causal metric without the
+                                                G-cache (else None)
+  GCache    (constant, never donated; built once at prefill)
+    g_lm      [L, B, H, dk, dk]  G_LM that decode reads (G-cache, or a fixed G)
+    a         [L, B, H, dk, dk]  A, from which g_cache=False recomputes G_LM
+    a_lm      [L, B, H, dk, dk]  A_LM (kept with the G-cache, as the reference)
+
+A field a mode does not use is None (identity: an empty GCache).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from pldr_jax import sharding as sharding_lib
+from pldr_jax.config import PLDRConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrayInfo:
+  """What `abstract()` gives per field: shape, dtype and logical axes."""
+  shape: tuple[int, ...]
+  dtype: Any
+  axes: tuple[str | None, ...]
+
+
+def _is_info(x) -> bool:
+  return isinstance(x, ArrayInfo)
+
+
+def zeros_like_abstract(abstract):
+  """Zero arrays for a tree of ArrayInfo."""
+  return jax.tree.map(lambda i: jnp.zeros(i.shape, i.dtype), abstract, is_leaf=_is_info)
+
+
+def shardings(abstract, mesh: jax.sharding.Mesh, rules=sharding_lib.LOGICAL_RULES):
+  """NamedSharding per field of an abstract cache, from its logical axes."""
+  return jax.tree.map(lambda i: sharding_lib.logical_sharding(i.shape, i.axes, mesh, rules),
+                      abstract, is_leaf=_is_info)
+
+
+KV_AXES = ("batch", "heads", "cache_seq", "head_dim")
+G_AXES = ("layers", "batch", "heads", "head_dim", None)
+
+
+def _uses_gram(config: PLDRConfig, g_cache: bool) -> bool:
+  return config.learned_g and config.causal_metric and not g_cache
+
+
+@struct.dataclass
+class KVCache:
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
+  lengths: jax.Array
+  gram: jax.Array | None = None
+
+  @classmethod
+  def abstract(cls, config: PLDRConfig, batch: int, cache_len: int,
+               g_cache: bool = True) -> "KVCache":
+    cd = jnp.dtype(config.compute_dtype)
+    kv = (ArrayInfo((batch, config.num_heads, cache_len, config.head_dim), cd, KV_AXES),
+          ) * config.num_layers
+    gram = None
+    if _uses_gram(config, g_cache):
+      gram = ArrayInfo(_g_shape(config, batch), jnp.promote_types(cd, jnp.float32), G_AXES)
+    return cls(k=kv, v=kv, lengths=ArrayInfo((batch,), jnp.int32, ("batch",)), gram=gram)
+
+  @property
+  def cache_len(self) -> int:
+    return int(self.k[0].shape[2])
+
+
+def _g_shape(config: PLDRConfig, batch: int) -> tuple[int, ...]:
+  return (config.num_layers, batch, config.num_heads, config.head_dim, config.head_dim)
+
+
+@struct.dataclass
+class GCache:
+  g_lm: jax.Array | None = None
+  a: jax.Array | None = None
+  a_lm: jax.Array | None = None
+
+  @classmethod
+  def abstract(cls, config: PLDRConfig, batch: int, g_cache: bool = True) -> "GCache":
+    info = ArrayInfo(_g_shape(config, batch), jnp.dtype(config.compute_dtype), G_AXES)
+    if not config.learned_g:
+      return cls() if config.g_mode == "identity" else cls(g_lm=info)
+    if config.causal_metric and not g_cache:
+      return cls()
+    if g_cache:
+      return cls(g_lm=info, a=info, a_lm=info)
+    return cls(a=info)

@@ -1,0 +1,58 @@
+"""Logical axes -> mesh axes, with Flax's logical-axis rules (as MaxText).
+
+Every array the library places on a mesh is described by logical axis names
+(parameters: pldr_jax.params.ParamSpec; decode caches: the `abstract()` of
+pldr_jax.kv_cache.KVCache / GCache and less_jax.cache.SparseCache). One table,
+`LOGICAL_RULES`, maps those names onto the mesh ('data', 'fsdp'):
+
+  batch     -> ('data', 'fsdp')   sequences of a batch (training and decode)
+  embed     -> 'fsdp'             weights' model dimension (ZeRO-3 style)
+  everything else (layers, heads, head_dim, cache_seq, vocab, mlp, qkv, ...)
+            -> replicated
+
+A rule whose mesh axes do not divide the dimension is dropped for that array
+(it stays replicated), so one table serves any mesh from 1 device to a pod.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("layers", None),
+    ("vocab", None),
+    ("qkv", None),
+    ("mlp", None),
+    ("heads", None),
+    ("head_dim", None),
+    ("cache_seq", None),
+    ("rank", None),
+)
+
+
+def logical_spec(shape: Sequence[int], axes: Sequence[str | None], mesh: jax.sharding.Mesh,
+                 rules=LOGICAL_RULES) -> jax.sharding.PartitionSpec:
+  """PartitionSpec of an array [*shape] with logical `axes` under `rules`; a
+  dimension its mesh axes do not divide stays replicated."""
+  if len(shape) != len(axes):
+    raise ValueError(f"{len(axes)} logical axes {tuple(axes)} for a {len(shape)}-d shape "
+                     f"{tuple(shape)}")
+  spec = nn.logical_to_mesh_axes(tuple(axes), rules)
+  out = []
+  for dim, mesh_ax in zip(shape, spec):
+    names = () if mesh_ax is None else (mesh_ax,) if isinstance(mesh_ax, str) else mesh_ax
+    size = int(np.prod([mesh.shape[n] for n in names])) if names else 1
+    out.append(mesh_ax if names and dim % size == 0 else None)
+  return jax.sharding.PartitionSpec(*out)
+
+
+def logical_sharding(shape, axes, mesh: jax.sharding.Mesh,
+                     rules=LOGICAL_RULES) -> jax.sharding.NamedSharding:
+  """NamedSharding of `logical_spec`."""
+  return jax.sharding.NamedSharding(mesh, logical_spec(shape, axes, mesh, rules))
