@@ -171,7 +171,7 @@ def run_case(case: DecodeCase, _build_only: bool = False) -> dict:
     state = state.replace(lengths=start)
     step_params = decode.decode_params(params, c)
     lowered = less_model.less_decode_step_jit.lower(step_params, gcache, state, tok, kernels,
-                                                    config=c, policy=policy)
+                                                    None, config=c, policy=policy)
   key = (c, case.mode, b, case.budget, case.rank, case.hidden,
          str(jax.tree.map(lambda x: (x.shape, x.dtype), state)))
   if key not in _COMPILED:

@@ -231,6 +231,24 @@ SUITES = {
         compile=CompileSpec(num_prompts=3, max_len=32, max_new_tokens=4),
     ),
 }
+# One H100 (or any GPU), under 8 minutes: 110M bf16 training MFU (GPU_TRAIN), decode at
+# batch 1/8/64 against the HBM floor (ceilings), the G-cache's overhead over SDPA
+# (paired), LESS vs the full cache at 8k-32k tokens, prefill and compile times.
+# Not yet run: no GPU has been lent to a session since it was written.
+SUITES["gpu"] = Suite(
+    decode=(
+        DecodeSpec("pldrv51_110m", "bfloat16", (1, 8, 64), (1024, 8192), ("kv+g", "sdpa")),
+        DecodeSpec("pldrv51_110m", "bfloat16", (1, 8), (8192, 16384, 32768), ("kv+g", "less")),
+        DecodeSpec("pldrv51_110m", "float32", (1, 8), (1024,), ("kv+g",)),
+    ),
+    decode_steps={"pldrv51_110m": 32},
+    paired=tuple(PairedSpec("pldrv51_110m", b, (1024, 8192), 40) for b in (1, 8)),
+    prefill=(PrefillSpec("pldrv51_110m", (1, 8), (1024, 8192)),),
+    train=(),  # GPU_TRAIN is added on a GPU
+    memory_lengths=(1024, 8192, 32768),
+    ceilings=CeilingsSpec(gib=4.0, n=8192, repeats=10),
+    compile=CompileSpec(num_prompts=20, max_len=2048),
+)
 GPU_TRAIN = (TrainSpec("pldrv51_110m", 32, 1024, 10, 1, "bfloat16"),
              TrainSpec("pldrv51_110m", 64, 1024, 10, 1, "bfloat16"))
 SECTIONS = ("ceilings", "decode", "gcache", "prefill", "train", "compile", "memory")

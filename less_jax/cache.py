@@ -256,17 +256,32 @@ def sparse_decode_step(cache: SparseKVCache, q: jax.Array, k_new: jax.Array,
       policy, cache.pos, cache.score, jax.lax.stop_gradient(p_slots),
       jax.lax.stop_gradient(p_new), new_pos, act)
   hs, zs = cache.h, cache.z
+  k_write, v_write = k_new.astype(cache.k.dtype), v_new.astype(cache.v.dtype)
   if kernels is not None:
     k_old = jnp.take_along_axis(cache.k, slot[..., None, None], axis=2)[..., 0, :]
     v_old = jnp.take_along_axis(cache.v, slot[..., None, None], axis=2)[..., 0, :]
     hs, zs = state_lib.fold_in(hs, zs, kernels_lib.psi(kernels, k_old), v_old, evict)
+    k_write, v_write = _after(k_write, k_old), _after(v_write, v_old)
+  v_write = _after(v_write, out[..., :1])
   bi = jnp.arange(b, dtype=jnp.int32)[:, None]
   hi = jnp.arange(h, dtype=jnp.int32)[None, :]
   slot_w = jnp.where(act, slot, t_slots)  # out of range: dropped
-  k_c = cache.k.at[bi, hi, slot_w].set(k_new.astype(cache.k.dtype), mode="drop")
-  v_c = cache.v.at[bi, hi, slot_w].set(v_new.astype(cache.v.dtype), mode="drop")
+  k_c = cache.k.at[bi, hi, slot_w].set(k_write, mode="drop")
+  v_c = cache.v.at[bi, hi, slot_w].set(v_write, mode="drop")
   new_cache = SparseKVCache(k=k_c, v=v_c, pos=pos, score=score, h=hs, z=zs)
   return out.astype(v_new.dtype), new_cache
+
+
+def _after(x: jax.Array, read: jax.Array) -> jax.Array:
+  """x, made to depend on `read` (x + 0 * read: the same values, NaN aside).
+
+  The decode step reads a layer's old slots (scores, output, the evicted pair)
+  and then overwrites one slot of the donated buffer. XLA updates the buffer in
+  place only when every read is ordered before the write by data dependencies;
+  otherwise it copies the whole buffer first (measured: k and v copied twice
+  per layer per step). Feeding the reads into the written values orders them.
+  """
+  return x + jnp.zeros_like(x) * read.astype(x.dtype)
 
 
 def _fold_evicted(kernels, k, v_bh, kept, lengths):

@@ -91,3 +91,15 @@ def test_smoke_suite_writes_every_section_and_the_report(tmp_path):
   (tmp_path / "RESULTS.md").unlink()
   assert report.main([str(files[0])]) == 0
   assert (tmp_path / "RESULTS.md").exists()
+
+
+def test_gpu_suite_measures_what_the_gpu_goals_need():
+  """`--suite gpu`: decode at batch 1/8/64 (HBM floor from the ceilings), the G-cache
+  overhead, LESS vs the full cache from 8k to 32k tokens, bf16 110M training."""
+  s = run.SUITES["gpu"]
+  full = [d for d in s.decode if "kv+g" in d.modes and d.weights == "bfloat16"]
+  assert {1, 8, 64} <= {b for d in full for b in d.batches}
+  less = [d for d in s.decode if "less" in d.modes]
+  assert {8192, 32768} <= {n for d in less for n in d.lengths}
+  assert s.paired and s.ceilings.gib >= 1.0
+  assert all(t.compute_dtype == "bfloat16" and t.preset == "pldrv51_110m" for t in run.GPU_TRAIN)

@@ -128,7 +128,9 @@ def test_simple_evaluate_by_name_matches_direct_scores(workdir, task_dir, lm):
     got = np.array([r[0] for r in s["filtered_resps"]], np.float64)
     assert np.all(np.isfinite(got)) and np.all(got < 0)
     want = np.array([r[0] for r in lm.loglikelihood(reqs)], np.float64)
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    # Same model, other batch composition (so other padded shapes and fp32 sums):
+    # equal to fp32 rounding of a ~25-nat sum.
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_loglikelihood_is_forward_with_context_g(lm, workdir):
