@@ -16,6 +16,7 @@ N = 64
 def gen():
   out = generate.generate(p, [prompt], config=c, max_new_tokens=N)
   return out
+sp = decode.decode_params(p, c)  # per-layer weights, once (generate slices them per call)
 def hand():
   toks = jnp.asarray([prompt], jnp.int32); lens = jnp.asarray([128], jnp.int32)
   cl = generate.auto_cache_len(128, N, c)
@@ -24,7 +25,7 @@ def hand():
   outs = []
   for _ in range(N):
     outs.append(tok)
-    lg, st = decode.decode_step_jit(p, gc, st, tok, config=c)
+    lg, st = decode.decode_step_jit(sp, gc, st, tok, config=c)
     tok = jnp.argmax(lg, -1).astype(jnp.int32)
   return np.asarray(jnp.stack(outs, 1))
 for f in (gen, hand): f()  # compile

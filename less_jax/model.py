@@ -242,7 +242,7 @@ def less_prefill(params: dict, tokens, lengths=None, *, config: PLDRConfig,
   logits, records, lengths = _run(params, tokens, lengths, config, g_lm, context, attend,
                                   kernels)
   ded = jax.tree.map(lambda *a: jnp.stack(a), *[r[1] for r in records])
-  pick = (lambda t: pmodel.at_last(t, lengths)) if config.causal_metric else (lambda t: t)
+  pick = (lambda t: pmodel.at_last(t, lengths, batch_axis=1)) if config.causal_metric else (lambda t: t)
   if "A" in ded:  # learned G computed from the prompt
     gcache = GCache(g_lm=pick(ded["G_LM"]), a=pick(ded["A"]), a_lm=pick(ded["A_LM"]))
   else:  # a given G, or the identity (empty)

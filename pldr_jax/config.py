@@ -2,7 +2,8 @@
 
 `PLDRConfig` (the model), `TrainConfig` (optimisation and schedule, used by
 `pldr_jax.train`), `DataConfig` (the input pipeline, `pldr_jax.data`) and
-`LessTrainConfig` (LESS kernel training, `less_jax.train_kernels`). They are
+`LessTrainConfig` (LESS kernel training, `less_jax.train_kernels`),
+`SamplingConfig` / `SamplingPath` (generation, `pldr_jax.generate`). They are
 frozen (hashable) dataclasses, so a `PLDRConfig` can be passed to `jax.jit` as
 a static argument. Gin binds them only at the entry points in `experiments/`;
 the modules that use them re-export them (`from pldr_jax.train import
@@ -308,13 +309,16 @@ class LessTrainConfig:
     batch_size: training batch size (None: the pretraining DataConfig's).
   """
 
+  # The sparse policy the kernels are trained for.
   policy: str = "h2o"
   heavy: int | None = None
   recent: int | None = None
   sink: int | None = None
+  # The kernels phi / psi.
   rank: int = LESS_DEFAULT_RANK
   hidden: int = LESS_DEFAULT_HIDDEN
   share_heads: bool = False
+  # The training schedule (the LESS authors' recipe).
   epochs: int = 40
   epoch_steps: int = 16
   lr: float = 1e-3
@@ -351,3 +355,42 @@ class LessTrainConfig:
     """`<policy kind>_<budget>`, the directory name under <workdir>/less_kernels."""
     p = self.make_policy()
     return f"{p.kind}_{p.budget}"
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """temperature 0 = greedy; top_k 0 = off; top_p 1.0 = off; stop_token -1 = none."""
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+  stop_token: int = -1
+
+  def __post_init__(self):
+    if self.temperature < 0:
+      raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+    if self.top_k < 0:
+      raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+
+  @property
+  def path(self) -> "SamplingPath":
+    """The static part: which sampling program runs."""
+    return SamplingPath(greedy=self.temperature == 0.0, top_k=int(self.top_k),
+                        top_p=self.top_p < 1.0)
+
+  def as_arrays(self) -> dict:
+    """The traced part."""
+    import jax.numpy as jnp
+    return {"temperature": jnp.float32(self.temperature), "top_p": jnp.float32(self.top_p),
+            "stop_token": jnp.int32(self.stop_token)}
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingPath:
+  """Static choice of sampling program: greedy (argmax), else temperature sampling,
+  restricted to the top_k largest logits (0: all) and, if top_p, to the smallest
+  set of most likely of those whose probability reaches the traced top_p."""
+  greedy: bool = True
+  top_k: int = 0
+  top_p: bool = False

@@ -74,7 +74,7 @@ def prefill(params: dict, tokens: jax.Array, lengths: jax.Array, *, config: PLDR
   zeros = jnp.zeros(info.k[0].shape, info.k[0].dtype)
   fill = lambda t: tuple(zeros.at[:, :, :s].set(jnp.swapaxes(t[i], 1, 2).astype(zeros.dtype))
                          for i in range(config.num_layers))
-  pick = (lambda t: model.at_last(t, lengths)) if config.causal_metric else (lambda t: t)
+  pick = (lambda t: model.at_last(t, lengths, batch_axis=1)) if config.causal_metric else (lambda t: t)
   gram, gcache = None, GCache()
   if "A" in aux:  # learned G
     if info.gram is not None:

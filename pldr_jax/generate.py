@@ -12,7 +12,6 @@ does not recompile, changing the path compiles one more program.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Iterator, Sequence
 
@@ -24,48 +23,10 @@ from flax import struct
 from pldr_jax import decode, kv_cache, model
 from pldr_jax import params as params_lib
 from pldr_jax import sharding as sharding_lib
-from pldr_jax.config import PLDRConfig
+from pldr_jax.config import PLDRConfig, SamplingConfig, SamplingPath
 from pldr_jax.kv_cache import GCache, KVCache
 
 PAD_ID = 0
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-  """temperature 0 = greedy; top_k 0 = off; top_p 1.0 = off; stop_token -1 = none."""
-  temperature: float = 0.0
-  top_k: int = 0
-  top_p: float = 1.0
-  stop_token: int = -1
-
-  def __post_init__(self):
-    if self.temperature < 0:
-      raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-    if self.top_k < 0:
-      raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-    if not 0.0 < self.top_p <= 1.0:
-      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-
-  @property
-  def path(self) -> "SamplingPath":
-    """The static part: which sampling program runs."""
-    return SamplingPath(greedy=self.temperature == 0.0, top_k=int(self.top_k),
-                        top_p=self.top_p < 1.0)
-
-  def as_arrays(self) -> dict:
-    """The traced part."""
-    return {"temperature": jnp.float32(self.temperature), "top_p": jnp.float32(self.top_p),
-            "stop_token": jnp.int32(self.stop_token)}
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingPath:
-  """Static choice of sampling program: greedy (argmax), else temperature sampling,
-  restricted to the top_k largest logits (0: all) and, if top_p, to the smallest
-  set of most likely of those whose probability reaches the traced top_p."""
-  greedy: bool = True
-  top_k: int = 0
-  top_p: bool = False
 
 
 def _nucleus(sorted_logits: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -278,7 +239,7 @@ def generate_tokens(params, tokens, lengths, key, sampling: dict, g_lm=None, cac
                                         cache_len=cache_len)
   abstract = cache.abstract(config=config, batch=b, cache_len=cache_len)
   state, gcache = _constrain(state, abstract[0], mesh), _constrain(gcache, abstract[1], mesh)
-  last = _at_last(logits, lengths)
+  last = model.at_last(logits, lengths)
   step_params = cache.step_params(params, config=config)  # sliced once, outside the loop
   draw = lambda lg, i: sample_logits(lg, jax.random.fold_in(key, i), sampling["temperature"],
                                      sampling["top_p"], path)
@@ -356,7 +317,7 @@ def stream(params, prompts, *, config: PLDRConfig, max_new_tokens: int,
                                                config=config, mesh=mesh)
   logits, state, gcache = _prefill_jit(params, tokens, lengths, g_lm, cache, config=config,
                                        cache_len=cache_len, mesh=mesh)
-  last = _at_last(logits, jnp.asarray(lengths))
+  last = model.at_last(logits, jnp.asarray(lengths))
   step_params = _step_params_jit(params, cache, config=config)
   done = np.zeros(len(prompts), bool)
   for i in range(max_new_tokens):
@@ -367,11 +328,6 @@ def stream(params, prompts, *, config: PLDRConfig, max_new_tokens: int,
     if done.all() or i + 1 == max_new_tokens:
       return
     last, state = _step_jit(step_params, gcache, state, tok, cache, config=config, mesh=mesh)
-
-
-def _at_last(logits, lengths):
-  """logits [B, S, V] -> each sequence's last real row [B, V]."""
-  return jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
 
 
 @functools.partial(jax.jit, static_argnames=("config", "cache_len", "mesh"))

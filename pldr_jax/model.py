@@ -211,9 +211,11 @@ def decoder(params: dict, tokens: jax.Array, positions: jax.Array, attend: Atten
   return lm_head(params, x), state, ys
 
 
-def at_last(x: jax.Array, lengths: jax.Array) -> jax.Array:
-  """x: [L, B, S, ...] -> x[:, b, lengths_b - 1]: [L, B, ...]."""
-  return x[:, jnp.arange(x.shape[1]), lengths - 1]
+def at_last(x: jax.Array, lengths: jax.Array, batch_axis: int = 0) -> jax.Array:
+  """Each sequence's last real position: x [..., B, S, ...] (B at `batch_axis`,
+  S right after it), lengths [B] -> x[..., b, lengths_b - 1, ...]: [..., B, ...]."""
+  lead = (slice(None),) * batch_axis
+  return x[lead + (jnp.arange(x.shape[batch_axis]), lengths - 1)]
 
 
 def sequence_inputs(tokens, lengths):

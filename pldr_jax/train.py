@@ -11,7 +11,6 @@ gathered by XLA where needed. Data parallelism is fsdp=1; pure FSDP is data=1.
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -108,13 +108,15 @@ def score_continuations(params, g_lm, ctx, ctx_len, cont, cont_len, *, config: P
   """
   logits, state, gcache = decode.prefill(params, ctx, ctx_len, config=config,
                                          cache_len=cache_len, g_cache=g_cache, g_lm=g_lm)
-  first = jax.vmap(lambda row, n: row[n - 1])(logits, ctx_len)
+  first = model.at_last(logits, ctx_len)
 
   lp0, g0 = token_stats(first, cont[:, 0])
+  step_params = decode.decode_params(params, config, g_cache)  # per layer, sliced once
 
   def body(state, xs):
     tok, nxt = xs
-    lg, state = decode.decode_step(params, gcache, state, tok, config=config, g_cache=g_cache)
+    lg, state = decode.decode_step(step_params, gcache, state, tok, config=config,
+                                   g_cache=g_cache)
     return state, token_stats(lg, nxt)
 
   nc = cont.shape[1]

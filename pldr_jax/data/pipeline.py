@@ -31,7 +31,6 @@ exactly those the uninterrupted iterator would have produced.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +41,7 @@ from pldr_jax.data.corpus import (DataError, corpus_fingerprint, default_corpus_
                                   find_split_files)
 from pldr_jax.config import DataConfig  # noqa: F401 (re-export)
 from pldr_jax.data.tfds_text import build_text_dataset, open_data_source
-from pldr_jax.data.tokenizer import (END_ID, PAD_ID, Tokenizer, load_tokenizer,
+from pldr_jax.data.tokenizer import (PAD_ID, Tokenizer, load_tokenizer,
                                      train_tokenizer)
 
 __all__ = [
