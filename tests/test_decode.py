@@ -364,6 +364,7 @@ def test_transferred_g_from_published_model(published_data):
                          source=published_data / "g_lm_pldrv51_110m_1.npy")
 
 
+@pytest.mark.slow  # end-to-end; CI runs it (`-m 'not slow'` skips it)
 def test_generate_and_stream_take_a_sparse_or_less_cache():
   """generate/stream with SparseCache(policy, kernels): a budget that holds every token
   gives the full cache's tokens; a small one gives what a hand-driven loop of

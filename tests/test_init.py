@@ -66,7 +66,7 @@ def _leaves(config):
   return out
 
 
-@pytest.mark.parametrize("preset", ["tiny", "pldrv51_110m"])
+@pytest.mark.parametrize("preset", ["tiny", pytest.param("pldrv51_110m", marks=pytest.mark.slow)])
 def test_init_spread_matches_torch(preset):
   config = config_lib.preset(preset)
   key = jax.random.key(0)

@@ -27,5 +27,6 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch, g_mode):
   text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
                    for o in c.get("outputs", []))
   assert "g_cache=True:" in text and "g_cache=False:" in text
-  assert "bytes of decode state" in text
+  assert "sparse H2O:" in text and "LESS:" in text  # generate with a LESS cache
+  assert "SparseState" in text and "bytes of decode state" in text
   assert (tmp_path / "g_lm_spectra.png").stat().st_size > 5000
