@@ -185,7 +185,7 @@ SUITES = {
         train=(
             TrainSpec("tiny", 16, 128, 10, 1, "float32"),
             TrainSpec("tiny", 16, 128, 10, 8, "float32"),
-            TrainSpec("pldrv51_110m", 1, 512, 2, 1, "float32"),
+            TrainSpec("pldrv51_110m", 4, 256, 3, 1, "float32"),  # issue 13's shape
         ),
         memory_lengths=(256, 1024, 4096, 8192),
         ceilings=CeilingsSpec(gib=1.0, n=2048, repeats=5),

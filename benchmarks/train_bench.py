@@ -65,6 +65,12 @@ def run(preset: str, batch: int, seq: int | None, steps: int, compute_dtype: str
       jax.block_until_ready(m)
       times.append(time.perf_counter() - t0)
   dt = float(np.median(times))
+  peak = {}
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    peak["peak_device_mib"] = stats["peak_bytes_in_use"] / 2 ** 20
+  import resource
+  peak["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10
   tps = batch * seq / dt
   fpt = train.flops_per_token(c, seq)
   return {"preset": preset, "g_mode": c.g_mode, "scan_layers": scan_layers, "batch": batch,
@@ -72,7 +78,7 @@ def run(preset: str, batch: int, seq: int | None, steps: int, compute_dtype: str
           "compute_dtype": compute_dtype, "devices": n, "fsdp": fsdp, "steps": steps,
           "step_s": dt, "step_min_s": float(np.min(times)), "tokens_per_s": tps,
           "flops_per_token": fpt, "model_flops_per_s": fpt * tps, "compile_s": compile_s,
-          "first_step_s": first_s, "loss": float(m["loss"]), **common.environment()}
+          "first_step_s": first_s, "loss": float(m["loss"]), **peak, **common.environment()}
 
 
 def main(argv=None) -> int:
