@@ -10,7 +10,9 @@ gathered by XLA where needed. Data parallelism is fsdp=1; pure FSDP is data=1.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -217,6 +219,21 @@ def abstract_train_state(config: PLDRConfig, tx, mesh) -> dict:
                       shapes, shardings)
 
 
+@dataclasses.dataclass(frozen=True)
+class BoundStep:
+  """A jitted step with its trailing constant arguments (the fixed G_LM) bound:
+  `step(state, batch)` runs it, `step.lower(state, batch)` lowers it (compile
+  times, HLO dumps)."""
+  jitted: Any
+  bound: tuple = ()
+
+  def __call__(self, *args):
+    return self.jitted(*args, *self.bound)
+
+  def lower(self, *args):
+    return self.jitted.lower(*args, *self.bound)
+
+
 def make_train_step(config: PLDRConfig, tc: TrainConfig, tx, mesh, g_lm=None):
   """A jitted (state, batch) -> (state, metrics) over the mesh; the state is donated."""
   shardings = state_shardings(config, tx, mesh)
@@ -237,12 +254,7 @@ def make_train_step(config: PLDRConfig, tc: TrainConfig, tx, mesh, g_lm=None):
   jitted = jax.jit(step, in_shardings=(shardings, {"tokens": bs, "mask": bs}, replicated),
                    out_shardings=(shardings, replicated), donate_argnums=(0,))
 
-  def train_step(state, batch):
-    return jitted(state, batch, g_lm)
-
-  # For compile-time measurement and HLO dumps: train_step.lower(state, batch).compile().
-  train_step.lower = lambda state, batch: jitted.lower(state, batch, g_lm)
-  return train_step
+  return BoundStep(jitted, (g_lm,))
 
 
 def make_eval_step(config: PLDRConfig, mesh, g_lm=None):
@@ -257,7 +269,7 @@ def make_eval_step(config: PLDRConfig, mesh, g_lm=None):
 
   jitted = jax.jit(step, in_shardings=(None, {"tokens": bs, "mask": bs}, replicated),
                    out_shardings=replicated)
-  return lambda params, batch: jitted(params, batch, g_lm)
+  return BoundStep(jitted, (g_lm,))
 
 
 def global_batch(local: dict, mesh: jax.sharding.Mesh) -> dict:
