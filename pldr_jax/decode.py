@@ -34,7 +34,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from pldr_jax import metric, model, plga, power_law
+from pldr_jax import metric, model, nn, plga, power_law
 from pldr_jax import params as params_lib
 from pldr_jax.config import PLDRConfig
 from pldr_jax.kv_cache import GCache, KVCache
@@ -180,13 +180,28 @@ def decode_params(params: dict, config: PLDRConfig, g_cache: bool = True) -> dic
   """The parameters a decode step reads, one tree per layer (copied once).
 
   Decode runs the layers unrolled; from stacked weights each step would copy
-  every layer's slice on XLA:CPU, so generation takes them apart once. With
-  the G-cache (or a fixed G) decode never runs the metric learner or the
-  power-law step, so their tensors are left out. Idempotent.
+  every layer's slice on XLA:CPU, so generation takes them apart once, fusing
+  q/k/v into one [d, 3d] matmul and the FFN's two GLU inputs into one
+  [d, 2 d_ff] matmul on the way. With the G-cache (or a fixed G) decode never
+  runs the metric learner or the power-law step, so their tensors are left out.
+  Idempotent.
   """
   if not (config.learned_g and not g_cache):
     params = params_lib.without_g_network(params)
-  return params_lib.unstack_layers(params)
+  params = params_lib.unstack_layers(params)
+  return {**params, "layers": [_fused(layer) for layer in params["layers"]]}
+
+
+def _fused(layer: dict) -> dict:
+  """One layer's decode weights with q/k/v and the FFN's two GLU inputs fused
+  (one matmul each instead of three and two; pldr_jax.nn.fuse_dense). Idempotent."""
+  if "wqkv" in layer:
+    return layer
+  out = {k: v for k, v in layer.items() if k not in ("wq", "wk", "wv")}
+  out["wqkv"] = nn.fuse_dense(layer["wq"], layer["wk"], layer["wv"])
+  ffn = layer["ffn"]
+  out["ffn"] = {"w12": nn.fuse_dense(ffn["w1"], ffn["w2"]), "w3": ffn["w3"]}
+  return out
 
 
 @functools.partial(jax.jit, static_argnames=("config", "g_cache"),

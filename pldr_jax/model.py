@@ -80,13 +80,18 @@ def embed(params: dict, tokens: jax.Array, config: PLDRConfig) -> jax.Array:
 
 
 def qkv(layer_p: dict, x: jax.Array, positions: jax.Array, config: PLDRConfig):
-  """x: [B, S, d]; positions: int [B, S] -> q, k (after rotary), v: [B, S, H, dk]."""
+  """x: [B, S, d]; positions: int [B, S] -> q, k (after rotary), v: [B, S, H, dk].
+
+  layer_p holds wq, wk, wv, or their fused 'wqkv' (nn.fuse_dense: one matmul).
+  """
   split = lambda t: t.reshape(*t.shape[:-1], config.num_heads, config.head_dim)
   rope = lambda t: rotary.apply_rotary(t, positions, config.rope_base,
                                        interleaved=config.rope_interleaved)
-  q = rope(split(nn.dense(layer_p["wq"], x)))
-  k = rope(split(nn.dense(layer_p["wk"], x)))
-  return q, k, split(nn.dense(layer_p["wv"], x))
+  if "wqkv" in layer_p:
+    q, k, v = jnp.split(nn.dense(layer_p["wqkv"], x), 3, axis=-1)
+  else:
+    q, k, v = (nn.dense(layer_p[name], x) for name in ("wq", "wk", "wv"))
+  return rope(split(q)), rope(split(k)), split(v)
 
 
 def finish_layer(layer_p: dict, x: jax.Array, attn: jax.Array, config: PLDRConfig) -> jax.Array:

@@ -33,9 +33,21 @@ def dense(p: dict, x: jax.Array) -> jax.Array:
   return jnp.einsum("...n,nm->...m", x, kernel) + p["bias"].astype(x.dtype)
 
 
+def fuse_dense(*ps: dict) -> dict:
+  """Dense layers on the same input as one: kernels and biases concatenated on
+  the output axis ({'kernel': [N, M1 + M2 + ...], 'bias': [M1 + M2 + ...]})."""
+  return {"kernel": jnp.concatenate([p["kernel"] for p in ps], axis=-1),
+          "bias": jnp.concatenate([p["bias"] for p in ps], axis=-1)}
+
+
 def glu(p: dict, x: jax.Array) -> jax.Array:
   """SwiGLU-style GLU: w3(silu(w1 x + b1) * (w2 x + b2)) + b3.
 
-  p: {'w1','w2': dense N->F, 'w3': dense F->N}; x: [..., N] -> [..., N].
+  p: {'w1','w2': dense N->F, 'w3': dense F->N}, or {'w12': fuse_dense(w1, w2),
+  'w3'} (one matmul for both inputs); x: [..., N] -> [..., N].
   """
-  return dense(p["w3"], jax.nn.silu(dense(p["w1"], x)) * dense(p["w2"], x))
+  if "w12" in p:
+    a, b = jnp.split(dense(p["w12"], x), 2, axis=-1)
+  else:
+    a, b = dense(p["w1"], x), dense(p["w2"], x)
+  return dense(p["w3"], jax.nn.silu(a) * b)
