@@ -179,10 +179,12 @@ class TrainConfig:
     keep_checkpoints: how many checkpoints Orbax keeps.
     max_eval_batches: cap on evaluation batches (None: whole split).
   """
+  # The schedule (the authors' recipe: linear warm-up, then linear decay).
   num_steps: int = 250_000
   learning_rate: float = 1e-3
   warmup_steps: int = 2000
   end_lr_ratio: float = 0.1
+  # AdamW, gradient clipping and the optional DAG regulariser.
   beta1: float = 0.9
   beta2: float = 0.95
   eps: float = 1e-5
@@ -190,6 +192,7 @@ class TrainConfig:
   decay_all_params: bool = True
   clip_value: float = 1.0
   dag_coeff: float = 0.0
+  # Initialisation, the device mesh, logging, evaluation and checkpoints.
   seed: int = 1234
   mesh_data: int = -1
   mesh_fsdp: int = 1
