@@ -71,6 +71,7 @@ from less_jax import cache as cache_lib
 from less_jax import kernels as kernels_lib
 from less_jax import parallel as parallel_lib
 from less_jax import policies as policies_lib
+from pldr_jax import decode as pdecode
 from pldr_jax import model as pmodel
 from pldr_jax import plga
 from pldr_jax.config import PLDRConfig
@@ -242,11 +243,7 @@ def less_prefill(params: dict, tokens, lengths=None, *, config: PLDRConfig,
   logits, records, lengths = _run(params, tokens, lengths, config, g_lm, context, attend,
                                   kernels)
   ded = jax.tree.map(lambda *a: jnp.stack(a), *[r[1] for r in records])
-  pick = (lambda t: pmodel.at_last(t, lengths, batch_axis=1)) if config.causal_metric else (lambda t: t)
-  if "A" in ded:  # learned G computed from the prompt
-    gcache = GCache(g_lm=pick(ded["G_LM"]), a=pick(ded["A"]), a_lm=pick(ded["A_LM"]))
-  else:  # a given G, or the identity (empty)
-    gcache = GCache(g_lm=ded.get("G_LM"))
+  gcache = pdecode.prompt_gcache(ded, lengths, config)
   return logits, SparseState(lengths=lengths, layers=tuple(r[0] for r in records)), gcache
 
 

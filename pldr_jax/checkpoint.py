@@ -366,16 +366,8 @@ def _per_layer_abstract(tree, n: int):
       sh = jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec(*tuple(sh.spec)[1:]))
     return jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=sh)
 
-  def walk(t):
-    if isinstance(t, dict):
-      return {k: ([jax.tree.map(drop, v)] * n if k == "layers" and isinstance(v, dict)
-                  else walk(v)) for k, v in t.items()}
-    if hasattr(t, "_fields"):
-      return type(t)(*(walk(x) for x in t))
-    if isinstance(t, (list, tuple)):
-      return type(t)(walk(x) for x in t)
-    return t
-  return walk(tree)
+  from pldr_jax.params import map_layers
+  return map_layers(tree, lambda v: [jax.tree.map(drop, v)] * n if isinstance(v, dict) else v)
 
 
 def _as_requested(restored, read_as, abstract):

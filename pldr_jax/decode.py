@@ -74,18 +74,35 @@ def prefill(params: dict, tokens: jax.Array, lengths: jax.Array, *, config: PLDR
   zeros = jnp.zeros(info.k[0].shape, info.k[0].dtype)
   fill = lambda t: tuple(zeros.at[:, :, :s].set(jnp.swapaxes(t[i], 1, 2).astype(zeros.dtype))
                          for i in range(config.num_layers))
-  pick = (lambda t: model.at_last(t, lengths, batch_axis=1)) if config.causal_metric else (lambda t: t)
-  gram, gcache = None, GCache()
-  if "A" in aux:  # learned G
-    if info.gram is not None:
-      gram = pick(aux["gram"]).astype(info.gram.dtype)
-    elif g_cache:
-      gcache = GCache(g_lm=pick(aux["G_LM"]), a=pick(aux["A"]), a_lm=pick(aux["A_LM"]))
-    else:
-      gcache = GCache(a=pick(aux["A"]))
-  elif "G_LM" in aux:  # a constant G
-    gcache = GCache(g_lm=aux["G_LM"])
-  return logits, KVCache(k=fill(aux["k"]), v=fill(aux["v"]), lengths=lengths, gram=gram), gcache
+  gram = None
+  if info.gram is not None:  # causal metric without the G-cache: the running q q^T sum
+    gram = _at_prompt_end(aux["gram"], lengths, config).astype(info.gram.dtype)
+  return (logits, KVCache(k=fill(aux["k"]), v=fill(aux["v"]), lengths=lengths, gram=gram),
+          prompt_gcache(aux, lengths, config, g_cache))
+
+
+def _at_prompt_end(t: jax.Array, lengths: jax.Array, config: PLDRConfig) -> jax.Array:
+  """A deductive tensor of the prompt as decode holds it: t [L, B, ...] as is, or
+  with the causal metric t [L, B, S, ...] at each prompt's last token."""
+  return model.at_last(t, lengths, batch_axis=1) if config.causal_metric else t
+
+
+def prompt_gcache(ded: dict, lengths: jax.Array, config: PLDRConfig,
+                  g_cache: bool = True) -> GCache:
+  """The G-cache of a prompt from its per-layer deductive tensors stacked on [L]
+  ('A', 'A_LM', 'G_LM' of a learned G; 'G_LM' alone for a given G; none for the
+  identity). Used by `prefill` and by less_jax's `less_prefill`.
+
+  Learned G: with the G-cache A, A_LM and G_LM; without it A only (each step
+  recomputes the rest), or nothing with the causal metric (the KVCache then
+  carries the running q q^T sum instead).
+  """
+  if "A" not in ded:  # a given G, or the identity (empty)
+    return GCache(g_lm=ded.get("G_LM"))
+  pick = lambda name: _at_prompt_end(ded[name], lengths, config)
+  if g_cache:
+    return GCache(g_lm=pick("G_LM"), a=pick("A"), a_lm=pick("A_LM"))
+  return GCache() if config.causal_metric else GCache(a=pick("A"))
 
 
 def prompt_g(params: dict, tokens: jax.Array, mask: jax.Array, prompt_len: int, *,
@@ -155,7 +172,7 @@ def decode_step(params: dict, gcache: GCache, cache: KVCache, tokens: jax.Array,
     out = plga.cached_attention(q[:, 0], kc, vc, g, visible)[:, None]
     return out, None, (kc, vc, gram, aux)
 
-  layer = lambda tree, i: None if tree is None else jax.tree.map(lambda a: a[i], tree)
+  layer = params_lib.layer_slice  # None (no gram, an empty GCache field) stays None
   xs = [(cache.k[i], cache.v[i], layer(cache.gram, i), layer(gcache, i))
         for i in range(config.num_layers)]  # a list: the layers run unrolled
   logits, _, ys = model.decoder(params, tokens[:, None], pos[:, None], attend, xs,

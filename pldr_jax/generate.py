@@ -207,6 +207,26 @@ def _constrain(tree, abstract, mesh):
   return jax.lax.with_sharding_constraint(tree, kv_cache.shardings(abstract, mesh))
 
 
+def _prefill(params, tokens, lengths, g_lm, cache, *, config, cache_len, mesh=None):
+  """cache.prefill, with the decode state and G-cache pinned to their shardings."""
+  logits, state, gcache = cache.prefill(params, tokens, lengths, g_lm, config=config,
+                                        cache_len=cache_len)
+  if mesh is not None:
+    s_abs, g_abs = cache.abstract(config=config, batch=tokens.shape[0], cache_len=cache_len)
+    state, gcache = _constrain(state, s_abs, mesh), _constrain(gcache, g_abs, mesh)
+  return logits, state, gcache
+
+
+def _step(params, gcache, state, tokens, cache, *, config, mesh=None):
+  """cache.step, with the new decode state pinned to its shardings."""
+  logits, state = cache.step(params, gcache, state, tokens, config=config)
+  if mesh is not None:
+    s_abs, _ = cache.abstract(config=config, batch=tokens.shape[0],
+                              cache_len=getattr(state, "cache_len", None))
+    state = _constrain(state, s_abs, mesh)
+  return logits, state
+
+
 def place(params, tokens, lengths, g_lm, cache, *, config: PLDRConfig, mesh):
   """Put generation's inputs on `mesh`: parameters by their logical axes (the
   training layout), the prompts split over the batch axes, the rest replicated."""
@@ -235,10 +255,8 @@ def generate_tokens(params, tokens, lengths, key, sampling: dict, g_lm=None, cac
   sequence, stop token included).
   """
   b = tokens.shape[0]
-  logits, state, gcache = cache.prefill(params, tokens, lengths, g_lm, config=config,
-                                        cache_len=cache_len)
-  abstract = cache.abstract(config=config, batch=b, cache_len=cache_len)
-  state, gcache = _constrain(state, abstract[0], mesh), _constrain(gcache, abstract[1], mesh)
+  logits, state, gcache = _prefill(params, tokens, lengths, g_lm, cache, config=config,
+                                   cache_len=cache_len, mesh=mesh)
   last = model.at_last(logits, lengths)
   step_params = cache.step_params(params, config=config)  # sliced once, outside the loop
   draw = lambda lg, i: sample_logits(lg, jax.random.fold_in(key, i), sampling["temperature"],
@@ -256,8 +274,7 @@ def generate_tokens(params, tokens, lengths, key, sampling: dict, g_lm=None, cac
     out = out.at[:, i].set(jnp.where(done, PAD_ID, tok))
     num = num + (~done).astype(jnp.int32)
     done = done | (tok == sampling["stop_token"])
-    logits, state = cache.step(step_params, gcache, state, tok, config=config)
-    state = _constrain(state, abstract[0], mesh)
+    logits, state = _step(step_params, gcache, state, tok, cache, config=config, mesh=mesh)
     return i + 1, draw(logits, i + 1), state, out, done, num
 
   _, _, _, out, _, num = jax.lax.while_loop(cond, body, init)
@@ -330,27 +347,13 @@ def stream(params, prompts, *, config: PLDRConfig, max_new_tokens: int,
     last, state = _step_jit(step_params, gcache, state, tok, cache, config=config, mesh=mesh)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "cache_len", "mesh"))
-def _prefill_jit(params, tokens, lengths, g_lm, cache, *, config, cache_len, mesh=None):
-  logits, state, gcache = cache.prefill(params, tokens, lengths, g_lm, config=config,
-                                        cache_len=cache_len)
-  abstract = cache.abstract(config=config, batch=tokens.shape[0], cache_len=cache_len)
-  return logits, _constrain(state, abstract[0], mesh), _constrain(gcache, abstract[1], mesh)
+_prefill_jit = jax.jit(_prefill, static_argnames=("config", "cache_len", "mesh"))
+_step_jit = jax.jit(_step, static_argnames=("config", "mesh"), donate_argnames=("state",))
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _step_params_jit(params, cache, *, config):
   return cache.step_params(params, config=config)
-
-
-@functools.partial(jax.jit, static_argnames=("config", "mesh"), donate_argnames=("state",))
-def _step_jit(params, gcache, state, tokens, cache, *, config, mesh=None):
-  logits, state = cache.step(params, gcache, state, tokens, config=config)
-  if mesh is not None:
-    abstract = cache.abstract(config=config, batch=tokens.shape[0],
-                              cache_len=getattr(state, "cache_len", None))
-    state = _constrain(state, abstract[0], mesh)
-  return logits, state
 
 
 @functools.partial(jax.jit, static_argnames=("path",))

@@ -177,7 +177,7 @@ def scan_layers(body: Callable, carry, layers, xs=None, *, unroll: bool = False)
     return jax.lax.scan(body, carry, (jnp.arange(n, dtype=jnp.int32), layers, xs))
   ys = []
   for i in range(n):
-    layer_xs = xs[i] if per_layer else jax.tree.map(lambda a: a[i], xs)
+    layer_xs = xs[i] if per_layer else params_lib.layer_slice(xs, i)
     layer_p = layers[i] if listed else params_lib.layer_slice(layers, i)
     carry, y = body(carry, (i, layer_p, layer_xs))
     ys.append(y)

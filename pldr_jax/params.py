@@ -151,19 +151,27 @@ def param_specs(c: PLDRConfig, *, stacked: bool = True) -> dict:
   }
 
 
+def map_layers(tree, fn):
+  """`tree` with fn applied to the value under every 'layers' key, at any depth
+  (params, or an optimizer state that mirrors them: dicts, lists, NamedTuples)."""
+  if isinstance(tree, dict):
+    return {k: fn(v) if k == "layers" else map_layers(v, fn) for k, v in tree.items()}
+  if hasattr(tree, "_fields"):  # a NamedTuple (optax states)
+    return type(tree)(*(map_layers(x, fn) for x in tree))
+  if isinstance(tree, (list, tuple)):
+    return type(tree)(map_layers(x, fn) for x in tree)
+  return tree
+
+
 def stack_layers(tree, xp=jnp):
   """Every {'layers': [per-layer tree, ...]} inside `tree` (params, or an
   optimizer state that mirrors them) -> {'layers': tree of [L, ...] arrays}
   (stacked with xp.stack: jnp, or np to stay on the host)."""
-  if isinstance(tree, dict):
-    return {k: (jax.tree.map(lambda *xs: xp.stack(xs), *[stack_layers(x, xp) for x in v])
-                if k == "layers" and isinstance(v, list) and v and isinstance(v[0], dict)
-                else stack_layers(v, xp)) for k, v in tree.items()}
-  if hasattr(tree, "_fields"):  # a NamedTuple (optax states)
-    return type(tree)(*(stack_layers(x, xp) for x in tree))
-  if isinstance(tree, (list, tuple)):
-    return type(tree)(stack_layers(x, xp) for x in tree)
-  return tree
+  def stack(v):
+    if isinstance(v, list) and v and isinstance(v[0], dict):
+      return jax.tree.map(lambda *xs: xp.stack(xs), *v)
+    return v
+  return map_layers(tree, stack)
 
 
 def num_stacked(layers) -> int:
