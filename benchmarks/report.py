@@ -198,15 +198,19 @@ def write_report(path, out_dir=RESULTS) -> list[Path]:
   if tr:
     lines += ["## Training", "",
               "Model FLOPs from the config (pldr_jax.train.flops_per_token, metric learner "
-              "and power-law step included); MFU = model FLOP/s / measured fp32 matmul rate.",
+              "and power-law step included); MFU = model FLOP/s / measured fp32 matmul rate. "
+              "`faults` = MiB of host pages faulted in per timed step, `kept` = freed host "
+              "memory kept for reuse (pldr_jax.host.retain_freed_memory).",
               ""]
     lines += _table(["config", "dtype", "devices", "batch x seq", "step s", "tokens/s",
-                     "GFLOP/s", "MFU", "compile s", "error"],
+                     "GFLOP/s", "MFU", "compile s", "peak RSS MiB", "faults", "kept", "error"],
                     [(r["preset"], r.get("compute_dtype"), r.get("devices"),
                       f"{r.get('batch')}x{r.get('seq')}", r.get("step_s"),
                       r.get("tokens_per_s"),
                       None if "model_flops_per_s" not in r else r["model_flops_per_s"] / 1e9,
-                      r.get("mfu"), r.get("compile_s"), r.get("error", "")[:80])
+                      r.get("mfu"), r.get("compile_s"), r.get("peak_rss_mib"),
+                      r.get("page_fault_mib_per_step"), r.get("retain_freed_memory"),
+                      r.get("error", "")[:80])
                      for r in tr])
     lines.append("")
   comp = rec.get("compile", [])

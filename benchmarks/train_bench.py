@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ import numpy as np  # noqa: E402
 from benchmarks import common  # noqa: E402
 from pldr_jax import config as cfg  # noqa: E402
 from pldr_jax import train  # noqa: E402
+from pldr_jax import host  # noqa: E402
 
 
 def run(preset: str, batch: int, seq: int | None, steps: int, compute_dtype: str = "float32",
@@ -59,18 +61,24 @@ def run(preset: str, batch: int, seq: int | None, steps: int, compute_dtype: str
     jax.block_until_ready(m)
     first_s = time.perf_counter() - t0
     times = []
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(steps):
       t0 = time.perf_counter()
       state, m = step(state, data)
       jax.block_until_ready(m)
       times.append(time.perf_counter() - t0)
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
   dt = float(np.median(times))
   peak = {}
   stats = jax.local_devices()[0].memory_stats() or {}
   if "peak_bytes_in_use" in stats:
     peak["peak_device_mib"] = stats["peak_bytes_in_use"] / 2 ** 20
-  import resource
-  peak["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10
+  peak["peak_rss_mib"] = r1.ru_maxrss / 2 ** 10
+  # host memory: pages faulted in and kernel seconds per timed step (pldr_jax.host)
+  peak["page_fault_mib_per_step"] = ((r1.ru_minflt - r0.ru_minflt) * resource.getpagesize()
+                                     / 2 ** 20 / steps)
+  peak["sys_s_per_step"] = (r1.ru_stime - r0.ru_stime) / steps
+  peak["retain_freed_memory"] = host.retained()
   tps = batch * seq / dt
   fpt = train.flops_per_token(c, seq)
   return {"preset": preset, "g_mode": c.g_mode, "scan_layers": scan_layers, "batch": batch,
@@ -82,6 +90,7 @@ def run(preset: str, batch: int, seq: int | None, steps: int, compute_dtype: str
 
 
 def main(argv=None) -> int:
+  host.retain_freed_memory()  # before the first JAX computation (pldr_jax.host)
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--preset", default="tiny")
   ap.add_argument("--batch", type=int, default=16)

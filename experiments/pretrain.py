@@ -37,6 +37,7 @@ from pldr_jax import distributed  # noqa: E402
 from pldr_jax.config import PLDRConfig  # noqa: E402
 from pldr_jax.data import DataConfig, prepare_default_data  # noqa: E402
 from pldr_jax.train import TrainConfig  # noqa: E402
+from pldr_jax import host  # noqa: E402
 
 gin.external_configurable(PLDRConfig, "PLDRConfig")
 gin.external_configurable(TrainConfig, "TrainConfig")
@@ -112,6 +113,7 @@ def print_samples(run: dict, data: DataConfig) -> None:
 
 
 def main(argv=None) -> int:
+  host.retain_freed_memory()  # before the first JAX computation (pldr_jax.host)
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--gin_file", action="append", required=True)
   parser.add_argument("--gin_param", action="append", default=[])

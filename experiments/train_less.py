@@ -33,6 +33,7 @@ import gin  # noqa: E402
 
 from less_jax.train_kernels import LessTrainConfig  # noqa: E402
 from pldr_jax import distributed  # noqa: E402
+from pldr_jax import host  # noqa: E402
 
 gin.external_configurable(LessTrainConfig, "LessTrainConfig")
 
@@ -47,6 +48,7 @@ def less_experiment(train: LessTrainConfig = gin.REQUIRED, model_workdir: str = 
 
 
 def main(argv=None) -> int:
+  host.retain_freed_memory()  # before the first JAX computation (pldr_jax.host)
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--gin_file", action="append", required=True)
   parser.add_argument("--gin_param", action="append", default=[])

@@ -97,8 +97,23 @@ def log_probs(logits: jax.Array) -> jax.Array:
 
 
 def token_logprobs(logp: jax.Array, targets: jax.Array) -> jax.Array:
-  """log p of each target: logp [..., V] (of `log_probs`), targets int [...] -> [...]."""
+  """The entry of each target: logp [..., V], targets int [...] -> [...] (log p of each
+  target when logp comes from `log_probs`)."""
   return jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Next-token cross-entropy and top-1 hit: logits [..., V] (>= fp32), targets int [...].
+
+  Returns (ce [...], hit bool [...]); hit: the target's logit is the largest
+  (a target tied for the largest counts). One max over the vocabulary serves
+  both the stable log-sum-exp and the hit, where an argmax would be a second,
+  slow pass over [..., V] (~70 ms of the 110M train step on 2 CPU cores).
+  """
+  peak = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
+  lse = jnp.log(jnp.sum(jnp.exp(logits - peak[..., None]), axis=-1)) + peak
+  target = token_logprobs(logits, targets)  # the target's logit
+  return lse - target, target >= peak
 
 
 def target_weights(mask: jax.Array, first_target=0, dtype=jnp.float32) -> jax.Array:
@@ -140,10 +155,10 @@ def loss_fn(params, batch: dict, *, config: PLDRConfig, g_lm=None, dag_coeff: fl
   logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
   targets = tokens[:, 1:]
   weights = mask[:, 1:].astype(logits.dtype)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  ce, hit = cross_entropy(logits, targets)
   n = jnp.maximum(jnp.sum(weights), 1.0)
   ce_mean = jnp.sum(ce * weights) / n
-  correct = (jnp.argmax(logits, axis=-1) == targets).astype(weights.dtype)
+  correct = hit.astype(weights.dtype)
   metrics = {"ce": ce_mean, "accuracy": jnp.sum(correct * weights) / n, "tokens": jnp.sum(weights)}
   loss = ce_mean
   if dag_coeff > 0:

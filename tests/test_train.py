@@ -95,7 +95,7 @@ def test_loss_ignores_pad_and_matches_plain_cross_entropy():
   toks[1, 6:] = 0
   mask = (toks != 0).astype(np.int32)
   loss, m = train.loss_fn(p, {"tokens": jnp.asarray(toks), "mask": jnp.asarray(mask)}, config=c)
-  want, n = 0.0, 0
+  want, n, hits = 0.0, 0, 0
   for b, length in enumerate([10, 6]):
     # As the authors' code: each sequence alone, the model reads its tokens
     # but the last (so A never holds the last target's query) and predicts 1..n-1.
@@ -103,9 +103,32 @@ def test_loss_ignores_pad_and_matches_plain_cross_entropy():
     lp = np.asarray(jax.nn.log_softmax(logits[0].astype(jnp.float64)))
     for t in range(length - 1):
       want -= lp[t, toks[b, t + 1]]
+      hits += int(np.argmax(lp[t]) == toks[b, t + 1])
       n += 1
   assert int(m["tokens"]) == n == 14
   np.testing.assert_allclose(float(loss), want / n, rtol=1e-6)
+  np.testing.assert_allclose(float(m["accuracy"]), hits / n, rtol=1e-12)
+
+
+def test_cross_entropy_against_log_softmax_and_argmax():
+  """train.cross_entropy: -log softmax at the target, its gradient softmax - one-hot,
+  and the hit an argmax == target (a target tied for the largest logit counts)."""
+  rng = np.random.default_rng(3)
+  logits = rng.normal(size=(3, 5, 11)) * 4
+  targets = rng.integers(0, 11, (3, 5))
+  targets[0, 0] = np.argmax(logits[0, 0])  # at least one hit
+  ce, hit = train.cross_entropy(jnp.asarray(logits), jnp.asarray(targets))
+  z = logits - logits.max(-1, keepdims=True)
+  logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+  want = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+  np.testing.assert_allclose(np.asarray(ce), want, rtol=1e-12)
+  np.testing.assert_array_equal(np.asarray(hit), np.argmax(logits, -1) == targets)
+  grad = jax.grad(lambda x: train.cross_entropy(x, jnp.asarray(targets))[0].sum())(
+      jnp.asarray(logits))
+  np.testing.assert_allclose(np.asarray(grad), np.exp(logp) - np.eye(11)[targets], atol=1e-12)
+  tie = jnp.asarray([[1.0, 3.0, 3.0, 0.0]])
+  assert bool(train.cross_entropy(tie, jnp.asarray([2]))[1][0])  # argmax says 1
+  assert not bool(train.cross_entropy(tie, jnp.asarray([0]))[1][0])
 
 
 def test_weight_decay_on_every_parameter_by_default():
