@@ -41,7 +41,6 @@ sys.path.insert(0, str(ROOT))
 import jax  # noqa: E402
 
 from benchmarks import common, compile_bench, decode_bench, report  # noqa: E402
-from pldr_jax import host  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -362,7 +361,6 @@ def run_memory(suite: Suite, rows):
 
 
 def main(argv=None) -> int:
-  host.retain_freed_memory()  # before the first JAX computation (pldr_jax.host)
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--suite", choices=sorted(SUITES), default="quick")
   ap.add_argument("--only", default=None, help=f"comma-separated subset of {SECTIONS}")

@@ -37,7 +37,8 @@ from pldr_jax import host  # noqa: E402
 
 
 def run(preset: str, batch: int, seq: int | None, steps: int, compute_dtype: str = "float32",
-        fsdp: int = 1, g_mode: str | None = None, scan_layers: bool = True) -> dict:
+        fsdp: int = 1, g_mode: str | None = None, scan_layers: bool = True,
+        warmup: int = 2) -> dict:
   c = cfg.preset(preset, compute_dtype=compute_dtype, scan_layers=scan_layers)
   if g_mode:
     c = c.replace(g_mode=g_mode)
@@ -60,6 +61,9 @@ def run(preset: str, batch: int, seq: int | None, steps: int, compute_dtype: str
     state, m = step(state, data)
     jax.block_until_ready(m)
     first_s = time.perf_counter() - t0
+    for _ in range(warmup):  # untimed: the kept heap grows over the first steps
+      state, m = step(state, data)
+    jax.block_until_ready(m)
     times = []
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(steps):
@@ -73,7 +77,7 @@ def run(preset: str, batch: int, seq: int | None, steps: int, compute_dtype: str
   stats = jax.local_devices()[0].memory_stats() or {}
   if "peak_bytes_in_use" in stats:
     peak["peak_device_mib"] = stats["peak_bytes_in_use"] / 2 ** 20
-  peak["peak_rss_mib"] = r1.ru_maxrss / 2 ** 10
+  peak["peak_rss_mib"] = _peak_rss_mib(r1)
   # host memory: pages faulted in and kernel seconds per timed step (pldr_jax.host)
   peak["page_fault_mib_per_step"] = ((r1.ru_minflt - r0.ru_minflt) * resource.getpagesize()
                                      / 2 ** 20 / steps)
@@ -84,9 +88,22 @@ def run(preset: str, batch: int, seq: int | None, steps: int, compute_dtype: str
   return {"preset": preset, "g_mode": c.g_mode, "scan_layers": scan_layers, "batch": batch,
           "seq": seq,
           "compute_dtype": compute_dtype, "devices": n, "fsdp": fsdp, "steps": steps,
+          "warmup": warmup,
           "step_s": dt, "step_min_s": float(np.min(times)), "tokens_per_s": tps,
           "flops_per_token": fpt, "model_flops_per_s": fpt * tps, "compile_s": compile_s,
           "first_step_s": first_s, "loss": float(m["loss"]), **peak, **common.environment()}
+
+
+def _peak_rss_mib(usage) -> float:
+  """This process's peak resident memory: VmHWM (ru_maxrss starts from the parent's
+  peak when the parent's was higher: a suite's subprocess would report the suite's)."""
+  try:
+    for line in Path("/proc/self/status").read_text().splitlines():
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) / 2 ** 10
+  except OSError:
+    pass
+  return usage.ru_maxrss / 2 ** 10
 
 
 def main(argv=None) -> int:
@@ -96,13 +113,14 @@ def main(argv=None) -> int:
   ap.add_argument("--batch", type=int, default=16)
   ap.add_argument("--seq", type=int, default=None)
   ap.add_argument("--steps", type=int, default=5)
+  ap.add_argument("--warmup", type=int, default=2, help="untimed steps after the first")
   ap.add_argument("--compute_dtype", default="float32")
   ap.add_argument("--fsdp", type=int, default=1)
   ap.add_argument("--g_mode", default=None)
   ap.add_argument("--unrolled", action="store_true", help="PLDRConfig.scan_layers=False")
   a = ap.parse_args(argv)
   row = run(a.preset, a.batch, a.seq, a.steps, a.compute_dtype, a.fsdp, a.g_mode,
-            scan_layers=not a.unrolled)
+            scan_layers=not a.unrolled, warmup=a.warmup)
   print("RESULT " + json.dumps(row))
   return 0
 

@@ -53,7 +53,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from pldr_jax import distributed  # noqa: E402
 from pldr_jax.metrics_file import read_metrics  # noqa: E402
-from pldr_jax import host  # noqa: E402
 
 PRETRAIN = REPO / "experiments" / "pretrain.py"
 
@@ -329,7 +328,6 @@ def print_table(table: list[dict]) -> None:
 # ---------------------------------------------------------------- main
 
 def main(argv=None) -> int:
-  host.retain_freed_memory()  # before the first JAX computation (pldr_jax.host)
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--gin_file", action="append", required=True)
   parser.add_argument("--gin_param", action="append", default=[])

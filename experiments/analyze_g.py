@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from pldr_jax import analysis  # noqa: E402
-from pldr_jax import host  # noqa: E402
 
 
 def _json_float(x):
@@ -130,7 +129,6 @@ def print_compare(table: list[dict]) -> None:
 
 
 def main(argv=None) -> int:
-  host.retain_freed_memory()  # before the first JAX computation (pldr_jax.host)
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("source", help=".npy/.npz, checkpoint directory or run workdir")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")

@@ -53,8 +53,6 @@ def _metrics(res: dict) -> dict:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  from pldr_jax import host
-  host.retain_freed_memory()  # before the first JAX computation (pldr_jax.host)
   if args.offline:
     import os
     os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"

@@ -78,7 +78,6 @@ from less_jax import policies as policies_lib  # noqa: E402
 from less_jax import train_kernels as tk  # noqa: E402
 from pldr_jax import model as pmodel  # noqa: E402
 from pldr_jax import train as ptrain  # noqa: E402
-from pldr_jax import host  # noqa: E402
 
 DEFAULT_RANK = 8
 FIELDS = ["method", "policy", "budget", "slots", "perplexity", "nll", "tokens", "gap_closed",
@@ -367,7 +366,6 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-  host.retain_freed_memory()  # before the first JAX computation (pldr_jax.host)
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--model_workdir", required=True)
   parser.add_argument("--budgets", default="16,32,64",

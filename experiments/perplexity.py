@@ -72,8 +72,6 @@ def prompt_g_eval(params, config, batches, prompt_lens) -> list[dict]:
 
 
 def main(argv=None) -> int:
-  from pldr_jax import host
-  host.retain_freed_memory()  # before the first JAX computation (pldr_jax.host)
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--checkpoint", required=True, help="run workdir or its checkpoints/ dir")
   ap.add_argument("--step", type=int, default=None)

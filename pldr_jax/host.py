@@ -11,11 +11,15 @@ on 2 cores, and the step runs in ~4.3 s instead of ~4.9 s without it
 
 `retain_freed_memory()` makes glibc use one arena, no `mmap` and no trimming,
 so that freed blocks are reused and a steady-state step faults no page. The
-process keeps its peak heap until it exits, which is what a training or
-evaluation process does anyway. It must run before the first JAX computation
-(the XLA worker threads pick their arena on their first allocation); the entry
-scripts under experiments/ and benchmarks/ call it first thing. A no-op
-outside glibc, and when PLDR_JAX_SYSTEM_MALLOC=1.
+price: the first two or three steps are slower while the heap grows (~2 s each
+at 110M), the process keeps its peak heap until it exits, and that peak can be
+higher (PJRT frees a step's buffers just after its outputs are ready, so the
+next step's allocations overlap them). It pays off over a training run, not
+over a few calls, so the training entry points call it (experiments/pretrain.py,
+experiments/train_less.py, benchmarks/train_bench.py) and evaluation does not.
+It must run before the first JAX computation: the XLA worker threads pick their
+arena on their first allocation. A no-op outside glibc, and when
+PLDR_JAX_SYSTEM_MALLOC=1.
 """
 
 from __future__ import annotations
