@@ -160,7 +160,7 @@ def run_case(case: DecodeCase, _build_only: bool = False) -> dict:
     state = small.replace(k=zeros_like_abstract(full.k), v=zeros_like_abstract(full.v),
                           lengths=start)
     del small
-    step_params = decode.decode_params(params, c, g_cache)
+    step_params = decode.decode_params(params, c, g_cache, batch=b)  # as generate lays them out
     lowered = decode.decode_step_jit.lower(step_params, gcache, state, tok, config=c,
                                            g_cache=g_cache)
   else:
@@ -169,7 +169,7 @@ def run_case(case: DecodeCase, _build_only: bool = False) -> dict:
     _, state, gcache = less_model.less_prefill_jit(params, toks, lens, kernels, None, config=c,
                                                    policy=policy)
     state = state.replace(lengths=start)
-    step_params = decode.decode_params(params, c)
+    step_params = decode.decode_params(params, c, batch=b)
     lowered = less_model.less_decode_step_jit.lower(step_params, gcache, state, tok, kernels,
                                                     None, config=c, policy=policy)
   key = (c, case.mode, b, case.budget, case.rank, case.hidden,

@@ -22,7 +22,7 @@ c = config.pldrv51_110m()
 p = model.init_params(c, jax.random.key(0))
 prompt = np.random.default_rng(0).integers(4, c.vocab_size, 128).tolist()
 N = 64
-sp = decode.decode_params(p, c)  # per-layer weights, once (generate slices them per call)
+sp = decode.decode_params(p, c, batch=1)  # per-layer weights, once, as generate lays them out
 SAMPLINGS = {"greedy": generate.SamplingConfig(),
              "top-k/top-p": generate.SamplingConfig(temperature=0.8, top_k=40, top_p=0.95)}
 

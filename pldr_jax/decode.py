@@ -193,7 +193,8 @@ def prefill_jit(params, tokens, lengths, g_lm=None, *, config, cache_len=None, g
                  g_cache=g_cache, g_lm=g_lm, unroll=unroll)
 
 
-def decode_params(params: dict, config: PLDRConfig, g_cache: bool = True) -> dict:
+def decode_params(params: dict, config: PLDRConfig, g_cache: bool = True,
+                  batch: int | None = None) -> dict:
   """The parameters a decode step reads, one tree per layer (copied once).
 
   Decode runs the layers unrolled; from stacked weights each step would copy
@@ -201,24 +202,32 @@ def decode_params(params: dict, config: PLDRConfig, g_cache: bool = True) -> dic
   q/k/v into one [d, 3d] matmul and the FFN's two GLU inputs into one
   [d, 2 d_ff] matmul on the way. With the G-cache (or a fixed G) decode never
   runs the metric learner or the power-law step, so their tensors are left out.
-  Idempotent.
+  With batch=1 on CPU the layers' kernels are stored output-major
+  (`nn.output_major`): XLA:CPU's vector-matrix product reads them faster that
+  way (a 110M step 7-9% faster at batch 1, 5% slower at batch 8:
+  benchmarks/results/decode_layout_2026-11-27.md); the LM head stays
+  input-major, faster at both. Idempotent for the same arguments.
   """
   if not (config.learned_g and not g_cache):
     params = params_lib.without_g_network(params)
   params = params_lib.unstack_layers(params)
-  return {**params, "layers": [_fused(layer) for layer in params["layers"]]}
+  major = batch == 1 and jax.default_backend() == "cpu"
+  return {**params, "layers": [_fused(layer, major) for layer in params["layers"]]}
 
 
-def _fused(layer: dict) -> dict:
+def _fused(layer: dict, output_major: bool = False) -> dict:
   """One layer's decode weights with q/k/v and the FFN's two GLU inputs fused
-  (one matmul each instead of three and two; pldr_jax.nn.fuse_dense). Idempotent."""
-  if "wqkv" in layer:
-    return layer
-  out = {k: v for k, v in layer.items() if k not in ("wq", "wk", "wv")}
-  out["wqkv"] = nn.fuse_dense(layer["wq"], layer["wk"], layer["wv"])
-  ffn = layer["ffn"]
-  out["ffn"] = {"w12": nn.fuse_dense(ffn["w1"], ffn["w2"]), "w3": ffn["w3"]}
-  return out
+  (one matmul each instead of three and two; pldr_jax.nn.fuse_dense), kernels
+  stored output-major or not (`nn.output_major`). Idempotent."""
+  if "wqkv" not in layer:
+    out = {k: v for k, v in layer.items() if k not in ("wq", "wk", "wv")}
+    out["wqkv"] = nn.fuse_dense(layer["wq"], layer["wk"], layer["wv"])
+    ffn = layer["ffn"]
+    out["ffn"] = {"w12": nn.fuse_dense(ffn["w1"], ffn["w2"]), "w3": ffn["w3"]}
+    layer = out
+  major = lambda p: nn.output_major(p, output_major)
+  return {**layer, "wqkv": major(layer["wqkv"]), "wo": major(layer["wo"]),
+          "ffn": {k: major(v) for k, v in layer["ffn"].items()}}
 
 
 @functools.partial(jax.jit, static_argnames=("config", "g_cache"),

@@ -138,9 +138,9 @@ class FullCache:
     return decode.prefill(params, tokens, lengths, config=config, cache_len=cache_len,
                           g_cache=self.g_cache, g_lm=g_lm)
 
-  def step_params(self, params, *, config):
+  def step_params(self, params, *, config, batch=None):
     """What `step` reads: per-layer weights without the unused G network."""
-    return decode.decode_params(params, config, self.g_cache)
+    return decode.decode_params(params, config, self.g_cache, batch)
 
   def abstract(self, *, config, batch, cache_len):
     """(KVCache, GCache) of ArrayInfo: shapes, dtypes, logical axes."""
@@ -171,9 +171,9 @@ class SparseCache:
     return less_model.less_prefill(params, tokens, lengths, config=config, policy=self.policy,
                                    kernels=self.kernels, g_lm=g_lm, mode=self.prefill_mode)
 
-  def step_params(self, params, *, config):
+  def step_params(self, params, *, config, batch=None):
     """What `step` reads: per-layer weights without the G network (G-cache)."""
-    return decode.decode_params(params, config)
+    return decode.decode_params(params, config, batch=batch)
 
   def abstract(self, *, config, batch, cache_len):
     """(SparseState, GCache) of ArrayInfo: shapes, dtypes, logical axes."""
@@ -258,7 +258,7 @@ def generate_tokens(params, tokens, lengths, key, sampling: dict, g_lm=None, cac
   logits, state, gcache = _prefill(params, tokens, lengths, g_lm, cache, config=config,
                                    cache_len=cache_len, mesh=mesh)
   last = model.at_last(logits, lengths)
-  step_params = cache.step_params(params, config=config)  # sliced once, outside the loop
+  step_params = cache.step_params(params, config=config, batch=b)  # once, outside the loop
   draw = lambda lg, i: sample_logits(lg, jax.random.fold_in(key, i), sampling["temperature"],
                                      sampling["top_p"], path)
   out = jnp.full((b, max_new_tokens), PAD_ID, jnp.int32)
@@ -335,7 +335,7 @@ def stream(params, prompts, *, config: PLDRConfig, max_new_tokens: int,
   logits, state, gcache = _prefill_jit(params, tokens, lengths, g_lm, cache, config=config,
                                        cache_len=cache_len, mesh=mesh)
   last = model.at_last(logits, jnp.asarray(lengths))
-  step_params = _step_params_jit(params, cache, config=config)
+  step_params = _step_params_jit(params, cache, config=config, batch=tokens.shape[0])
   done = np.zeros(len(prompts), bool)
   for i in range(max_new_tokens):
     tok = _sample_jit(last, jax.random.fold_in(key, i), arrays, sampling.path)
@@ -351,9 +351,9 @@ _prefill_jit = jax.jit(_prefill, static_argnames=("config", "cache_len", "mesh")
 _step_jit = jax.jit(_step, static_argnames=("config", "mesh"), donate_argnames=("state",))
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _step_params_jit(params, cache, *, config):
-  return cache.step_params(params, config=config)
+@functools.partial(jax.jit, static_argnames=("config", "batch"))
+def _step_params_jit(params, cache, *, config, batch):
+  return cache.step_params(params, config=config, batch=batch)
 
 
 @functools.partial(jax.jit, static_argnames=("path",))

@@ -28,9 +28,23 @@ def layer_norm(p: dict, x: jax.Array, eps: float) -> jax.Array:
 
 
 def dense(p: dict, x: jax.Array) -> jax.Array:
-  """p: {'kernel': [N, M], 'bias': [M]}; x: [..., N] -> [..., M] in x.dtype."""
-  kernel = p["kernel"].astype(x.dtype)
-  return jnp.einsum("...n,nm->...m", x, kernel) + p["bias"].astype(x.dtype)
+  """p: {'kernel': [N, M], 'bias': [M]}, or {'kernel_t': [M, N], 'bias'} (the same
+  layer stored output-major, `output_major`); x: [..., N] -> [..., M] in x.dtype."""
+  if "kernel_t" in p:
+    y = jnp.einsum("...n,mn->...m", x, p["kernel_t"].astype(x.dtype))
+  else:
+    y = jnp.einsum("...n,nm->...m", x, p["kernel"].astype(x.dtype))
+  return y + p["bias"].astype(x.dtype)
+
+
+def output_major(p: dict, on: bool = True) -> dict:
+  """A dense layer with its kernel stored output-major ({'kernel_t': [M, N]}) when
+  `on`, else input-major ({'kernel': [N, M]}); the same layer for `dense`. Idempotent."""
+  if on and "kernel" in p:
+    return {"kernel_t": p["kernel"].T, "bias": p["bias"]}
+  if not on and "kernel_t" in p:
+    return {"kernel": p["kernel_t"].T, "bias": p["bias"]}
+  return p
 
 
 def fuse_dense(*ps: dict) -> dict:

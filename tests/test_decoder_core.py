@@ -10,6 +10,7 @@ prefill produces, in every G mode.
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import less_jax
@@ -100,6 +101,29 @@ def test_decode_on_stacked_and_per_layer_params_agree(kw):
     assert "plga" not in step_p["layers"][0]  # the G network is not read with the G-cache
   a, kv_a = decode.decode_step(p, gc, kv, t[:, 5], config=c)
   b, kv_b = decode.decode_step(step_p, gc, kv, t[:, 5], config=c)
+  chex.assert_trees_all_close(a, b, rtol=1e-13, atol=1e-13)
+  chex.assert_trees_all_close(kv_a, kv_b, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("kw", MODES, ids=IDS)
+def test_batch_1_decode_weights_output_major(kw):
+  """decode_params(batch=1) stores the layers' kernels output-major on CPU (nn.output_major,
+  faster there at batch 1): the same step to 1e-13, and back to input-major for batch 2."""
+  c, p, g = _setup(kw)
+  t = random_tokens(c, (1, 6))
+  _, kv, gc = decode.prefill(p, t[:, :5], jnp.array([5], jnp.int32), config=c, cache_len=8,
+                             g_lm=g)
+  plain = decode.decode_params(p, c)
+  major = decode.decode_params(p, c, batch=1)
+  assert jax.default_backend() == "cpu"
+  layer = major["layers"][0]
+  assert set(layer["wqkv"]) == {"kernel_t", "bias"} and "kernel_t" in layer["ffn"]["w3"]
+  np.testing.assert_array_equal(layer["wo"]["kernel_t"], plain["layers"][0]["wo"]["kernel"].T)
+  assert "kernel" in major["head"]  # the LM head stays input-major
+  chex.assert_trees_all_equal(decode.decode_params(major, c, batch=1), major)
+  chex.assert_trees_all_equal(decode.decode_params(major, c, batch=2), plain)
+  a, kv_a = decode.decode_step(plain, gc, kv, t[:, 5], config=c)
+  b, kv_b = decode.decode_step(major, gc, kv, t[:, 5], config=c)
   chex.assert_trees_all_close(a, b, rtol=1e-13, atol=1e-13)
   chex.assert_trees_all_close(kv_a, kv_b, rtol=1e-13, atol=1e-13)
 
