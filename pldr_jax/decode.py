@@ -204,7 +204,7 @@ def decode_params(params: dict, config: PLDRConfig, g_cache: bool = True,
   runs the metric learner or the power-law step, so their tensors are left out.
   With batch=1 on CPU the layers' kernels are stored output-major
   (`nn.output_major`): XLA:CPU's vector-matrix product reads them faster that
-  way (a 110M step 7-9% faster at batch 1, 5% slower at batch 8:
+  way (a 110M step 4-16% faster at batch 1, 4-7% slower at batch 8:
   benchmarks/results/decode_layout_2026-11-27.md); the LM head stays
   input-major, faster at both. Idempotent for the same arguments.
   """

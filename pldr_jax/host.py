@@ -1,12 +1,13 @@
 """Host-process settings: keep the memory XLA:CPU frees for its next call.
 
 XLA:CPU allocates each program's temporaries and outputs from the C heap on
-every call and frees them when the call ends. glibc serves blocks of more than
-32 MiB from worker-thread arenas as fresh `mmap` pages (even when told not to
-mmap: thread arenas fall back to it) and unmaps them on free, so every call
-touches its buffers' pages anew. The 110M train step (4 x 256 tokens, fp32)
-page-faults about 2.9 GiB per call that way: ~1.5 s of kernel time per step
-on 2 cores, and the step runs in ~4.3 s instead of ~4.9 s without it
+every call and frees them when the call ends. glibc serves large blocks as
+fresh `mmap` pages (above its mmap threshold, at most 32 MiB; worker-thread
+arenas also for any block larger than their 64 MiB heaps, even with mmap
+turned off) and unmaps them on free, so every call touches its buffers' pages
+anew. The 110M train step (4 x 256 tokens, fp32) page-faults about 2.9 GiB per
+call that way: ~1.5 s of kernel time per step on 2 cores; in steady state the
+step takes ~4.1-4.2 s with this setting against ~4.7 s without
 (benchmarks/results/host_malloc_2026-11-27.md).
 
 `retain_freed_memory()` makes glibc use one arena, no `mmap` and no trimming,
