@@ -38,7 +38,7 @@ from pldr_jax import host  # noqa: E402
 
 def run(preset: str, batch: int, seq: int | None, steps: int, compute_dtype: str = "float32",
         fsdp: int = 1, g_mode: str | None = None, scan_layers: bool = True,
-        warmup: int = 2) -> dict:
+        warmup: int = 4) -> dict:
   c = cfg.preset(preset, compute_dtype=compute_dtype, scan_layers=scan_layers)
   if g_mode:
     c = c.replace(g_mode=g_mode)
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
   ap.add_argument("--batch", type=int, default=16)
   ap.add_argument("--seq", type=int, default=None)
   ap.add_argument("--steps", type=int, default=5)
-  ap.add_argument("--warmup", type=int, default=2, help="untimed steps after the first")
+  ap.add_argument("--warmup", type=int, default=4, help="untimed steps after the first")
   ap.add_argument("--compute_dtype", default="float32")
   ap.add_argument("--fsdp", type=int, default=1)
   ap.add_argument("--g_mode", default=None)
