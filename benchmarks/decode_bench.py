@@ -42,7 +42,7 @@ from benchmarks import common
 from less_jax import kernels as kernels_lib
 from less_jax import model as less_model
 from less_jax import policies as policies_lib
-from pldr_jax.kv_cache import KVCache, zeros_like_abstract
+from pldr_jax.kv_cache import GCache, KVCache, zeros_like_abstract
 from pldr_jax import config as cfg
 from pldr_jax import decode, model
 
@@ -117,6 +117,18 @@ def _policy(case: DecodeCase):
   return None
 
 
+def full_cache_at(params: dict, prompt: jax.Array, c, length: int, position: jax.Array,
+                  g_cache: bool = True) -> tuple[KVCache, GCache]:
+  """(KVCache of `length` zero slots at `position` [B], GCache) from prefilling `prompt`
+  [B, P]: a step's cost is fixed by shapes, so this stands for a cache filled to there."""
+  b, p = prompt.shape
+  _, small, gcache = decode.prefill_jit(params, prompt, jnp.full((b,), p, jnp.int32), config=c,
+                                        cache_len=p, g_cache=g_cache)
+  full = KVCache.abstract(c, b, length, g_cache)
+  return small.replace(k=zeros_like_abstract(full.k), v=zeros_like_abstract(full.v),
+                       lengths=jnp.array(position, jnp.int32)), gcache  # a copy: donated
+
+
 _COMPILED: dict = {}  # (compiled decode step, compile seconds) per (config, mode, shapes)
 
 
@@ -154,12 +166,7 @@ def run_case(case: DecodeCase, _build_only: bool = False) -> dict:
   start = jnp.full((b,), case.length - case.steps - 5, jnp.int32)
   if case.mode in FULL_MODES:
     g_cache = case.mode != "kv"
-    _, small, gcache = decode.prefill_jit(params, toks, lens, config=c, cache_len=prompt,
-                                          g_cache=g_cache)
-    full = KVCache.abstract(c, b, case.length, g_cache)
-    state = small.replace(k=zeros_like_abstract(full.k), v=zeros_like_abstract(full.v),
-                          lengths=start)
-    del small
+    state, gcache = full_cache_at(params, toks, c, case.length, start, g_cache)
     step_params = decode.decode_params(params, c, g_cache, batch=b)  # as generate lays them out
     lowered = decode.decode_step_jit.lower(step_params, gcache, state, tok, config=c,
                                            g_cache=g_cache)

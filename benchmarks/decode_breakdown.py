@@ -19,7 +19,6 @@ import collections
 import json
 import re
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -28,19 +27,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks import common, decode_bench  # noqa: E402
 from pldr_jax import config as cfg, decode, model, nn  # noqa: E402
-from pldr_jax.kv_cache import KVCache, zeros_like_abstract  # noqa: E402
 
 
 def _median_ms(f, *args, n: int = 40) -> float:
-  for _ in range(3):
-    jax.block_until_ready(f(*args))
-  ts = []
-  for _ in range(n):
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    ts.append(time.perf_counter() - t0)
-  return 1e3 * float(np.median(ts))
+  return 1e3 * float(np.median(common.time_calls(lambda: f(*args), n, warmup=3)))
 
 
 def _chain(dp: dict, x: jax.Array, d: int, d_ff: int) -> jax.Array:
@@ -64,12 +56,8 @@ def run(batch: int, length: int) -> dict:
   head = dp["head"]["kernel"]  # input-major at every batch
   head_ms = _median_ms(jax.jit(lambda h, w: h @ w), x, head)
 
-  toks = jnp.ones((batch, 16), jnp.int32)
-  _, small, gcache = decode.prefill_jit(p, toks, jnp.full((batch,), 16, jnp.int32), config=c,
-                                        cache_len=16)
-  full = KVCache.abstract(c, batch, length, True)
-  state = small.replace(k=zeros_like_abstract(full.k), v=zeros_like_abstract(full.v),
-                        lengths=jnp.full((batch,), length - 60, jnp.int32))
+  state, gcache = decode_bench.full_cache_at(p, jnp.ones((batch, 16), jnp.int32), c, length,
+                                             jnp.full((batch,), length - 60, jnp.int32))
   tok = jnp.ones((batch,), jnp.int32)
   compiled = decode.decode_step_jit.lower(dp, gcache, state, tok, config=c).compile()
   ops = collections.Counter(re.findall(r"= \S+ (fusion|dot|copy)\(",

@@ -22,21 +22,21 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks import decode_bench  # noqa: E402
 from pldr_jax import config as cfg, decode, model  # noqa: E402
-from pldr_jax.kv_cache import KVCache, zeros_like_abstract  # noqa: E402
 
 
 def run(batch: int, length: int, rounds: int) -> dict:
   c = cfg.pldrv51_110m()
   p = jax.jit(model.init_params, static_argnums=0)(c, jax.random.key(0))
   plain = decode.decode_params(p, c)
-  major = {**plain, "layers": [decode._fused(layer, True) for layer in plain["layers"]]}
+  major = decode.decode_params(p, c, batch=1)  # output-major (on CPU) whatever `batch` is
+  if "kernel_t" not in major["layers"][0]["wo"]:
+    raise SystemExit(f"decode_params(batch=1) is input-major on {jax.default_backend()}")
   toks = jnp.ones((batch, 16), jnp.int32)
-  _, small, gcache = decode.prefill_jit(p, toks, jnp.full((batch,), 16, jnp.int32), config=c,
-                                        cache_len=16)
-  full = KVCache.abstract(c, batch, length, True)
-  fresh = lambda: small.replace(k=zeros_like_abstract(full.k), v=zeros_like_abstract(full.v),
-                                lengths=jnp.full((batch,), length - rounds - 10, jnp.int32))
+  at = jnp.full((batch,), length - rounds - 10, jnp.int32)
+  _, gcache = decode_bench.full_cache_at(p, toks, c, length, at)
+  fresh = lambda: decode_bench.full_cache_at(p, toks, c, length, at)[0]
   tok = jnp.ones((batch,), jnp.int32)
   weights, states, times = [plain, major], [fresh(), fresh()], [[], []]
   for r in range(rounds + 3):

@@ -11,8 +11,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 # A training-like loop: a jitted step with a donated state and 256 MiB of temporaries,
-# called 10 times; reports the page faults of the last 3 calls, in MiB. A short pause after each call
-# stands for a training loop's own work between steps.
+# called 10 times; reports the page faults of the last 3 calls, in MiB. A short pause
+# after each call stands for a training loop's own work between steps.
 PROBE = r"""
 import functools, json, resource, time
 from pldr_jax import host
