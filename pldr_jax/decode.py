@@ -2,8 +2,9 @@
 
 Two typed values travel between steps (pldr_jax.kv_cache):
   * the `KVCache` (donated each step): k (after rotary) and v, one fixed
-    head-major buffer [B, H, T, dk] of T = cache_len slots per layer (the
-    layout the step's two matrix products read without a transpose), the
+    buffer [B, H, dk, T] of T = cache_len slots per layer (time-minor: the
+    step's two matrix products read each head's [dk, T] block as dk rows of
+    T contiguous values, the layout XLA:CPU reads fastest), the
     per-sequence `lengths` [B], and (causal metric without G-cache) the running
     raw sum of q q^T [L, B, H, dk, dk] that the metric input is built from;
   * the `GCache` (constant, never donated): the deductive tensors computed at
@@ -41,7 +42,7 @@ from pldr_jax.kv_cache import GCache, KVCache
 
 
 def _write_one(buf: jax.Array, new: jax.Array, pos: jax.Array) -> jax.Array:
-  """buf: [B, H, T, dk]; new: [B, H, dk]; pos: int [B] -> buf with new at [b, :, pos_b].
+  """buf: [B, H, dk, T]; new: [B, H, dk]; pos: int [B] -> buf with new at [b, :, :, pos_b].
 
   One scatter with explicit (batch, head, slot) indices: with the cache
   donated XLA:CPU writes it in place, and the step's attention then reads the
@@ -50,8 +51,8 @@ def _write_one(buf: jax.Array, new: jax.Array, pos: jax.Array) -> jax.Array:
   b, h = buf.shape[:2]
   bi = jnp.arange(b)[:, None]
   hi = jnp.arange(h)[None, :]
-  return buf.at[bi, hi, pos[:, None]].set(new.astype(buf.dtype), mode="drop",
-                                         unique_indices=True)
+  return buf.at[bi, hi, :, pos[:, None]].set(new.astype(buf.dtype), mode="drop",
+                                            unique_indices=True)
 
 
 def prefill(params: dict, tokens: jax.Array, lengths: jax.Array, *, config: PLDRConfig,
@@ -70,10 +71,11 @@ def prefill(params: dict, tokens: jax.Array, lengths: jax.Array, *, config: PLDR
   logits, aux = model.forward(params, tokens, lengths, config=config, g_lm=g_lm,
                               return_aux=True, unroll=unroll)
   info = KVCache.abstract(config, b, cache_len, g_cache)
-  # The prompt fills slots [0, S) of each layer's head-major buffer.
+  # The prompt fills slots [0, S) of each layer's [B, H, dk, T] buffer.
   zeros = jnp.zeros(info.k[0].shape, info.k[0].dtype)
-  fill = lambda t: tuple(zeros.at[:, :, :s].set(jnp.swapaxes(t[i], 1, 2).astype(zeros.dtype))
-                         for i in range(config.num_layers))
+  fill = lambda t: tuple(
+      zeros.at[..., :s].set(jnp.transpose(t[i], (0, 2, 3, 1)).astype(zeros.dtype))
+      for i in range(config.num_layers))
   gram = None
   if info.gram is not None:  # causal metric without the G-cache: the running q q^T sum
     gram = _at_prompt_end(aux["gram"], lengths, config).astype(info.gram.dtype)

@@ -6,12 +6,17 @@ a mesh by the same Flax logical-axis rules as the parameters
 (pldr_jax.sharding). The KV buffers are one array per layer, not one stacked
 [L, ...] array: a decode step writes one slot of each in place and reads it
 whole, and on XLA:CPU a slice of a stacked buffer is a copy (measured: see
-docs/architecture.md). The small G tensors are stacked on a leading [L].
+docs/architecture.md). Each buffer is time-minor, [B, H, dk, T]: the step's
+products read a head's [dk, T] block as dk rows of T contiguous slots, which
+XLA:CPU reads close to the memory bandwidth, and a [T, dk] block at ~70% of it
+(110M decode at 8k tokens 10-20% faster: benchmarks/results/kv_layout_2026-11-27.md).
+The small G tensors are stacked on a leading [L].
 
   KVCache   (donated each decode step)
-    k, v      L x [B, H, T, dk] compute dtype   keys (after rotary) and values,
-                                                head-major, T = cache_len slots:
-                                                one buffer per layer
+    k, v      L x [B, H, dk, T] compute dtype   keys (after rotary) and values,
+                                                head-major and time-minor,
+                                                T = cache_len slots: one
+                                                buffer per layer
     lengths   [B]               int32           tokens held per sequence
     gram      [L, B, H, dk, dk] >= float32      running sum of q q^T: only for
                                                 the causal metric without the
@@ -60,7 +65,7 @@ def shardings(abstract, mesh: jax.sharding.Mesh, rules=sharding_lib.LOGICAL_RULE
                       abstract, is_leaf=_is_info)
 
 
-KV_AXES = ("batch", "heads", "cache_seq", "head_dim")
+KV_AXES = ("batch", "heads", "head_dim", "cache_seq")
 G_AXES = ("layers", "batch", "heads", "head_dim", None)
 
 
@@ -79,7 +84,7 @@ class KVCache:
   def abstract(cls, config: PLDRConfig, batch: int, cache_len: int,
                g_cache: bool = True) -> "KVCache":
     cd = jnp.dtype(config.compute_dtype)
-    kv = (ArrayInfo((batch, config.num_heads, cache_len, config.head_dim), cd, KV_AXES),
+    kv = (ArrayInfo((batch, config.num_heads, config.head_dim, cache_len), cd, KV_AXES),
           ) * config.num_layers
     gram = None
     if _uses_gram(config, g_cache):
@@ -88,7 +93,7 @@ class KVCache:
 
   @property
   def cache_len(self) -> int:
-    return int(self.k[0].shape[2])
+    return int(self.k[0].shape[3])
 
 
 def _g_shape(config: PLDRConfig, batch: int) -> tuple[int, ...]:

@@ -64,22 +64,24 @@ def plga_attention(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array | None
 
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array | None,
                      visible: jax.Array) -> jax.Array:
-  """PLGA of one new query per sequence over a head-major KV-cache (decode).
+  """PLGA of one new query per sequence over the decode KV-cache.
 
-  q: [B, H, dk]; k, v: [B, H, T, dk] (the new pair already written);
-  g: see `apply_g` (None: identity); visible: bool [B, T].
+  q: [B, H, dk]; k, v: [B, H, dk, T] (time-minor, the new pair already
+  written); g: see `apply_g` (None: identity); visible: bool [B, T].
   Returns [B, H, dk] in v.dtype.
 
-  The cache is the left operand of both products ([T, dk] @ [dk] and
-  [T] @ [T, dk] per head), the layout XLA reads without transposing it.
+  Both products contract or keep dk against rows of T contiguous slots
+  ([dk] @ [dk, T] and [dk, T] @ [T] per head): XLA:CPU reads a cache in this
+  layout at close to the memory bandwidth, a [T, dk] one at about 70% of it
+  (benchmarks/results/kv_layout_2026-11-27.md).
   """
   chex.assert_rank([q, k, v, visible], [3, 4, 4, 2])
   chex.assert_equal_shape([k, v])
   ft = nn.upcast(q.dtype)
   qg = apply_g(q[:, None], g)[:, 0].astype(ft)
-  logits = jnp.einsum("bhtd,bhd->bht", k.astype(ft), qg) / math.sqrt(q.shape[-1])
+  logits = jnp.einsum("bhdt,bhd->bht", k.astype(ft), qg) / math.sqrt(q.shape[-1])
   probs = masked_softmax(logits, visible[:, None, :])
-  return jnp.einsum("bht,bhtd->bhd", probs.astype(v.dtype), v)
+  return jnp.einsum("bht,bhdt->bhd", probs.astype(v.dtype), v)
 
 
 def causal_mask(q_pos: jax.Array, k_pos: jax.Array, k_len: jax.Array) -> jax.Array:

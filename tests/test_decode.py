@@ -176,6 +176,29 @@ def test_fp32_decode_close_to_forward():
     assert _rel(outs[b], full[n:n + steps]) < 1e-5
 
 
+def test_kv_cache_holds_the_forward_keys_and_values_time_minor():
+  """KVCache k/v are [B, H, dk, T]: slot t of sequence b holds the forward pass's
+  (rotated) key and value of its token t (with the G_LM decode uses, its prompt's),
+  from prefill and from decode steps alike; slots past each sequence's length stay zero."""
+  c = cfg.tiny(**F64)
+  p = _params(c)
+  t = _tokens(c, (2, 8))
+  lens = np.array([5, 3])
+  _, st, gc = prefill(p, t[:, :5], jnp.asarray(lens, jnp.int32), config=c, cache_len=12)
+  for _ in range(2):
+    tok = jax.vmap(lambda row, n: row[n])(t, st.lengths)
+    _, st = step(p, gc, st, tok, config=c)
+  assert st.k[0].shape == (2, c.num_heads, c.head_dim, 12) and st.cache_len == 12
+  for b, n in enumerate(lens + 2):
+    _, aux = fwd(p, t[b:b + 1], jnp.array([n], jnp.int32), config=c, return_aux=True,
+                 g_lm=gc.g_lm[:, b:b + 1])
+    for layer in range(c.num_layers):
+      for name, buf in (("k", st.k[layer]), ("v", st.v[layer])):
+        want = np.asarray(aux[name][layer][0, :n]).transpose(1, 2, 0)  # [S, H, dk] -> [H, dk, S]
+        np.testing.assert_allclose(np.asarray(buf[b, :, :, :n]), want, rtol=1e-12, atol=1e-12)
+        assert not np.any(np.asarray(buf[b, :, :, n:]))
+
+
 def test_jitted_decode_donates_state_and_matches_eager():
   c = cfg.tiny()
   p = _params(c)

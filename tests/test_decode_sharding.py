@@ -48,7 +48,7 @@ _SCRIPT = textwrap.dedent("""
                                      gen.SamplingConfig().as_arrays(), None, args[4], config=c,
                                      max_new_tokens=8, cache_len=32, mesh=mesh).as_text()
     out["kv_constraints"] = len(re.findall(
-        r'sharding_constraint[^\\n]*\\{"data", "fsdp"\\}, \\{\\}, \\{\\}, \\{\\}\\][^\\n]*8x2x32x8', text))
+        r'sharding_constraint[^\\n]*\\{"data", "fsdp"\\}, \\{\\}, \\{\\}, \\{\\}\\][^\\n]*8x2x8x32', text))
     print("RESULT " + json.dumps(out))
 """)
 
