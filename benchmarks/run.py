@@ -64,7 +64,8 @@ class DecodeSpec:
 
 @dataclasses.dataclass(frozen=True)
 class PairedSpec:
-  """KV+G-cache vs SDPA decode, timed step by step in alternation.
+  """KV+G-cache vs SDPA vs LESS decode, timed step by step in alternation (the
+  G-cache overhead and the LESS / full-cache speed, each ratio within one round).
 
   Attributes:
     preset: `pldr_jax.config` preset.
@@ -147,7 +148,7 @@ class Suite:
   Attributes:
     decode: decode cases (section "decode").
     decode_steps: timed decode steps per preset.
-    paired: KV+G vs SDPA alternating measurements (section "gcache").
+    paired: KV+G vs SDPA vs LESS alternating measurements (section "gcache").
     prefill: prefill cases (section "prefill").
     train: train-step cases (section "train"); `GPU_TRAIN` is added on a GPU.
     memory_lengths: lengths of the decode-state memory table (section "memory").
@@ -179,7 +180,8 @@ SUITES = {
             DecodeSpec("pldrv51_110m", "bfloat16", (1,), (1024,), ("kv+g",)),
         ),
         decode_steps={"tiny": 20, "pldrv51_110m": 16},
-        paired=(PairedSpec("pldrv51_110m", 1, (1024, 8192), 24),),
+        paired=(PairedSpec("pldrv51_110m", 1, (1024, 8192), 24),
+                PairedSpec("pldrv51_110m", 8, (1024, 8192), 12)),
         prefill=(PrefillSpec("tiny", (1,), (1024, 8192)),
                  PrefillSpec("pldrv51_110m", (1,), (1024,))),
         train=(
@@ -286,17 +288,22 @@ def run_decode(suite: Suite, ceil, rows):
 
 
 def run_gcache(suite: Suite, rows):
-  """KV+G-cache vs same-size SDPA decode, timed step by step in alternation."""
+  """KV+G-cache vs same-size SDPA vs LESS decode, timed step by step in alternation:
+  the G-cache's overhead and LESS's speed over the full cache come from the same
+  rounds, so this VM's drift (up to 50% between minutes) hits both sides alike."""
   for ps in suite.paired:
     preset, batch, rounds = ps.preset, ps.batch, ps.rounds
     for length in ps.lengths:
-      cases = [decode_bench.DecodeCase(preset, m, batch, length) for m in ("kv+g", "sdpa")]
-      a, b = decode_bench.paired(cases, rounds)
-      over = a["latency_ms"] / b["latency_ms"] - 1.0
-      rows += [{**a, "overhead_vs_sdpa": over}, b]
-      log(f"gcache {preset} b{batch} L{length}: KV+G {a['latency_ms']:.3f} ms, SDPA "
-          f"{b['latency_ms']:.3f} ms (medians of {rounds} alternating steps): "
-          f"overhead {100 * over:+.1f}%")
+      cases = [decode_bench.DecodeCase(preset, m, batch, length, budget=suite.budget)
+               for m in ("kv+g", "sdpa", "less")]
+      full, sdpa, less = decode_bench.paired(cases, rounds)
+      over = full["latency_ms"] / sdpa["latency_ms"] - 1.0
+      speed = full["latency_ms"] / less["latency_ms"]
+      rows += [{**full, "overhead_vs_sdpa": over}, sdpa, {**less, "speed_vs_full": speed}]
+      log(f"paired {preset} b{batch} L{length}: KV+G {full['latency_ms']:.3f} ms, SDPA "
+          f"{sdpa['latency_ms']:.3f} ms, LESS {less['latency_ms']:.3f} ms (medians of "
+          f"{rounds} alternating steps): G-cache overhead {100 * over:+.1f}%, "
+          f"LESS {speed:.2f}x the full cache")
 
 
 def run_prefill(suite: Suite, rows):

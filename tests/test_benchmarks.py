@@ -82,7 +82,10 @@ def test_smoke_suite_writes_every_section_and_the_report(tmp_path):
   assert comp["ok"] and comp["compilations"] == comp["num_buckets_used"]
   assert rec["memory"] and rec["prefill"]
   text = (tmp_path / "RESULTS.md").read_text()
-  assert len(rec["gcache"]) == 2 and "overhead_vs_sdpa" in rec["gcache"][0]
+  full, sdpa, less = rec["gcache"]  # stepped in alternation
+  assert (full["mode"], sdpa["mode"], less["mode"]) == ("kv+g", "sdpa", "less")
+  assert less["speed_vs_full"] == full["latency_ms"] / less["latency_ms"]
+  assert full["overhead_vs_sdpa"] == full["latency_ms"] / sdpa["latency_ms"] - 1.0
   for heading in ("Machine ceilings", "Targets", "## Decode", "## Prefill", "## Training", "G-cache overhead",
                   "Compilations while decoding", "Decode-state memory"):
     assert heading in text
@@ -103,3 +106,20 @@ def test_gpu_suite_measures_what_the_gpu_goals_need():
   assert {8192, 32768} <= {n for d in less for n in d.lengths}
   assert s.paired and s.ceilings.gib >= 1.0
   assert all(t.compute_dtype == "bfloat16" and t.preset == "pldrv51_110m" for t in run.GPU_TRAIN)
+
+
+def test_less_vs_full_target_prefers_alternating_steps():
+  """The LESS / full-cache goal rows come from the paired section's alternating steps
+  where it has the case, and from the decode table (labelled so) where it does not."""
+  def dec(mode, length, ms):
+    return {"preset": "pldrv51_110m", "weights": "float32", "batch": 1, "length": length,
+            "mode": mode, "latency_ms": ms, "tokens_per_s": 1e3 / ms}
+  rec = {"decode": [dec("kv+g", 1024, 10.0), dec("less", 1024, 20.0),
+                    dec("kv+g", 4096, 30.0), dec("less", 4096, 10.0)],
+         "gcache": [{"preset": "pldrv51_110m", "batch": 1, "length": 1024, "mode": "less",
+                     "speed_vs_full": 1.25}]}
+  rows = {t[0]: t[1:] for t in report.targets(rec) if "LESS vs full" in t[0]}
+  paired = "pldrv51_110m LESS vs full KV+G cache throughput, batch 1, 1024 tokens"
+  assert rows[paired + " (alternating steps)"] == (1.25, ">= 1.0", True)  # not 0.5
+  assert rows[paired.replace("1024", "4096") + " (separate runs)"] == (3.0, ">= 1.0", True)
+  assert len(rows) == 2
