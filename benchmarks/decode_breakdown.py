@@ -7,7 +7,8 @@ Times (median of 40 calls, jitted):
          then the LM head, on `decode.decode_params(batch=B)` weights (the
          bytes a step must read, laid out as generate lays them out);
   head   the LM head matvec alone;
-  step   the real `decode.decode_step_jit` with a KV+G cache at `length` slots.
+  step   the real `decode.decode_step_jit` with a KV+G cache at `length` slots
+         (donated, as generate runs it: written in place, not copied).
 Each with GB/s = bytes read / time, and the op count of the compiled step
 (fusions, dots: XLA:CPU runs each as a thunk with its own dispatch cost).
 """
@@ -62,9 +63,14 @@ def run(batch: int, length: int) -> dict:
   compiled = decode.decode_step_jit.lower(dp, gcache, state, tok, config=c).compile()
   ops = collections.Counter(re.findall(r"= \S+ (fusion|dot|copy)\(",
                                        compiled.as_text().split("ENTRY")[1]))
-  step = jax.jit(lambda dp, g, s, t: decode.decode_step(dp, g, s, t, config=c))
-  step_ms = _median_ms(step, dp, gcache, state, tok)
-  step_bytes = (weight_bytes + sum(a.nbytes for a in state.k + state.v) + gcache.g_lm.nbytes
+  cache = [state]
+
+  def step():  # as generate steps: the KV cache donated, so written in place
+    logits, cache[0] = decode.decode_step_jit(dp, gcache, cache[0], tok, config=c)
+    return logits
+
+  step_ms = 1e3 * float(np.median(common.time_calls(step, 40, warmup=3)))
+  step_bytes = (weight_bytes + sum(a.nbytes for a in cache[0].k + cache[0].v) + gcache.g_lm.nbytes
                 + batch * emb.shape[1] * emb.dtype.itemsize)
   gbs = lambda nbytes, ms: nbytes / ms / 1e6
   return {"batch": batch, "length": length, "chain_ms": chain_ms,
