@@ -192,10 +192,9 @@ def write_report(path, out_dir=RESULTS) -> list[Path]:
               "KV+G-cache PLDR decode vs the same-size SDPA model and vs LESS (its "
               "sparse cache and low-rank state), the steps timed in alternation (medians).",
               ""]
-    by = lambda mode: {(r["preset"], r["batch"], r["length"]): r for r in rec["gcache"]
-                       if r["mode"] == mode}
-    sd, ls = by("sdpa"), by("less")
     key = lambda r: (r["preset"], r["batch"], r["length"])
+    by = lambda mode: {key(r): r for r in rec["gcache"] if r["mode"] == mode}
+    sd, ls = by("sdpa"), by("less")
     lines += _table(["config", "batch", "length", "KV+G ms", "SDPA ms", "overhead", "LESS ms",
                      "LESS speed / KV+G"],
                     [(r["preset"], r["batch"], r["length"], r["latency_ms"],
