@@ -69,7 +69,7 @@ def run(batch: int, length: int) -> dict:
     logits, cache[0] = decode.decode_step_jit(dp, gcache, cache[0], tok, config=c)
     return logits
 
-  step_ms = 1e3 * float(np.median(common.time_calls(step, 40, warmup=3)))
+  step_ms = _median_ms(step)
   step_bytes = (weight_bytes + sum(a.nbytes for a in cache[0].k + cache[0].v) + gcache.g_lm.nbytes
                 + batch * emb.shape[1] * emb.dtype.itemsize)
   gbs = lambda nbytes, ms: nbytes / ms / 1e6
