@@ -9,7 +9,7 @@ whole, and on XLA:CPU a slice of a stacked buffer is a copy (measured: see
 docs/architecture.md). Each buffer is time-minor, [B, H, dk, T]: the step's
 products read a head's [dk, T] block as dk rows of T contiguous slots, which
 XLA:CPU reads close to the memory bandwidth, and a [T, dk] block at ~70% of it
-(110M decode at 8k tokens 10-20% faster: benchmarks/results/kv_layout_2026-11-27.md).
+(110M decode at 8k tokens 13-16% faster: benchmarks/results/kv_layout_2026-11-27.md).
 The small G tensors are stacked on a leading [L].
 
   KVCache   (donated each decode step)
