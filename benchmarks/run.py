@@ -37,6 +37,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# On a GPU, XLA's client takes 75% of the device's memory when the backend starts:
+# the train cases' own processes would get the rest. Allocate as needed instead
+# (before JAX starts; no effect on a CPU). An explicit setting wins.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
 
@@ -72,11 +76,13 @@ class PairedSpec:
     batch: batch size.
     lengths: context lengths.
     rounds: alternating steps per length (medians are reported).
+    weights: "float32" or "bfloat16" (params and compute).
   """
   preset: str
   batch: int
   lengths: tuple[int, ...]
   rounds: int
+  weights: str = "float32"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,10 +93,12 @@ class PrefillSpec:
     preset: `pldr_jax.config` preset.
     batches: batch sizes.
     lengths: prompt lengths.
+    weights: "float32" or "bfloat16" (params and compute).
   """
   preset: str
   batches: tuple[int, ...]
   lengths: tuple[int, ...]
+  weights: str = "float32"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +112,8 @@ class TrainSpec:
     steps: timed steps.
     devices: devices of the mesh (> 1: forced host devices, CPU only).
     compute_dtype: "float32" or "bfloat16".
+    attention: `PLDRConfig.attention` ("plain", "xla", "cudnn").
+    remat: `PLDRConfig.remat` ("none", "minimal", "full").
   """
   preset: str
   batch: int
@@ -111,6 +121,8 @@ class TrainSpec:
   steps: int
   devices: int
   compute_dtype: str
+  attention: str = "plain"
+  remat: str = "none"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,11 +162,14 @@ class Suite:
     decode_steps: timed decode steps per preset.
     paired: KV+G vs SDPA vs LESS alternating measurements (section "gcache").
     prefill: prefill cases (section "prefill").
-    train: train-step cases (section "train"); `GPU_TRAIN` is added on a GPU.
+    train: train-step cases (section "train").
     memory_lengths: lengths of the decode-state memory table (section "memory").
     ceilings: bandwidth / matmul ceilings (section "ceilings").
     compile: the compilation count (section "compile").
     budget: cache budget (slots) of the sparse modes (h2o, lambda, less).
+    gpu_train: train-step cases added when the device is a GPU.
+    order: the order the sections run in (the most wanted first where a time
+      budget may cut the run short).
   """
   decode: tuple[DecodeSpec, ...]
   decode_steps: dict[str, int]
@@ -165,6 +180,9 @@ class Suite:
   ceilings: CeilingsSpec
   compile: CompileSpec
   budget: int = 256
+  gpu_train: tuple[TrainSpec, ...] = ()
+  order: tuple[str, ...] = ("ceilings", "compile", "memory", "decode", "gcache", "prefill",
+                            "train")
 
 
 SUITES = {
@@ -233,26 +251,67 @@ SUITES = {
         compile=CompileSpec(num_prompts=3, max_len=32, max_new_tokens=4),
     ),
 }
-# One H100 (or any GPU), under 8 minutes: 110M bf16 training MFU (GPU_TRAIN), decode at
-# batch 1/8/64 against the HBM floor (ceilings), the G-cache's overhead over SDPA
-# (paired), LESS vs the full cache at 8k-32k tokens, prefill and compile times.
-# Not yet run: no GPU has been lent to a session since it was written.
+# One H100 (or any GPU), under 8 minutes (`bash benchmarks/gpu_session.sh` runs it
+# with a time budget): 110M bf16 training MFU with plain, cuDNN-fused and remat
+# attention, decode at batch 1/8/64 against the HBM floor (ceilings), the G-cache's
+# overhead over SDPA and LESS vs the full cache (paired), LESS and the full cache at
+# 8k-32k tokens, prefill and compile times. The goals first: ceilings, training,
+# decode. `gpu_rehearsal` below is the same suite scaled to the tiny config, for a CPU.
 SUITES["gpu"] = Suite(
     decode=(
-        DecodeSpec("pldrv51_110m", "bfloat16", (1, 8, 64), (1024, 8192), ("kv+g", "sdpa")),
-        DecodeSpec("pldrv51_110m", "bfloat16", (1, 8), (8192, 16384, 32768), ("kv+g", "less")),
+        DecodeSpec("pldrv51_110m", "bfloat16", (1, 8, 64), (1024, 8192), ("kv+g",)),
+        DecodeSpec("pldrv51_110m", "bfloat16", (1, 8), (16384, 32768), ("kv+g",)),
+        DecodeSpec("pldrv51_110m", "bfloat16", (1, 8), (8192, 16384, 32768), ("less",)),
         DecodeSpec("pldrv51_110m", "float32", (1, 8), (1024,), ("kv+g",)),
     ),
     decode_steps={"pldrv51_110m": 32},
-    paired=tuple(PairedSpec("pldrv51_110m", b, (1024, 8192), 40) for b in (1, 8)),
-    prefill=(PrefillSpec("pldrv51_110m", (1, 8), (1024, 8192)),),
-    train=(),  # GPU_TRAIN is added on a GPU
+    paired=tuple(PairedSpec("pldrv51_110m", b, (1024, 8192), 40, "bfloat16") for b in (1, 8)),
+    prefill=(PrefillSpec("pldrv51_110m", (1,), (1024, 8192), "bfloat16"),
+             PrefillSpec("pldrv51_110m", (8,), (1024,), "bfloat16")),
+    train=(),
+    # Scores of 16x1024 tokens materialised ("plain") take ~30 GB; the fused kernel
+    # stores none, so batch 64 fits. A case that fails (out of memory, no cuDNN) is
+    # recorded with its error and the suite goes on.
+    gpu_train=(TrainSpec("pldrv51_110m", 16, 1024, 10, 1, "bfloat16"),
+               TrainSpec("pldrv51_110m", 16, 1024, 10, 1, "bfloat16", attention="cudnn"),
+               TrainSpec("pldrv51_110m", 64, 1024, 10, 1, "bfloat16", attention="cudnn"),
+               TrainSpec("pldrv51_110m", 64, 1024, 10, 1, "bfloat16", attention="cudnn",
+                         remat="minimal")),
     memory_lengths=(1024, 8192, 32768),
     ceilings=CeilingsSpec(gib=4.0, n=8192, repeats=10),
     compile=CompileSpec(num_prompts=20, max_len=2048),
+    order=("ceilings", "train", "decode", "gcache", "prefill", "compile", "memory"),
 )
-GPU_TRAIN = (TrainSpec("pldrv51_110m", 32, 1024, 10, 1, "bfloat16"),
-             TrainSpec("pldrv51_110m", 64, 1024, 10, 1, "bfloat16"))
+
+
+def rehearsal(suite: Suite) -> Suite:
+  """`suite` on the tiny config, for a CPU: lengths / 256 (at least 64), the GPU
+  training cases run here with "cudnn" attention as "xla" (one case per attention
+  and remat setting): the same sections, case kinds (bf16, batch 64, LESS past the
+  budget, fused attention, remat) and code paths, in a couple of minutes."""
+  short = lambda ls: tuple(sorted({max(64, n // 256) for n in ls}))
+  train = {}
+  for t in suite.train + suite.gpu_train:
+    attention = "xla" if t.attention == "cudnn" else t.attention
+    train.setdefault((t.compute_dtype, attention, t.remat), dataclasses.replace(
+        t, preset="tiny", batch=4, seq=64, steps=2, devices=1, attention=attention))
+  train = tuple(train.values())
+  return dataclasses.replace(
+      suite,
+      decode=tuple(dataclasses.replace(d, preset="tiny", lengths=short(d.lengths))
+                   for d in suite.decode),
+      decode_steps={"tiny": 2},
+      paired=tuple(dataclasses.replace(p, preset="tiny", lengths=short(p.lengths), rounds=3)
+                   for p in suite.paired),
+      prefill=tuple(dataclasses.replace(p, preset="tiny", lengths=short(p.lengths))
+                    for p in suite.prefill),
+      train=train, gpu_train=(),
+      memory_lengths=short(suite.memory_lengths), budget=32,
+      ceilings=CeilingsSpec(gib=0.0625, n=256, repeats=2),
+      compile=CompileSpec(num_prompts=3, max_len=64, max_new_tokens=4))
+
+
+SUITES["gpu_rehearsal"] = rehearsal(SUITES["gpu"])
 SECTIONS = ("ceilings", "decode", "gcache", "prefill", "train", "compile", "memory")
 
 
@@ -260,13 +319,52 @@ def log(msg: str) -> None:
   print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def run_decode(suite: Suite, ceil, rows):
+class Budget:
+  """The suite's time budget (`--budget_s`): a case not started before it is spent is
+  listed in the record's "skipped", not run; what ran is saved as it comes."""
+
+  def __init__(self, seconds: float | None):
+    self.end = None if seconds is None else time.perf_counter() + seconds
+    self.skipped: list[str] = []
+
+  def allows(self, what: str) -> bool:
+    if self.end is None or time.perf_counter() < self.end:
+      return True
+    self.skipped.append(what)
+    log(f"skipped, time budget spent: {what}")
+    return False
+
+
+class Rows(list):
+  """A section's rows; every row added saves the whole record (`save()`), so a run
+  cut short (a device lease's time limit, a crash) keeps what it measured."""
+
+  def __init__(self, save):
+    super().__init__()
+    self._save = save
+
+  def append(self, row):
+    super().append(row)
+    self._save()
+
+  def extend(self, rows):
+    super().extend(rows)
+    self._save()
+
+  def __iadd__(self, rows):
+    self.extend(rows)
+    return self
+
+
+def run_decode(suite: Suite, ceil, rows, budget: Budget):
   bw = ceil["read_bandwidth"]["bytes_per_s"] if ceil else None
   for d in suite.decode:
     preset, weights = d.preset, d.weights
     for batch in d.batches:
       for length in d.lengths:
         for mode in d.modes:
+          if not budget.allows(f"decode {preset} {weights} b{batch} L{length} {mode}"):
+            continue
           case = decode_bench.DecodeCase(preset, mode, batch, length, weights,
                                          budget=suite.budget,
                                          steps=suite.decode_steps[preset])
@@ -287,49 +385,59 @@ def run_decode(suite: Suite, ceil, rows):
               f"(compile {r['compile_s']:.1f}s)")
 
 
-def run_gcache(suite: Suite, rows):
+def run_gcache(suite: Suite, rows, budget: Budget):
   """KV+G-cache vs same-size SDPA vs LESS decode, timed step by step in alternation:
   the G-cache's overhead and LESS's speed over the full cache come from the same
   rounds, so this VM's drift (up to 50% between minutes) hits both sides alike."""
   for ps in suite.paired:
     preset, batch, rounds = ps.preset, ps.batch, ps.rounds
     for length in ps.lengths:
-      cases = [decode_bench.DecodeCase(preset, m, batch, length, budget=suite.budget)
+      if not budget.allows(f"paired {preset} {ps.weights} b{batch} L{length}"):
+        continue
+      cases = [decode_bench.DecodeCase(preset, m, batch, length, ps.weights,
+                                       budget=suite.budget)
                for m in ("kv+g", "sdpa", "less")]
       full, sdpa, less = decode_bench.paired(cases, rounds)
       over = full["latency_ms"] / sdpa["latency_ms"] - 1.0
       speed = full["latency_ms"] / less["latency_ms"]
       rows += [{**full, "overhead_vs_sdpa": over}, sdpa, {**less, "speed_vs_full": speed}]
-      log(f"paired {preset} b{batch} L{length}: KV+G {full['latency_ms']:.3f} ms, SDPA "
+      log(f"paired {preset} {ps.weights} b{batch} L{length}: KV+G {full['latency_ms']:.3f} ms, SDPA "
           f"{sdpa['latency_ms']:.3f} ms, LESS {less['latency_ms']:.3f} ms (medians of "
           f"{rounds} alternating steps): G-cache overhead {100 * over:+.1f}%, "
           f"LESS {speed:.2f}x the full cache")
 
 
-def run_prefill(suite: Suite, rows):
+def run_prefill(suite: Suite, rows, budget: Budget):
   for ps in suite.prefill:
     preset = ps.preset
     for batch in ps.batches:
       for length in ps.lengths:
         for mode in ("kv+g", "sdpa", "less"):
+          if not budget.allows(f"prefill {preset} {ps.weights} b{batch} L{length} {mode}"):
+            continue
           try:
-            r = decode_bench.prefill_time(preset, mode, batch, length, budget=suite.budget)
+            r = decode_bench.prefill_time(preset, mode, batch, length, ps.weights,
+                                          budget=suite.budget)
           except Exception as e:
             r = {"preset": preset, "mode": mode, "batch": batch, "length": length,
-                 "error": f"{type(e).__name__}: {e}"}
+                 "weights": ps.weights, "error": f"{type(e).__name__}: {e}"}
           rows.append(r)
           log(f"prefill {preset} b{batch} L{length} {mode}: "
               f"{r.get('prefill_s', float('nan')):.3f} s")
 
 
-def run_train(suite: Suite, ceil, rows, on_gpu: bool):
-  cases = suite.train + (GPU_TRAIN if on_gpu else ())
+def run_train(suite: Suite, ceil, rows, on_gpu: bool, budget: Budget):
+  cases = suite.train + (suite.gpu_train if on_gpu else ())
   mm = ceil["matmul"] if ceil else None
   for case in cases:
     preset, batch, seq, steps = case.preset, case.batch, case.seq, case.steps
     devices, dtype = case.devices, case.compute_dtype
     if on_gpu and devices > 1:
       continue  # one GPU: forced host devices are a CPU-only measurement
+    what = (f"train {preset} b{batch}x{seq} {devices} dev {dtype} "
+            f"attention={case.attention} remat={case.remat}")
+    if not budget.allows(what):
+      continue
     env = dict(os.environ)
     flags = [f for f in env.get("XLA_FLAGS", "").split()
              if not f.startswith("--xla_force_host_platform_device_count")]
@@ -337,22 +445,24 @@ def run_train(suite: Suite, ceil, rows, on_gpu: bool):
       flags.append(f"--xla_force_host_platform_device_count={devices}")
     env["XLA_FLAGS"] = " ".join(flags)
     cmd = [sys.executable, "-m", "benchmarks.train_bench", "--preset", preset, "--batch",
-           str(batch), "--seq", str(seq), "--steps", str(steps), "--compute_dtype", dtype]
+           str(batch), "--seq", str(seq), "--steps", str(steps), "--compute_dtype", dtype,
+           "--attention", case.attention, "--remat", case.remat]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
       tail = (proc.stderr or proc.stdout)[-600:]
       r = {"preset": preset, "batch": batch, "seq": seq, "devices": devices,
-           "compute_dtype": dtype, "error": f"exit {proc.returncode}: {tail}"}
-      log(f"train {preset} b{batch}x{seq} {devices} dev {dtype}: FAILED ({tail[-200:]})")
+           "compute_dtype": dtype, "attention": case.attention, "remat": case.remat,
+           "platform": jax.devices()[0].platform, "error": f"exit {proc.returncode}: {tail}"}
+      log(f"{what}: FAILED ({tail[-200:]})")
     else:
       r = json.loads(lines[-1][len("RESULT "):])
       if mm:
         ceiling = mm["bfloat16"] if dtype == "bfloat16" and on_gpu else mm["float32"]
         r["matmul_ceiling_flops_per_s"] = ceiling
         r["mfu"] = r["model_flops_per_s"] / ceiling
-      log(f"train {preset} b{batch}x{seq} {devices} dev {dtype}: {r['tokens_per_s']:.1f} tok/s, "
+      log(f"{what}: {r['tokens_per_s']:.1f} tok/s, "
           f"{r['model_flops_per_s'] / 1e9:.2f} GFLOP/s, MFU {r.get('mfu', float('nan')):.3f}, "
           f"compile {r['compile_s']:.1f}s ({time.perf_counter() - t0:.0f}s)")
     rows.append(r)
@@ -373,51 +483,70 @@ def main(argv=None) -> int:
   ap.add_argument("--only", default=None, help=f"comma-separated subset of {SECTIONS}")
   ap.add_argument("--out", default=str(RESULTS))
   ap.add_argument("--no_report", action="store_true")
+  ap.add_argument("--budget_s", type=float, default=None,
+                  help="start no case after this many seconds (the rest are listed as "
+                       "skipped); the record is saved after every case either way")
   a = ap.parse_args(argv)
   sections = SECTIONS if not a.only else tuple(s.strip() for s in a.only.split(","))
   unknown = set(sections) - set(SECTIONS)
   if unknown:
     ap.error(f"unknown sections {sorted(unknown)}; known: {SECTIONS}")
   suite = SUITES[a.suite]
+  sections = tuple(s for s in suite.order if s in sections)
   on_gpu = jax.devices()[0].platform == "gpu"
   t_start = time.perf_counter()
-  record = {"suite": a.suite, "environment": common.environment(), "sections": list(sections)}
-  log(f"suite {a.suite} on {record['environment']['device']} "
-      f"({record['environment']['cpu']}, {record['environment']['cpu_count']} cores), "
-      f"jax {jax.__version__}")
-  ceil = None
-  if "ceilings" in sections:
-    ceil = common.ceilings(**dataclasses.asdict(suite.ceilings), gpu=on_gpu)
-    record["ceilings"] = ceil
-    log(f"ceilings: read {ceil['read_bandwidth']['bytes_per_s'] / 1e9:.2f} GB/s "
-        f"({ceil['read_bandwidth']['best_method']}), matmul fp32 "
-        f"{ceil['matmul']['float32'] / 1e9:.1f} GFLOP/s, bf16 "
-        f"{ceil['matmul']['bfloat16'] / 1e9:.1f} GFLOP/s")
-  compile_kwargs = dataclasses.asdict(suite.compile)
-  for name, fn in (("compile", lambda rows: rows.append(
-                       compile_bench.generate_counts(**compile_kwargs))),
-                   ("memory", lambda rows: run_memory(suite, rows)),
-                   ("decode", lambda rows: run_decode(suite, ceil, rows)),
-                   ("gcache", lambda rows: run_gcache(suite, rows)),
-                   ("prefill", lambda rows: run_prefill(suite, rows)),
-                   ("train", lambda rows: run_train(suite, ceil, rows, on_gpu))):
-    if name in sections:
-      t0 = time.perf_counter()
-      rows = []
-      fn(rows)
-      record[name] = rows
-      log(f"{name} done in {time.perf_counter() - t0:.0f}s")
-      if name == "compile":
-        c = rows[-1]
-        log(f"compile: {c['compilations']} compilations for {c['num_prompts']} prompts in "
-            f"{c['num_buckets_used']} buckets ({'ok' if c['ok'] else 'TOO MANY'})")
-  record["wall_s"] = time.perf_counter() - t_start
+  budget = Budget(a.budget_s)
+  record = {"suite": a.suite, "environment": common.environment(), "sections": list(sections),
+            "budget_s": a.budget_s, "skipped": budget.skipped, "complete": False}
   out = Path(a.out)
   out.mkdir(parents=True, exist_ok=True)
   stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%M%S")
   path = out / f"suite_{a.suite}_{stamp}.json"
-  path.write_text(json.dumps(record, indent=1))
-  log(f"wrote {path} ({record['wall_s']:.0f}s)")
+
+  def save():
+    record["wall_s"] = time.perf_counter() - t_start
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(path)
+
+  log(f"suite {a.suite} on {record['environment']['device']} "
+      f"({record['environment']['cpu']}, {record['environment']['cpu_count']} cores), "
+      f"jax {jax.__version__}; sections {', '.join(sections)}; saving to {path}")
+  ceil = None
+  compile_kwargs = dataclasses.asdict(suite.compile)
+  runners = {
+      "compile": lambda rows: rows.append(compile_bench.generate_counts(**compile_kwargs)),
+      "memory": lambda rows: run_memory(suite, rows),
+      "decode": lambda rows: run_decode(suite, ceil, rows, budget),
+      "gcache": lambda rows: run_gcache(suite, rows, budget),
+      "prefill": lambda rows: run_prefill(suite, rows, budget),
+      "train": lambda rows: run_train(suite, ceil, rows, on_gpu, budget),
+  }
+  for name in sections:
+    t0 = time.perf_counter()
+    if name == "ceilings":
+      ceil = common.ceilings(**dataclasses.asdict(suite.ceilings), gpu=on_gpu)
+      record["ceilings"] = ceil
+      save()
+      log(f"ceilings: read {ceil['read_bandwidth']['bytes_per_s'] / 1e9:.2f} GB/s "
+          f"({ceil['read_bandwidth']['best_method']}), matmul fp32 "
+          f"{ceil['matmul']['float32'] / 1e9:.1f} GFLOP/s, bf16 "
+          f"{ceil['matmul']['bfloat16'] / 1e9:.1f} GFLOP/s")
+      continue
+    if name in ("compile", "memory") and not budget.allows(name):
+      continue
+    rows = record[name] = Rows(save)
+    runners[name](rows)
+    log(f"{name} done in {time.perf_counter() - t0:.0f}s")
+    if name == "compile":
+      c = rows[-1]
+      log(f"compile: {c['compilations']} compilations for {c['num_prompts']} prompts in "
+          f"{c['num_buckets_used']} buckets ({'ok' if c['ok'] else 'TOO MANY'})")
+  record["complete"] = True
+  save()
+  log(f"wrote {path} ({record['wall_s']:.0f}s"
+      + (f"; {len(budget.skipped)} case(s) skipped by the time budget)" if budget.skipped
+         else ")"))
   if not a.no_report:
     written = report.write_report(path, out)
     log("report: " + ", ".join(str(p) for p in written))

@@ -38,8 +38,9 @@ from pldr_jax import host  # noqa: E402
 
 def run(preset: str, batch: int, seq: int | None, steps: int, compute_dtype: str = "float32",
         fsdp: int = 1, g_mode: str | None = None, scan_layers: bool = True,
-        warmup: int = 4) -> dict:
-  c = cfg.preset(preset, compute_dtype=compute_dtype, scan_layers=scan_layers)
+        warmup: int = 4, attention: str = "plain", remat: str = "none") -> dict:
+  c = cfg.preset(preset, compute_dtype=compute_dtype, scan_layers=scan_layers,
+                 attention=attention, remat=remat)
   if g_mode:
     c = c.replace(g_mode=g_mode)
   seq = seq or c.max_len
@@ -85,7 +86,8 @@ def run(preset: str, batch: int, seq: int | None, steps: int, compute_dtype: str
   peak["retain_freed_memory"] = host.retained()
   tps = batch * seq / dt
   fpt = train.flops_per_token(c, seq)
-  return {"preset": preset, "g_mode": c.g_mode, "scan_layers": scan_layers, "batch": batch,
+  return {"preset": preset, "g_mode": c.g_mode, "scan_layers": scan_layers,
+          "attention": attention, "remat": remat, "batch": batch,
           "seq": seq,
           "compute_dtype": compute_dtype, "devices": n, "fsdp": fsdp, "steps": steps,
           "warmup": warmup,
@@ -118,9 +120,14 @@ def main(argv=None) -> int:
   ap.add_argument("--fsdp", type=int, default=1)
   ap.add_argument("--g_mode", default=None)
   ap.add_argument("--unrolled", action="store_true", help="PLDRConfig.scan_layers=False")
+  ap.add_argument("--attention", default="plain", choices=cfg.ATTENTION_IMPLS,
+                  help="PLDRConfig.attention")
+  ap.add_argument("--remat", default="none", choices=cfg.REMAT_POLICIES,
+                  help="PLDRConfig.remat")
   a = ap.parse_args(argv)
   row = run(a.preset, a.batch, a.seq, a.steps, a.compute_dtype, a.fsdp, a.g_mode,
-            scan_layers=not a.unrolled, warmup=a.warmup)
+            scan_layers=not a.unrolled, warmup=a.warmup, attention=a.attention,
+            remat=a.remat)
   print("RESULT " + json.dumps(row))
   return 0
 

@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 GMode = Literal["learned", "identity", "random", "transferred"]
 G_MODES = ("learned", "identity", "random", "transferred")
 _DTYPES = ("float32", "bfloat16", "float16", "float64")
+# How a whole-sequence pass computes attention (PLDRConfig.attention).
+ATTENTION_IMPLS = ("plain", "xla", "cudnn")
+# What the backward pass keeps of a layer's forward (PLDRConfig.remat).
+REMAT_POLICIES = ("none", "minimal", "full")
 
 
 ConfigError = errors.ConfigError  # the one error hierarchy: pldr_jax.errors
@@ -70,6 +74,20 @@ class PLDRConfig:
       scoring, prefill) with one `lax.scan` (True: one layer compiled) or
       unrolled (False). Same numbers; decode always runs unrolled on
       per-layer weights (pldr_jax.decode.decode_params).
+    attention: how a whole-sequence pass (training, scoring, prefill) computes
+      softmax((q G_LM) k^T / sqrt(dk)) v. "plain": the formula as written, the
+      [B, H, S, S] scores materialised in fp32 (pldr_jax.plga.plga_attention).
+      "xla" / "cudnn": `jax.nn.dot_product_attention` on the query q G_LM with
+      that implementation; "cudnn" is cuDNN's fused (flash) kernel, GPU only,
+      bfloat16/float16 compute, and never stores the scores. Same maths; calls
+      that return the deductive outputs (the scores among them) and decode
+      always take "plain".
+    remat: what the backward pass keeps of each layer's forward
+      (`jax.checkpoint` around the layer). "none": everything autodiff saves;
+      "minimal": the outputs of the weight matmuls (dots without batch
+      dimensions), the attention and elementwise work recomputed; "full":
+      only the layer's input, the whole layer recomputed. Same numbers, less
+      memory for more compute (MaxText's `remat_policy`).
   """
 
   vocab_size: int = 32000
@@ -88,6 +106,8 @@ class PLDRConfig:
   rope_base: float = 10000.0
   rope_interleaved: bool = True
   scan_layers: bool = True
+  attention: str = "plain"
+  remat: str = "none"
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff",
@@ -117,6 +137,15 @@ class PLDRConfig:
       if getattr(self, name) not in _DTYPES:
         raise ConfigError(
             f"PLDRConfig.{name}={getattr(self, name)!r} is not one of {_DTYPES}")
+    if self.attention not in ATTENTION_IMPLS:
+      raise ConfigError(
+          f"PLDRConfig.attention={self.attention!r} is not one of {ATTENTION_IMPLS}")
+    if self.attention == "cudnn" and self.compute_dtype not in ("bfloat16", "float16"):
+      raise ConfigError(
+          f"PLDRConfig.attention='cudnn' needs compute_dtype bfloat16 or float16 (cuDNN's "
+          f"fused attention), got {self.compute_dtype!r}")
+    if self.remat not in REMAT_POLICIES:
+      raise ConfigError(f"PLDRConfig.remat={self.remat!r} is not one of {REMAT_POLICIES}")
 
   @property
   def head_dim(self) -> int:

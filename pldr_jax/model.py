@@ -187,8 +187,12 @@ def scan_layers(body: Callable, carry, layers, xs=None, *, unroll: bool = False)
 Attend = Callable[..., tuple[jax.Array, Any, Any]]
 
 
+_REMAT = {"minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+          "full": jax.checkpoint_policies.nothing_saveable}
+
+
 def decoder(params: dict, tokens: jax.Array, positions: jax.Array, attend: Attend, xs=None,
-            state=None, *, config: PLDRConfig, unroll: bool = False):
+            state=None, *, config: PLDRConfig, unroll: bool = False, remat: str = "none"):
   """The one decoder core: embedding, L post-LN PLGA layers, LM head.
 
   tokens, positions: int [B, S] (decode: S = 1).
@@ -199,18 +203,30 @@ def decoder(params: dict, tokens: jax.Array, positions: jax.Array, attend: Atten
   slice of `xs` (per-layer inputs: an [L]-leading pytree, or a list of L
   entries) and the whole `state`, carried from layer to layer (a stacked cache
   it updates in place at layer i).
+  remat: a `PLDRConfig.remat` policy, applied to each layer (`jax.checkpoint`);
+  whole-sequence passes (`forward`) pass config.remat, decode leaves "none".
   Returns (logits [B, S, V], state, ys stacked [L, ...]).
   """
   chex.assert_rank([tokens, positions], 2)
   chex.assert_equal_shape([tokens, positions])
   x = embed(params, tokens, config)
 
-  def body(carry, layer):
+  def layer_fn(carry, i, layer_p, layer_xs):
     x, state = carry
-    i, layer_p, layer_xs = layer
     q, k, v = qkv(layer_p, x, positions, config)
     out, state, ys = attend(i, layer_p, layer_xs, state, q, k, v)
     return (finish_layer(layer_p, x, out, config), state), ys
+
+  def body(carry, layer):
+    i, layer_p, layer_xs = layer
+    if remat == "none":
+      return layer_fn(carry, i, layer_p, layer_xs)
+    # i stays a closed-over constant (a Python int when unrolled); inside one
+    # lax.scan, CSE across iterations is already impossible (prevent_cse=False).
+    scanned = isinstance(i, jax.Array)
+    f = jax.checkpoint(lambda c, p, lx: layer_fn(c, i, p, lx), policy=_REMAT[remat],
+                       prevent_cse=not scanned)
+    return f(carry, layer_p, layer_xs)
 
   (x, state), ys = scan_layers(body, (x, state), params["layers"], xs, unroll=unroll)
   return lm_head(params, x), state, ys
@@ -255,9 +271,14 @@ def forward(params: dict, tokens: jax.Array, lengths: jax.Array | None = None, *
   g_lm = resolve_g_lm(config, g_lm)
   lengths, positions, valid, mask = sequence_inputs(tokens, lengths)
 
+  fused = config.attention != "plain" and not return_deductive  # the scores are returned
+
   def attend(i, layer_p, g, state, q, k, v):
     g, ded = sequence_g(layer_p, q, valid, g, config)
-    out, logits = plga.plga_attention(q, k, v, g, mask)
+    if fused:
+      out, logits = plga.fused_attention(q, k, v, g, lengths, config.attention), None
+    else:
+      out, logits = plga.plga_attention(q, k, v, g, mask)
     if return_aux:
       return out, state, {"k": k, "v": v, **ded}
     if return_deductive:
@@ -266,7 +287,7 @@ def forward(params: dict, tokens: jax.Array, lengths: jax.Array | None = None, *
     return out, state, None
 
   logits, _, ys = decoder(params, tokens, positions, attend, given_g(g_lm, tokens.shape[0]),
-                       config=config,
+                       config=config, remat=config.remat,
                        unroll=(not config.scan_layers) if unroll is None else unroll)
   if return_aux:
     return logits, ys

@@ -62,6 +62,24 @@ def plga_attention(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array | None
   return out, logits
 
 
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array | None,
+                    lengths: jax.Array, implementation: str) -> jax.Array:
+  """`plga_attention` of a whole causal sequence through `jax.nn.dot_product_attention`.
+
+  q: [B,S,H,dk]; k, v: [B,S,H,dk]; g: see `apply_g`; lengths: int [B] (key s
+  visible to query t iff s <= t and s < lengths_b, `causal_mask` of equal
+  positions); implementation: "xla" or "cudnn" (cuDNN's fused kernel: GPU,
+  bf16/fp16, the [S, S] scores never stored). PLGA is SDPA on the query q G_LM,
+  so the fused kernels apply as they are. Returns out [B,S,H,dk] in v.dtype.
+  """
+  chex.assert_rank([q, k, v, lengths], [4, 4, 4, 1])
+  chex.assert_equal_shape([q, k, v])
+  qg = apply_g(q, g).astype(v.dtype)
+  return jax.nn.dot_product_attention(qg, k.astype(v.dtype), v, is_causal=True,
+                                      key_value_seq_lengths=lengths.astype(jnp.int32),
+                                      implementation=implementation)
+
+
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array | None,
                      visible: jax.Array) -> jax.Array:
   """PLGA of one new query per sequence over the decode KV-cache.

@@ -98,14 +98,129 @@ def test_smoke_suite_writes_every_section_and_the_report(tmp_path):
 
 def test_gpu_suite_measures_what_the_gpu_goals_need():
   """`--suite gpu`: decode at batch 1/8/64 (HBM floor from the ceilings), the G-cache
-  overhead, LESS vs the full cache from 8k to 32k tokens, bf16 110M training."""
+  overhead, LESS vs the full cache from 8k to 32k tokens, bf16 110M training with
+  plain and cuDNN-fused attention; the goals' sections first (a time budget cuts the
+  rest)."""
   s = run.SUITES["gpu"]
   full = [d for d in s.decode if "kv+g" in d.modes and d.weights == "bfloat16"]
   assert {1, 8, 64} <= {b for d in full for b in d.batches}
   less = [d for d in s.decode if "less" in d.modes]
   assert {8192, 32768} <= {n for d in less for n in d.lengths}
   assert s.paired and s.ceilings.gib >= 1.0
-  assert all(t.compute_dtype == "bfloat16" and t.preset == "pldrv51_110m" for t in run.GPU_TRAIN)
+  assert all(p.weights == "bfloat16" for p in s.paired + s.prefill)
+  assert not s.train and s.gpu_train
+  assert all(t.compute_dtype == "bfloat16" and t.preset == "pldrv51_110m" for t in s.gpu_train)
+  assert {t.attention for t in s.gpu_train} == {"plain", "cudnn"}
+  assert s.order[:3] == ("ceilings", "train", "decode") and set(s.order) == set(run.SECTIONS)
+
+
+def test_gpu_rehearsal_runs_every_gpu_case_kind_on_this_cpu(tmp_path):
+  """`--suite gpu_rehearsal`: the GPU suite's cases on the tiny config (bf16 decode at
+  batch 64, LESS past its budget, bf16 paired and prefill, training with fused
+  attention and remat in their own processes), so a path that breaks is found here,
+  not in a GPU lease."""
+  gpu, reh = run.SUITES["gpu"], run.SUITES["gpu_rehearsal"]
+  kinds = lambda s: {(d.weights, b, m) for d in s.decode for b in d.batches for m in d.modes}
+  assert kinds(reh) == kinds(gpu) and reh.order == gpu.order
+  assert {(t.attention, t.remat) for t in reh.train} == {
+      ("xla" if t.attention == "cudnn" else t.attention, t.remat) for t in gpu.gpu_train}
+  assert run.main(["--suite", "gpu_rehearsal", "--out", str(tmp_path), "--no_report"]) == 0
+  (path,) = tmp_path.glob("suite_gpu_rehearsal_*.json")
+  rec = json.loads(path.read_text())
+  assert rec["complete"] and rec["skipped"] == []
+  for section in ("decode", "gcache", "prefill", "train"):
+    errors = [r["error"] for r in rec[section] if "error" in r]
+    assert not errors, (section, errors)
+  assert {(r["weights"], r["batch"], r["mode"]) for r in rec["decode"]} == kinds(reh)
+  assert {(r["attention"], r["remat"]) for r in rec["train"]} == {
+      (t.attention, t.remat) for t in reh.train}
+  assert all(np.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in rec["train"])
+  assert {r["weights"] for r in rec["gcache"]} == {"bfloat16"}
+
+
+def test_time_budget_skips_cases_and_every_case_is_saved_as_it_ends(tmp_path, monkeypatch):
+  """--budget_s: no case starts once it is spent (each one listed in "skipped"); the
+  JSON is rewritten after every case, so a run killed half-way keeps what it measured."""
+  assert run.main(["--suite", "smoke", "--out", str(tmp_path / "a"), "--no_report",
+                   "--budget_s", "0", "--only", "ceilings,decode,train,compile"]) == 0
+  (path,) = (tmp_path / "a").glob("suite_smoke_*.json")
+  rec = json.loads(path.read_text())
+  assert rec["complete"] and rec["ceilings"] and not rec["decode"] and not rec["train"]
+  assert len([x for x in rec["skipped"] if x.startswith("decode ")]) == 10
+  assert "compile" in rec["skipped"] and "compile" not in rec
+
+  calls = []
+  real = decode_bench.run_case
+
+  def dies_at_the_third(case, *a, **k):
+    calls.append(case)
+    if len(calls) == 3:
+      raise KeyboardInterrupt  # what a kill at the lease's time limit leaves
+    return real(case, *a, **k)
+
+  monkeypatch.setattr(decode_bench, "run_case", dies_at_the_third)
+  with pytest.raises(KeyboardInterrupt):
+    run.main(["--suite", "smoke", "--out", str(tmp_path / "b"), "--no_report",
+              "--only", "decode"])
+  (path,) = (tmp_path / "b").glob("suite_smoke_*.json")
+  rec = json.loads(path.read_text())
+  assert rec["complete"] is False and len(rec["decode"]) == 2
+  report.write_report(path, tmp_path / "b")
+  assert "stopped before its end" in (tmp_path / "b" / "RESULTS.md").read_text()
+
+
+def test_gpu_record_gets_its_own_page_and_the_gpu_goals(tmp_path):
+  """A GPU suite's JSON becomes RESULTS_gpu.md (the CPU page stays and links to it),
+  with the bf16 batch-1 decode held to 0.6 of the HBM floor, MFU to 0.4, and a failed
+  training case listed as failed."""
+  env = {"machine": "m", "cpu": "x", "cpu_count": 16, "platform": "gpu", "device": "H100",
+         "num_devices": 1, "jax": "0.11.2", "jaxlib": "0.11.2", "python": "3.12.3",
+         "date": "2026-11-27T00:00:00+00:00"}
+
+  def dec(weights, batch, mode, frac, ms=1.0, length=1024):
+    return {"preset": "pldrv51_110m", "weights": weights, "batch": batch, "length": length,
+            "mode": mode, "latency_ms": ms, "tokens_per_s": batch / ms * 1e3,
+            "bytes_per_token": 1e8, "fraction_of_bandwidth_floor": frac, "compile_s": 1.0,
+            "state_bytes": 1, "gcache_bytes": 1}
+
+  rec = {"suite": "gpu", "environment": env, "budget_s": 390.0, "skipped": ["memory"],
+         "complete": True, "wall_s": 400.0,
+         "ceilings": {"read_bandwidth": {"bytes_per_s": 3e12, "bytes": 2 ** 32,
+                                         "by_method": {"sum": 3e12}, "best_method": "sum"},
+                      "matmul": {"n": 8192, "float32": 4e14, "bfloat16": 7.5e14}},
+         "decode": [dec("bfloat16", 1, "kv+g", 0.65), dec("bfloat16", 64, "kv+g", 0.9),
+                    dec("float32", 1, "kv+g", 0.5),
+                    dec("bfloat16", 8, "kv+g", 0.5, ms=4.0, length=8192),
+                    dec("bfloat16", 8, "less", 0.2, ms=1.0, length=8192)],
+         "train": [{"preset": "pldrv51_110m", "devices": 1, "compute_dtype": "bfloat16",
+                    "batch": 16, "seq": 1024, "platform": "gpu", "attention": "cudnn",
+                    "remat": "none", "mfu": 0.45, "tokens_per_s": 2e5, "step_s": 0.08,
+                    "model_flops_per_s": 3.4e14, "compile_s": 20.0, "peak_device_mib": 9e3},
+                   {"preset": "pldrv51_110m", "devices": 1, "compute_dtype": "bfloat16",
+                    "batch": 64, "seq": 1024, "platform": "gpu", "attention": "plain",
+                    "remat": "none", "error": "exit 1: RESOURCE_EXHAUSTED: out of memory"}]}
+  rows = {t[0]: t[1:] for t in report.targets(rec)}
+  assert rows["110M bf16 batch-1 decode (KV+G, 1024 tokens) / HBM floor"] == (
+      0.65, ">= 0.6", True)
+  assert rows["110M bf16 batch-64 decode (KV+G, 1024 tokens) / HBM floor"][2] is None
+  assert rows["110M fp32 batch-1 decode (KV+G, 1024 tokens) / HBM floor"][2] is None
+  mfu = [v for k, v in rows.items() if k.startswith("110M training MFU")]
+  assert mfu == [(0.45, ">= 0.4", True)]
+  failed = [v for k, v in rows.items() if "attention=plain" in k and "training (" in k]
+  assert failed and failed[0][2] is False and "out of memory" in failed[0][0]
+  less = rows["pldrv51_110m bfloat16 LESS vs full KV+G cache throughput, batch 8, "
+              "8192 tokens (separate runs)"]
+  assert less == (4.0, ">= 2.0", True)
+  path = tmp_path / "suite_gpu_2026-11-27T000000.json"
+  path.write_text(json.dumps(rec))
+  cpu_page = tmp_path / "RESULTS.md"
+  cpu_page.write_text("the CPU page")
+  written = report.write_report(path, tmp_path)
+  assert written[0] == tmp_path / "RESULTS_gpu.md"
+  assert cpu_page.read_text() == "the CPU page"
+  assert all(p.name.startswith("gpu_") for p in written[1:]) and written[1:]
+  text = written[0].read_text()
+  assert "H100" in text and "not started: memory" in text
 
 
 def test_less_vs_full_target_prefers_alternating_steps():
