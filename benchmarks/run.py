@@ -252,10 +252,10 @@ SUITES = {
     ),
 }
 # One H100 (or any GPU), under 8 minutes (`bash benchmarks/gpu_session.sh` runs it
-# with a time budget): 110M bf16 training MFU with plain, cuDNN-fused and remat
-# attention, decode at batch 1/8/64 against the HBM floor (ceilings), the G-cache's
-# overhead over SDPA and LESS vs the full cache (paired), LESS and the full cache at
-# 8k-32k tokens, prefill and compile times. The goals first: ceilings, training,
+# with a time budget): 110M bf16 training MFU with plain and cuDNN-fused attention,
+# decode at batch 1/8/64 against the HBM floor (ceilings), the G-cache's overhead
+# over SDPA and LESS vs the full cache (paired), LESS and the full cache at 8k-32k
+# tokens, prefill and compile times. The goals first: ceilings, training,
 # decode. `gpu_rehearsal` below is the same suite scaled to the tiny config, for a CPU.
 SUITES["gpu"] = Suite(
     decode=(
@@ -274,9 +274,7 @@ SUITES["gpu"] = Suite(
     # recorded with its error and the suite goes on.
     gpu_train=(TrainSpec("pldrv51_110m", 16, 1024, 10, 1, "bfloat16"),
                TrainSpec("pldrv51_110m", 16, 1024, 10, 1, "bfloat16", attention="cudnn"),
-               TrainSpec("pldrv51_110m", 64, 1024, 10, 1, "bfloat16", attention="cudnn"),
-               TrainSpec("pldrv51_110m", 64, 1024, 10, 1, "bfloat16", attention="cudnn",
-                         remat="minimal")),
+               TrainSpec("pldrv51_110m", 64, 1024, 10, 1, "bfloat16", attention="cudnn")),
     memory_lengths=(1024, 8192, 32768),
     ceilings=CeilingsSpec(gib=4.0, n=8192, repeats=10),
     compile=CompileSpec(num_prompts=20, max_len=2048),
