@@ -115,6 +115,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_workdi
     (["experiment.default_corpus_dir='/nonexistent/corpus'"], "/nonexistent/corpus"),
     (["PLDRConfig.d_modle=4"], "doesn't have a parameter named 'd_modle'"),
     (["PLDRConfig.num_heads=5"], "not divisible by num_heads=5"),
+    (["PLDRConfig.attention='cudnn'"], "'cudnn' needs compute_dtype bfloat16"),
 ])
 def test_bad_configs_are_rejected_with_the_reason(tmp_path, data_workdir, extra, message):
   out = subprocess.run(_cmd(tmp_path / "bad", data_workdir, 4, extra),
