@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pldr_jax import host
+
 
 def cpu_model() -> str:
   try:
@@ -51,6 +53,7 @@ def environment() -> dict:
       "jaxlib": getattr(jax.lib, "__version__", None) or _jaxlib_version(),
       "python": platform.python_version(),
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "retain_freed_memory": host.retained(),  # pldr_jax.host: freed heap kept for reuse
   }
 
 

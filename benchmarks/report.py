@@ -175,6 +175,10 @@ def write_report(path, out_dir=RESULTS) -> list[Path]:
            f"{env['device']} ({env['platform']}, {env['num_devices']} device(s))",
            f"- JAX {env['jax']}, jaxlib {env.get('jaxlib')}, Python {env['python']}; "
            f"date {env['date']}; suite wall time {rec.get('wall_s', 0):.0f} s"]
+  if "retain_freed_memory" in env:
+    lines.append("- host memory: freed heap " + ("kept for reuse" if env["retain_freed_memory"]
+                 else "returned to the OS (system allocator)") +
+                 " in the suite's process (pldr_jax.host.retain_freed_memory)")
   if rec.get("budget_s") is not None:
     lines.append(f"- time budget {rec['budget_s']:.0f} s: {len(rec.get('skipped', []))} "
                  "case(s) not started: " + (", ".join(rec["skipped"]) or "none"))

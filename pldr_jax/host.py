@@ -15,9 +15,16 @@ so that freed blocks are reused and a steady-state step faults no page. The
 price: the first two or three steps are slower while the heap grows (~2 s each
 at 110M), the process keeps its peak heap until it exits, and that peak can be
 higher (PJRT frees a step's buffers just after its outputs are ready, so the
-next step's allocations overlap them). It pays off over a training run, not
-over a few calls, so the training entry points call it (experiments/pretrain.py,
-experiments/train_less.py, benchmarks/train_bench.py) and evaluation does not.
+next step's allocations overlap them). It pays off over many calls of the same
+program: a training run, and a decode loop, whose step allocates the same
+temporaries every token. The bf16-weights 110M decode step is the extreme case:
+XLA:CPU upcasts every weight to a fresh fp32 temporary per step, and with the
+system allocator it runs ~3.2x slower (105-119 ms against 33-39 ms at batch 1,
+fp32 steps 16-20% slower too). The training entry points call it
+(experiments/pretrain.py, experiments/train_less.py, benchmarks/train_bench.py),
+as does the benchmark suite (benchmarks/run.py); a notebook that decodes should
+call it first thing. Evaluation scripts, which make few calls of each program,
+do not.
 It must run before the first JAX computation: the XLA worker threads pick their
 arena on their first allocation. A no-op outside glibc, and when
 PLDR_JAX_SYSTEM_MALLOC=1.
