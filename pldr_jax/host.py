@@ -19,8 +19,8 @@ next step's allocations overlap them). It pays off over many calls of the same
 program: a training run, and a decode loop, whose step allocates the same
 temporaries every token. The bf16-weights 110M decode step is the extreme case:
 XLA:CPU upcasts every weight to a fresh fp32 temporary per step, and with the
-system allocator it runs ~3.2x slower (105-119 ms against 33-39 ms at batch 1,
-fp32 steps 16-20% slower too). The training entry points call it
+system allocator it runs ~3x slower (110-119 ms against 35-39 ms at batch 1;
+benchmarks/results/host_malloc_2026-11-27.md). The training entry points call it
 (experiments/pretrain.py, experiments/train_less.py, benchmarks/train_bench.py),
 as does the benchmark suite (benchmarks/run.py); a notebook that decodes should
 call it first thing. Evaluation scripts, which make few calls of each program,
