@@ -19,8 +19,12 @@ device, JAX version and date) and regenerates benchmarks/results/RESULTS.md and
 the PNG plots from the newest suite file (benchmarks/report.py).
 
 Suites: `quick` (the lengths and configs below, a few timed steps each), `full`
-(lengths 256..8192 everywhere, 110M on 8 devices, more steps). `--only
-decode,train` runs a subset (the report then uses what the file holds).
+(lengths 256..8192 everywhere, 110M on 8 devices, more steps), `gpu` (one GPU,
+bf16; `bash benchmarks/gpu_session.sh` runs it), `gpu_rehearsal` (the gpu
+suite's cases on the tiny config, for a CPU) and `smoke` (tests). `--only
+decode,train` runs a subset (the report then uses what the file holds);
+`--budget_s S` starts no case after S seconds. The JSON is rewritten after every
+case, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -270,9 +274,10 @@ SUITES["gpu"] = Suite(
     prefill=(PrefillSpec("pldrv51_110m", (1,), (1024, 8192), "bfloat16"),
              PrefillSpec("pldrv51_110m", (8,), (1024,), "bfloat16")),
     train=(),
-    # Scores of 16x1024 tokens materialised ("plain") take ~30 GB; the fused kernel
-    # stores none, so batch 64 fits. A case that fails (out of memory, no cuDNN) is
-    # recorded with its error and the suite goes on.
+    # With the scores stored ("plain"), XLA:CPU counts ~15 GiB of temporaries at 8x1024
+    # and ~60 GiB at 32x1024 (benchmarks/results/train_variants_2026-11-27.md): 16x1024
+    # here. The fused kernel stores none; batch 64 is the case that tests it. A case
+    # that fails (out of memory, no cuDNN) is recorded with its error, the suite goes on.
     gpu_train=(TrainSpec("pldrv51_110m", 16, 1024, 10, 1, "bfloat16"),
                TrainSpec("pldrv51_110m", 16, 1024, 10, 1, "bfloat16", attention="cudnn"),
                TrainSpec("pldrv51_110m", 64, 1024, 10, 1, "bfloat16", attention="cudnn")),
