@@ -7,6 +7,9 @@ behind the bandwidth-floor fractions is right, and that the report is written.
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -16,6 +19,7 @@ from pldr_jax import config as cfg
 from pldr_jax import model
 import pytest
 
+ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # `pytest -m 'not slow'` skips it
 
 
@@ -238,3 +242,38 @@ def test_less_vs_full_target_prefers_alternating_steps():
   assert rows[paired + " (alternating steps)"] == (1.25, ">= 1.0", True)  # not 0.5
   assert rows[paired.replace("1024", "4096") + " (separate runs)"] == (3.0, ">= 1.0", True)
   assert len(rows) == 2
+
+
+def test_goals_against_the_authors_come_from_the_alternating_comparison(tmp_path):
+  """The "x the authors' PyTorch" goal rows take their ratios from the newest
+  benchmarks/vs_authors.py record beside the suite's JSON (CPU page only), and
+  vs_authors.py says in one line where the authors' code is missing."""
+  def row(section, ratio, batch, **kw):
+    return {"section": section, "unit": "tokens/s", "ratio": ratio, "batch": batch, **kw}
+  authors = {"name": "vs_authors_X.json",
+             "rows": [row("train", 1.5, 4, seq=256), row("decode", 4.0, 1, prompt=128),
+                      row("decode", 3.2, 8, prompt=128), row("prefill", 9.0, 1, prompt=128)]}
+  rows = [t for t in report.targets({}, authors)]
+  assert [t[1:] for t in rows] == [(1.5, ">= 2.0", False), (3.2, ">= 3.0", True)]
+  assert "train (4x256)" in rows[0][0] and "vs_authors_X.json" in rows[0][0]
+  assert "batch 8" in rows[1][0]
+  assert report.targets({}) == []
+
+  env = {"machine": "m", "cpu": "x", "cpu_count": 2, "platform": "cpu", "device": "cpu",
+         "num_devices": 1, "jax": "0.10.2", "jaxlib": "0.10.2", "python": "3.11.7",
+         "date": "2026-11-27T00:00:00+00:00"}
+  for name, ratio in (("vs_authors_2026-11-26.json", 0.5), ("vs_authors_2026-11-27.json", 3.5)):
+    (tmp_path / name).write_text(json.dumps({"rows": [row("decode", ratio, 8, prompt=128)]}))
+  path = tmp_path / "suite_quick_2026-11-27T000000.json"
+  path.write_text(json.dumps({"suite": "quick", "environment": env}))
+  text = report.write_report(path, tmp_path)[0].read_text()
+  assert "vs_authors_2026-11-27.json) | 3.500 | >= 3.0 | yes" in text
+  assert "vs_authors_2026-11-26" not in text
+
+  proc = subprocess.run([sys.executable, "benchmarks/vs_authors.py", "--authors_src",
+                         str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+  assert proc.returncode == 2 and proc.stdout == ""
+  assert proc.stderr.strip().splitlines() == [
+      f"vs_authors: --authors_src {tmp_path}: no pldr_model_v510.py, "
+      "power_law_attention_layer_v510.py there (the folder src/pldr_model_v510 of "
+      "github.com/burcgokden/PLDR-LLM-with-KVG-cache)"]
