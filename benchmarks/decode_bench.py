@@ -239,7 +239,8 @@ def _latency(times, batch) -> dict:
 
 def prefill_time(preset: str, mode: str, batch: int, length: int, weights: str = "float32",
                  budget: int = 256, repeats: int = 2) -> dict:
-  """Seconds of a jitted prefill of `length` tokens (KV+G, SDPA or a sparse policy)."""
+  """Seconds of a jitted prefill of `length` tokens (KV+G, SDPA or a sparse policy), as
+  generate runs it: the LM head at the last token only (all_logits=False)."""
   case = DecodeCase(preset, mode, batch, length, weights, budget)
   c = make_config(preset, length, weights, identity=mode == "sdpa")
   params = _params(preset, c.compute_dtype, c.g_mode)
@@ -250,10 +251,10 @@ def prefill_time(preset: str, mode: str, batch: int, length: int, weights: str =
     policy = _policy(case)
     kernels = _kernels(c, case.rank, case.hidden) if mode == "less" else None
     fn = lambda: less_model.less_prefill_jit(params, toks, lens, kernels, None, config=c,
-                                             policy=policy)[0]
+                                             policy=policy, all_logits=False)[0]
   else:
     fn = lambda: decode.prefill_jit(params, toks, lens, config=c, cache_len=length,
-                                    g_cache=mode != "kv")[0]
+                                    g_cache=mode != "kv", all_logits=False)[0]
   t0 = time.perf_counter()
   common.block(fn())
   first = time.perf_counter() - t0

@@ -254,7 +254,9 @@ def write_report(path, out_dir=RESULTS) -> list[Path]:
     lines.append("")
   pre = rec.get("prefill", [])
   if pre:
-    lines += ["## Prefill", ""]
+    lines += ["## Prefill", "",
+              "A jitted prefill as generate runs it: the prompt's caches and its last "
+              "token's logits (the LM head at that position only).", ""]
     lines += _table(["config", "mode", "batch", "length", "prefill s", "tokens/s",
                      "first call s"],
                     [(r["preset"], r["mode"], r["batch"], r["length"], r.get("prefill_s"),

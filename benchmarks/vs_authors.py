@@ -33,7 +33,9 @@ swapped every round) with the median of each side reported:
   kvcachelst and Gcachelst from the previous call); pldr-jax: `decode_step_jit`
   over `decode_params`. `same_tokens`: both chose the same 64 tokens per row.
 - prefill: one forward over a 128-token prompt at batch 1 (the authors' first
-  `generate_text` call) against `decode.prefill_jit`.
+  `generate_text` call, its LM head over every position) against
+  `decode.prefill_jit(all_logits=False)` as pldr-jax's generate runs it (the
+  head at the last position only).
 - generate: 64 new tokens after a 128-token prompt, prefill included: the
   authors' `generate_text` loop restated without its tokenizer (top_k=1 and
   their Categorical draw, so greedy; no end-of-text stop) against
@@ -178,8 +180,8 @@ def _jax_decoder(p, c, batch: int):
     """Prefill (not timed by the caller's split) then `steps` greedy steps."""
     toks = jnp.asarray(prompts, jnp.int32)
     lens = jnp.full((prompts.shape[0],), prompts.shape[1], jnp.int32)
-    lg, st, gc = decode.prefill_jit(p, toks, lens, config=c, cache_len=cl)
-    tok = jnp.argmax(lg[:, -1], -1).astype(jnp.int32)
+    lg, st, gc = decode.prefill_jit(p, toks, lens, config=c, cache_len=cl, all_logits=False)
+    tok = jnp.argmax(lg, -1).astype(jnp.int32)
     jax.block_until_ready(tok)
     t0 = time.perf_counter()
     out = []
@@ -241,7 +243,8 @@ def bench_prefill(m, p, c, rounds: int) -> dict:
     return m([x, look_ahead_mask(x)])[0]
 
   def ours():
-    return jax.block_until_ready(decode.prefill_jit(p, toks, lens, config=c, cache_len=cl))
+    return jax.block_until_ready(decode.prefill_jit(p, toks, lens, config=c, cache_len=cl,
+                                                    all_logits=False))
 
   authors(), ours()
   times = alternate({"authors": authors, "pldr_jax": ours}, rounds)

@@ -140,13 +140,14 @@ def check_kernels_list(kernels, config: PLDRConfig) -> list:
 # The decoder with a sparse / LESS attention.
 
 def _run(params: dict, tokens, lengths, config: PLDRConfig, g_lm, capacity: int,
-         attend: Callable, kernels: list):
+         attend: Callable, kernels: list, all_logits: bool = True):
   """pldr_jax.model.decoder over whole sequences with attend(i, layer_p, q, q_eff,
   k, v, ded, kern, lengths, positions) -> (out [B, S, H, dk], record) as each
   layer's attention; G_LM per layer as pldr_jax computes it (or `g_lm`).
 
   Layers run unrolled: each may have its own kernels (rank, heads) or none.
-  Returns (logits [B, S, V], records (one per layer), lengths int32 [B]).
+  Returns (logits [B, S, V] (all_logits=False: [B, V] at each sequence's last
+  token), records (one per layer), lengths int32 [B]).
   """
   _check_config(config)
   pmodel.check_inputs(tokens, lengths, config, capacity=capacity)
@@ -162,7 +163,8 @@ def _run(params: dict, tokens, lengths, config: PLDRConfig, g_lm, capacity: int,
     return out, state, rec
 
   logits, _, records = pmodel.decoder(params, tokens, positions, layer_attend, xs,
-                                      config=config)
+                                      config=config,
+                                      logits_at_last=None if all_logits else lengths)
   return logits, records, lengths
 
 
@@ -200,7 +202,8 @@ def less_forward(params: dict, tokens, lengths=None, *, config: PLDRConfig,
 
 def less_prefill(params: dict, tokens, lengths=None, *, config: PLDRConfig,
                  policy: policies_lib.Policy, kernels=None, g_lm=None,
-                 max_len: int | None = None, mode: str = "one_shot"):
+                 max_len: int | None = None, mode: str = "one_shot",
+                 all_logits: bool = True):
   """Runs right-padded prompts and builds the sparse/LESS decode state.
 
   mode 'one_shot' (default, as the H2O / LESS authors' generation code): the
@@ -223,6 +226,8 @@ def less_prefill(params: dict, tokens, lengths=None, *, config: PLDRConfig,
     max_len: the context length the sequences may reach (default
       config.max_len): prompts must fit in it and the policy budget must not
       exceed it. It does not size anything.
+    all_logits: False runs the LM head at each prompt's last token only
+      (pldr_jax.decode.prefill's option): logits [B, V].
 
   Returns:
     (logits [B, S, V], state, gcache); state = SparseState(lengths int32 [B],
@@ -241,7 +246,7 @@ def less_prefill(params: dict, tokens, lengths=None, *, config: PLDRConfig,
     return out, (cache, {key: ded[key] for key in ("A", "A_LM", "G_LM") if key in ded})
 
   logits, records, lengths = _run(params, tokens, lengths, config, g_lm, context, attend,
-                                  kernels)
+                                  kernels, all_logits)
   ded = jax.tree.map(lambda *a: jnp.stack(a), *[r[1] for r in records])
   gcache = pdecode.prompt_gcache(ded, lengths, config)
   return logits, SparseState(lengths=lengths, layers=tuple(r[0] for r in records)), gcache
@@ -356,12 +361,14 @@ def decode_state_bytes(state: Any) -> int:
 # ----------------------------------------------------------------------------
 # Jitted wrappers.
 
-@functools.partial(jax.jit, static_argnames=("config", "policy", "max_len", "mode"))
+@functools.partial(jax.jit, static_argnames=("config", "policy", "max_len", "mode",
+                                             "all_logits"))
 def less_prefill_jit(params, tokens, lengths, kernels=None, g_lm=None, *, config, policy,
-                     max_len=None, mode="one_shot"):
-  """Jitted `less_prefill` (config, policy, max_len, mode static)."""
+                     max_len=None, mode="one_shot", all_logits=True):
+  """Jitted `less_prefill` (config, policy, max_len, mode, all_logits static)."""
   return less_prefill(params, tokens, lengths, config=config, policy=policy,
-                      kernels=kernels, g_lm=g_lm, max_len=max_len, mode=mode)
+                      kernels=kernels, g_lm=g_lm, max_len=max_len, mode=mode,
+                      all_logits=all_logits)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "policy"), donate_argnames=("state",))

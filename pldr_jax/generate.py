@@ -134,9 +134,9 @@ class FullCache:
   g_cache: bool = struct.field(pytree_node=False, default=True)
 
   def prefill(self, params, tokens, lengths, g_lm, *, config, cache_len):
-    """-> (logits [B, S, V], KVCache, GCache)."""
+    """-> (each prompt's last logits [B, V], KVCache, GCache)."""
     return decode.prefill(params, tokens, lengths, config=config, cache_len=cache_len,
-                          g_cache=self.g_cache, g_lm=g_lm)
+                          g_cache=self.g_cache, g_lm=g_lm, all_logits=False)
 
   def step_params(self, params, *, config, batch=None):
     """What `step` reads: per-layer weights without the unused G network."""
@@ -165,11 +165,12 @@ class SparseCache:
   prefill_mode: str = struct.field(pytree_node=False, default="one_shot")
 
   def prefill(self, params, tokens, lengths, g_lm, *, config, cache_len):
-    """-> (logits [B, S, V], less_jax SparseState, GCache)."""
+    """-> (each prompt's last logits [B, V], less_jax SparseState, GCache)."""
     from less_jax import model as less_model
     del cache_len  # the budget fixes the size
     return less_model.less_prefill(params, tokens, lengths, config=config, policy=self.policy,
-                                   kernels=self.kernels, g_lm=g_lm, mode=self.prefill_mode)
+                                   kernels=self.kernels, g_lm=g_lm, mode=self.prefill_mode,
+                                   all_logits=False)
 
   def step_params(self, params, *, config, batch=None):
     """What `step` reads: per-layer weights without the G network (G-cache)."""
@@ -208,7 +209,8 @@ def _constrain(tree, abstract, mesh):
 
 
 def _prefill(params, tokens, lengths, g_lm, cache, *, config, cache_len, mesh=None):
-  """cache.prefill, with the decode state and G-cache pinned to their shardings."""
+  """cache.prefill (each prompt's last logits [B, V], decode state, G-cache), with the
+  decode state and G-cache pinned to their shardings."""
   logits, state, gcache = cache.prefill(params, tokens, lengths, g_lm, config=config,
                                         cache_len=cache_len)
   if mesh is not None:
@@ -255,9 +257,8 @@ def generate_tokens(params, tokens, lengths, key, sampling: dict, g_lm=None, cac
   sequence, stop token included).
   """
   b = tokens.shape[0]
-  logits, state, gcache = _prefill(params, tokens, lengths, g_lm, cache, config=config,
-                                   cache_len=cache_len, mesh=mesh)
-  last = model.at_last(logits, lengths)
+  last, state, gcache = _prefill(params, tokens, lengths, g_lm, cache, config=config,
+                                 cache_len=cache_len, mesh=mesh)
   step_params = cache.step_params(params, config=config, batch=b)  # once, outside the loop
   draw = lambda lg, i: sample_logits(lg, jax.random.fold_in(key, i), sampling["temperature"],
                                      sampling["top_p"], path)
@@ -332,9 +333,8 @@ def stream(params, prompts, *, config: PLDRConfig, max_new_tokens: int,
   cache = _check_cache(cache if cache is not None else FullCache(g_cache))
   params, tokens, lengths, g_lm, cache = place(params, tokens, lengths, g_lm, cache,
                                                config=config, mesh=mesh)
-  logits, state, gcache = _prefill_jit(params, tokens, lengths, g_lm, cache, config=config,
-                                       cache_len=cache_len, mesh=mesh)
-  last = model.at_last(logits, jnp.asarray(lengths))
+  last, state, gcache = _prefill_jit(params, tokens, lengths, g_lm, cache, config=config,
+                                     cache_len=cache_len, mesh=mesh)
   step_params = _step_params_jit(params, cache, config=config, batch=tokens.shape[0])
   done = np.zeros(len(prompts), bool)
   for i in range(max_new_tokens):

@@ -192,7 +192,8 @@ _REMAT = {"minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 
 
 def decoder(params: dict, tokens: jax.Array, positions: jax.Array, attend: Attend, xs=None,
-            state=None, *, config: PLDRConfig, unroll: bool = False, remat: str = "none"):
+            state=None, *, config: PLDRConfig, unroll: bool = False, remat: str = "none",
+            logits_at_last: jax.Array | None = None):
   """The one decoder core: embedding, L post-LN PLGA layers, LM head.
 
   tokens, positions: int [B, S] (decode: S = 1).
@@ -205,6 +206,10 @@ def decoder(params: dict, tokens: jax.Array, positions: jax.Array, attend: Atten
   it updates in place at layer i).
   remat: a `PLDRConfig.remat` policy, applied to each layer (`jax.checkpoint`);
   whole-sequence passes (`forward`) pass config.remat, decode leaves "none".
+  logits_at_last: None, or int [B] sequence lengths: the LM head then runs at
+  each sequence's last position only (a prefill needs nothing else: at 128 to
+  1024 prompt tokens the head over every position is a fifth of its time)
+  and the logits are [B, V].
   Returns (logits [B, S, V], state, ys stacked [L, ...]).
   """
   chex.assert_rank([tokens, positions], 2)
@@ -229,6 +234,8 @@ def decoder(params: dict, tokens: jax.Array, positions: jax.Array, attend: Atten
     return f(carry, layer_p, layer_xs)
 
   (x, state), ys = scan_layers(body, (x, state), params["layers"], xs, unroll=unroll)
+  if logits_at_last is not None:
+    x = at_last(x, logits_at_last)
   return lm_head(params, x), state, ys
 
 
@@ -253,7 +260,8 @@ DEDUCTIVE_KEYS = ("A_in", "A", "A_LM", "A_P", "G_LM", "logits")
 
 def forward(params: dict, tokens: jax.Array, lengths: jax.Array | None = None, *,
             config: PLDRConfig, g_lm=None, return_deductive: bool = False,
-            return_aux: bool = False, unroll: bool | None = None):
+            return_aux: bool = False, unroll: bool | None = None,
+            logits_at_last: jax.Array | None = None):
   """The full forward pass (training, scoring, prefill).
 
   tokens: int [B, S] right-padded; lengths: int [B] (None: all S real);
@@ -266,6 +274,7 @@ def forward(params: dict, tokens: jax.Array, lengths: jax.Array | None = None, *
   return_aux=True returns the per-layer aux stacked on [L] instead: k, v
   [L, B, S, H, dk], the deductive tensors and 'gram' (learned G).
   unroll: None follows config.scan_layers.
+  logits_at_last: see `decoder` (logits [B, V] at positions logits_at_last - 1).
   """
   check_inputs(tokens, lengths, config)
   g_lm = resolve_g_lm(config, g_lm)
@@ -288,7 +297,8 @@ def forward(params: dict, tokens: jax.Array, lengths: jax.Array | None = None, *
 
   logits, _, ys = decoder(params, tokens, positions, attend, given_g(g_lm, tokens.shape[0]),
                        config=config, remat=config.remat,
-                       unroll=(not config.scan_layers) if unroll is None else unroll)
+                       unroll=(not config.scan_layers) if unroll is None else unroll,
+                       logits_at_last=logits_at_last)
   if return_aux:
     return logits, ys
   if not return_deductive:

@@ -106,9 +106,9 @@ def score_continuations(params, g_lm, ctx, ctx_len, cont, cont_len, *, config: P
   ctx_len + cont_len - 1 <= cache_len. Returns (sum log p [B] float32,
   all-greedy [B] bool).
   """
-  logits, state, gcache = decode.prefill(params, ctx, ctx_len, config=config,
-                                         cache_len=cache_len, g_cache=g_cache, g_lm=g_lm)
-  first = model.at_last(logits, ctx_len)
+  first, state, gcache = decode.prefill(params, ctx, ctx_len, config=config,
+                                        cache_len=cache_len, g_cache=g_cache, g_lm=g_lm,
+                                        all_logits=False)
 
   lp0, g0 = token_stats(first, cont[:, 0])
   step_params = decode.decode_params(params, config, g_cache)  # per layer, sliced once

@@ -199,6 +199,34 @@ def test_kv_cache_holds_the_forward_keys_and_values_time_minor():
         assert not np.any(np.asarray(buf[b, :, :, n:]))
 
 
+def test_prefill_last_logits_only_runs_the_head_at_each_prompts_last_token():
+  """all_logits=False (what generate, stream and lm-eval's scoring use) gives each
+  prompt's last-token logits of the full prefill, the same caches, and for the full
+  and the sparse/LESS prefill alike its program has no [B, S, V] logits at all."""
+  import less_jax
+  from less_jax import model as less_model
+  c = cfg.tiny(**F64)
+  p = _params(c)
+  t = _tokens(c, (2, 7))
+  lens = jnp.array([7, 4], jnp.int32)
+  kern = [less_jax.init_kernels(jax.random.key(i), c.head_dim, c.num_heads, rank=2, hidden=4)
+          for i in range(c.num_layers)]
+  runs = {"full": lambda **kw: decode.prefill(p, t, lens, config=c, cache_len=12, **kw),
+          "less": lambda **kw: less_model.less_prefill(
+              p, t, lens, config=c, policy=less_jax.h2o(2, 2), kernels=kern, **kw)}
+  for name, run in runs.items():
+    all_lg, st, gc = run()
+    last, st1, gc1 = run(all_logits=False)
+    assert last.shape == (2, c.vocab_size), name
+    assert _rel(last, model.at_last(all_lg, lens)) < 1e-12, name
+    for a, b in zip(jax.tree.leaves((st, gc)), jax.tree.leaves((st1, gc1))):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    program = lambda **kw: str(jax.make_jaxpr(lambda: run(**kw))())  # nested jaxprs too
+    bsv = f"f64[2,7,{c.vocab_size}]"
+    assert bsv in program(), name  # the check can see [B, S, V] logits
+    assert bsv not in program(all_logits=False), name
+
+
 def test_jitted_decode_donates_state_and_matches_eager():
   c = cfg.tiny()
   p = _params(c)
