@@ -63,8 +63,8 @@ def prefill(params: dict, tokens: jax.Array, lengths: jax.Array, *, config: PLDR
   tokens: int [B, S]; lengths: int [B] (1 <= length <= S <= cache_len);
   g_lm: the constant G_LM of a fixed-G mode, [L, H, dk, dk] (or [L, B, ...]).
   all_logits=False: the LM head runs at each prompt's last token only, and the
-  logits are [B, V] (what generation needs; prefill 18-23% faster on the 110M
-  model at 128-1024 tokens: benchmarks/results/vs_authors_2026-11-27.md).
+  logits are [B, V] (what generation needs; a 110M prefill of 128-1024 tokens
+  15-26% faster on a CPU: benchmarks/results/prefill_last_logits_2026-11-27.md).
   Returns (logits [B, S, V], KVCache, GCache); the cache's lengths = lengths.
   """
   cache_len = config.max_len if cache_len is None else cache_len

@@ -207,8 +207,7 @@ def decoder(params: dict, tokens: jax.Array, positions: jax.Array, attend: Atten
   remat: a `PLDRConfig.remat` policy, applied to each layer (`jax.checkpoint`);
   whole-sequence passes (`forward`) pass config.remat, decode leaves "none".
   logits_at_last: None, or int [B] sequence lengths: the LM head then runs at
-  each sequence's last position only (a prefill needs nothing else: at 128 to
-  1024 prompt tokens the head over every position is a fifth of its time)
+  each sequence's last position only (all a prefill for generation needs)
   and the logits are [B, V].
   Returns (logits [B, S, V], state, ys stacked [L, ...]).
   """
