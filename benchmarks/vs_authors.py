@@ -20,7 +20,8 @@ model loads them with strict=True). Issue 13's table, each section in one
 process, the two implementations alternating round by round (their order
 swapped every round) with the median of each side reported:
 
-- train: one optimizer step on [4, 256] tokens. The authors' `dist_train_step`
+- train: one optimizer step on [4, 256] tokens; MFU = model FLOP/s
+  (`train.flops_per_token`) over the fp32 matmul rate measured in the process. The authors' `dist_train_step`
   without FSDP and autocast (neither applies to one CPU process): look-ahead and
   padding mask, masked cross-entropy, backward, `clip_grad_value_(1.0)`,
   AdamW(betas 0.9/0.95, eps 1e-5, weight decay 0.1). pldr-jax: its jitted train
@@ -168,8 +169,14 @@ def bench_train(mod, c, rounds: int, batch: int = 4, seq: int = 256) -> dict:
     for _ in range(2):  # untimed: allocator and thread pools settle
       authors_step(), jax_step()
     times = alternate({"authors": authors_step, "pldr_jax": jax_step}, rounds)
-  return _row("train", batch * seq, "tokens/s", times, batch=batch, seq=seq,
-              first_step_loss=first)
+  # Both run the same model FLOPs: a rate over the machine's matmul rate (the suite's
+  # 2048^2 product, fp32, measured here) is the MFU each implementation reaches.
+  row = _row("train", batch * seq, "tokens/s", times, batch=batch, seq=seq,
+             first_step_loss=first, flops_per_token=train.flops_per_token(c, seq),
+             matmul_flops_per_s=common.matmul_rate(n=2048)["float32"])
+  for side in ("authors", "pldr_jax"):
+    row[f"{side}_mfu"] = row[f"{side}_rate"] * row["flops_per_token"] / row["matmul_flops_per_s"]
+  return row
 
 
 def _jax_decoder(p, c, batch: int):
@@ -287,8 +294,10 @@ def markdown(rows: list[dict]) -> str:
            "|---|---|---|---|---|"]
   for r in rows:
     b = f", batch {r['batch']}" if r["section"] == "decode" else ""
-    lines.append(f"| {r['section']}{b}, {r['unit']} | {r['authors_rate']:.1f} | "
-                 f"{r['pldr_jax_rate']:.1f} | {r['ratio']:.2f} | {r['rounds']} |")
+    mfu = (f" (MFU {r['authors_mfu']:.2f})", f" (MFU {r['pldr_jax_mfu']:.2f})") \
+        if "authors_mfu" in r else ("", "")
+    lines.append(f"| {r['section']}{b}, {r['unit']} | {r['authors_rate']:.1f}{mfu[0]} | "
+                 f"{r['pldr_jax_rate']:.1f}{mfu[1]} | {r['ratio']:.2f} | {r['rounds']} |")
   return "\n".join(lines)
 
 
