@@ -110,15 +110,16 @@ def look_ahead_mask(tokens):
 def alternate(fns: dict, rounds: int, pause_s: float = 0.2) -> dict[str, list[float]]:
   """Time each fn (which blocks until its result exists) once per round, their
   order swapped every round; a pause before each lets the other library's
-  worker threads go idle."""
+  worker threads go idle. A fn that times part of its own work returns those
+  seconds (a float), which are taken instead of the whole call's."""
   times = {k: [] for k in fns}
   names = list(fns)
   for r in range(rounds):
     for name in (names if r % 2 == 0 else names[::-1]):
       time.sleep(pause_s)
       t0 = time.perf_counter()
-      fns[name]()
-      times[name].append(time.perf_counter() - t0)
+      own = fns[name]()
+      times[name].append(own if isinstance(own, float) else time.perf_counter() - t0)
   return times
 
 
@@ -228,11 +229,8 @@ def bench_decode(m, p, c, rounds: int, batch: int) -> dict:
   runs = {"authors": _authors_decoder(m), "pldr_jax": _jax_decoder(p, c, batch)}
   toks = {k: f(prompts)[0] for k, f in runs.items()}  # untimed: compiles, same tokens?
   same = [bool(np.array_equal(a, b)) for a, b in zip(toks["authors"], toks["pldr_jax"])]
-  times = {k: [] for k in runs}
-  for r in range(rounds):  # the decode loops' own clocks leave the prefill out
-    for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
-      time.sleep(0.2)
-      times[name].append(runs[name](prompts)[1])
+  # the decode loops' own clocks leave the prefill out
+  times = alternate({k: (lambda f=f: f(prompts)[1]) for k, f in runs.items()}, rounds)
   return _row("decode", batch * NEW, "tokens/s", times, batch=batch, prompt=PROMPT,
               same_tokens=same)
 
