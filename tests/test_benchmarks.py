@@ -253,7 +253,7 @@ def test_goals_against_the_authors_come_from_the_alternating_comparison(tmp_path
   authors = {"name": "vs_authors_X.json",
              "rows": [row("train", 1.5, 4, seq=256), row("decode", 4.0, 1, prompt=128),
                       row("decode", 3.2, 8, prompt=128), row("prefill", 9.0, 1, prompt=128)]}
-  rows = [t for t in report.targets({}, authors)]
+  rows = report.targets({}, authors)
   assert [t[1:] for t in rows] == [(1.5, ">= 2.0", False), (3.2, ">= 3.0", True)]
   assert "train (4x256)" in rows[0][0] and "vs_authors_X.json" in rows[0][0]
   assert "batch 8" in rows[1][0]

@@ -219,8 +219,7 @@ def test_prefill_last_logits_only_runs_the_head_at_each_prompts_last_token():
     last, st1, gc1 = run(all_logits=False)
     assert last.shape == (2, c.vocab_size), name
     assert _rel(last, model.at_last(all_lg, lens)) < 1e-12, name
-    for a, b in zip(jax.tree.leaves((st, gc)), jax.tree.leaves((st1, gc1))):
-      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    jax.tree.map(np.testing.assert_array_equal, (st, gc), (st1, gc1))  # same caches
     program = lambda **kw: str(jax.make_jaxpr(lambda: run(**kw))())  # nested jaxprs too
     bsv = f"f64[2,7,{c.vocab_size}]"
     assert bsv in program(), name  # the check can see [B, S, V] logits
