@@ -36,6 +36,19 @@ from pldr_jax import train  # noqa: E402
 from pldr_jax import host  # noqa: E402
 
 
+def setup(vocab_size: int, batch: int, seq: int, fsdp: int = 1):
+  """What every training benchmark builds: (TrainConfig, optimizer, mesh, tokens int32
+  [batch, seq] drawn with seed 0 from ids 4.., the batch placed on the mesh). The mesh
+  is ('data', 'fsdp') with every device on 'data' unless `fsdp` > 1."""
+  tc = train.TrainConfig(num_steps=1000, warmup_steps=10,
+                         mesh_data=jax.device_count() // fsdp, mesh_fsdp=fsdp)
+  tx = train.make_optimizer(tc)
+  mesh = train.make_mesh(tc)
+  toks = np.random.default_rng(0).integers(4, vocab_size, (batch, seq)).astype(np.int32)
+  data = train.global_batch({"tokens": toks, "mask": np.ones_like(toks)}, mesh)
+  return tc, tx, mesh, toks, data
+
+
 def run(preset: str, batch: int, seq: int | None, steps: int, compute_dtype: str = "float32",
         fsdp: int = 1, g_mode: str | None = None, scan_layers: bool = True,
         warmup: int = 4, attention: str = "plain", remat: str = "none") -> dict:
@@ -47,14 +60,10 @@ def run(preset: str, batch: int, seq: int | None, steps: int, compute_dtype: str
   if seq > c.max_len:
     c = c.replace(max_len=seq)
   n = jax.device_count()
-  tc = train.TrainConfig(num_steps=1000, warmup_steps=10, mesh_data=n // fsdp, mesh_fsdp=fsdp)
-  tx = train.make_optimizer(tc)
-  mesh = train.make_mesh(tc)
+  tc, tx, mesh, _, data = setup(c.vocab_size, batch, seq, fsdp)
   with jax.set_mesh(mesh):
     state = train.init_train_state(c, tc, tx, mesh)
     step = train.make_train_step(c, tc, tx, mesh)
-    toks = np.random.default_rng(0).integers(4, c.vocab_size, (batch, seq)).astype(np.int32)
-    data = train.global_batch({"tokens": toks, "mask": np.ones_like(toks)}, mesh)
     t0 = time.perf_counter()
     step.lower(state, data).compile()
     compile_s = time.perf_counter() - t0

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks import common  # noqa: E402
+from benchmarks import common, train_bench  # noqa: E402
 from pldr_jax import config as cfg  # noqa: E402
 from pldr_jax import host  # noqa: E402
 from pldr_jax import train  # noqa: E402
@@ -43,13 +43,9 @@ def run(preset: str, batch: int, seq: int, rounds: int, variants: list[str],
         compute_dtype: str = "float32") -> list[dict]:
   base = cfg.preset(preset, compute_dtype=compute_dtype)
   base = base.replace(max_len=max(base.max_len, seq))
-  tc = train.TrainConfig(num_steps=1000, warmup_steps=10)
-  tx = train.make_optimizer(tc)
-  mesh = train.make_mesh(tc)
-  toks = np.random.default_rng(0).integers(4, base.vocab_size, (batch, seq)).astype(np.int32)
+  tc, tx, mesh, _, data = train_bench.setup(base.vocab_size, batch, seq)
   built = []
   with jax.set_mesh(mesh):
-    data = train.global_batch({"tokens": toks, "mask": np.ones_like(toks)}, mesh)
     for spec in variants:
       c = base.replace(**_variant(spec))
       state = train.init_train_state(c, tc, tx, mesh)  # same seed: same weights

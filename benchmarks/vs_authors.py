@@ -59,7 +59,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks import common  # noqa: E402
+from benchmarks import common, train_bench  # noqa: E402
 from pldr_jax import config as cfg  # noqa: E402
 from pldr_jax import convert, decode, generate, host, model, train  # noqa: E402
 
@@ -133,15 +133,11 @@ def _row(section: str, work: float, unit: str, times: dict, **extra) -> dict:
 
 def bench_train(mod, c, rounds: int, batch: int = 4, seq: int = 256) -> dict:
   import torch
-  tc = cfg.TrainConfig(num_steps=1000, warmup_steps=10, mesh_data=1, mesh_fsdp=1)
-  tx = train.make_optimizer(tc)
-  mesh = train.make_mesh(tc)
-  toks = np.random.default_rng(0).integers(4, c.vocab_size, (batch, seq)).astype(np.int32)
+  tc, tx, mesh, toks, data = train_bench.setup(c.vocab_size, batch, seq)
   with jax.set_mesh(mesh):
     state = train.init_train_state(c, tc, tx, mesh)
     m = authors_model(mod, c, convert.params_to_state_dict(jax.device_get(state["params"]), c))
     step = train.make_train_step(c, tc, tx, mesh)
-    data = train.global_batch({"tokens": toks, "mask": np.ones_like(toks)}, mesh)
     opt = torch.optim.AdamW(m.parameters(), lr=tc.learning_rate, betas=(tc.beta1, tc.beta2),
                             eps=tc.eps, weight_decay=tc.weight_decay)
     inp = torch.from_numpy(toks.astype(np.int64))
