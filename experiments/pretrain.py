@@ -39,27 +39,9 @@ from pldr_jax.data import DataConfig, prepare_default_data  # noqa: E402
 from pldr_jax.train import TrainConfig  # noqa: E402
 from pldr_jax import host  # noqa: E402
 
-gin.external_configurable(PLDRConfig, "PLDRConfig")
-gin.external_configurable(TrainConfig, "TrainConfig")
-gin.external_configurable(DataConfig, "DataConfig")
+from pldr_jax.gin_configs import experiment  # noqa: E402,F401 (gin configurables)
 
 SAMPLE_PROMPTS = ("It is a truth universally acknowledged", "She was", "The weather")
-
-
-@gin.configurable
-def experiment(model: PLDRConfig = gin.REQUIRED, train: TrainConfig = gin.REQUIRED,
-               data: DataConfig = gin.REQUIRED, workdir: str = "runs/default",
-               g_source: str | None = None, samples: int = 3, sample_tokens: int = 32,
-               default_corpus_dir: str | None = None, data_workdir: str | None = None):
-  """Everything a run needs; bound from gin.
-
-  default_corpus_dir: text corpus for the local TFDS builder (None: data/corpus).
-  data_workdir: where the built dataset and tokenizer are cached
-  (None: <workdir>/data); runs that share it build them once.
-  """
-  return dict(model=model, train=train, data=data, workdir=workdir, g_source=g_source,
-              samples=samples, sample_tokens=sample_tokens,
-              default_corpus_dir=default_corpus_dir, data_workdir=data_workdir)
 
 
 def resolve_data(run: dict) -> DataConfig:

@@ -1,0 +1,471 @@
+"""Compile the real steps for a TPU topology without a TPU: fit, cost and collectives.
+
+    python -m pldr_jax.aot --topology v5e:16x16 \
+        --gin_file=experiments/configs/pldrv51_110m.gin [--gin_param ...] [--json OUT]
+
+The TPU compiler ships in the `libtpu` wheel (`pip install -e '.[tpu]'`) and
+compiles for a topology (`jax.experimental.topologies`) with no chip attached.
+This module builds the mesh `pretrain.py` builds (`train.make_mesh`) on the
+topology's devices and compiles, with their real shardings, the very functions
+a run executes -- not copies:
+
+  train         train.make_train_step (AdamW recipe, dtype policy, donation)
+  eval          train.make_eval_step
+  prefill       what `generate.stream` runs first (generate._prefill_jit, FullCache)
+  decode_kv     one decode step on the KV-cache, G_LM recomputed from the cached A
+                (FullCache(g_cache=False); generate._step_jit)
+  decode_g      one decode step on the KV- and G-cache (FullCache(), the default)
+  decode_less   one decode step on a LESS cache (SparseCache(H2O, kernels))
+
+For each it reports, per chip: HBM (arguments, outputs, temporaries, total,
+against the chip's capacity), the compiler's FLOPs and bytes accessed, the
+collectives of the optimised HLO (count and bytes of all-gather,
+reduce-scatter, all-reduce, all-to-all, collective-permute) and the compile
+time. The step time is an ESTIMATE, never a measurement: a roofline over the
+compiler's counts, max(FLOPs / peak bf16 rate, bytes accessed / HBM bandwidth,
+collective bytes / ICI bandwidth), from the chip's published figures
+(`CHIPS`). XLA's own `optimal_seconds` is reported beside it but came back
+negative for large programs on libtpu 0.0.42-0.0.50, so it is not used. MFU
+is the model's FLOPs (`train.flops_per_token`, no recomputation counted)
+over estimated time x peak.
+
+A program that does not fit prints one line naming the chip's capacity and
+what it needed, and the command exits 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import re
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pldr_jax import backend, errors, g_modes, generate, kv_cache, train
+from pldr_jax import params as params_lib
+from pldr_jax import sharding as sharding_lib
+from pldr_jax.config import PLDRConfig, TrainConfig
+
+__all__ = ["Chip", "CHIPS", "PROGRAMS", "topology_devices", "build", "compile_program",
+           "report", "main"]
+
+SDS = jax.ShapeDtypeStruct
+GiB = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """Published per-chip figures (Cloud TPU system-architecture pages)."""
+  name: str
+  hbm_bytes: float      # HBM capacity
+  bf16_flops: float     # peak dense bf16 FLOP/s
+  hbm_bw: float         # HBM bytes/s
+  ici_bw: float         # collective bytes/s per chip (pod all-reduce bandwidth / chips)
+
+
+CHIPS = {
+    # v5e: 197 TFLOP/s bf16, 16 GB HBM2 at 819 GB/s, all-reduce 51.2 TB/s per 256-chip pod.
+    "v5e": Chip("v5e", 16 * GiB, 197e12, 819e9, 51.2e12 / 256),
+    # v4: 275 TFLOP/s, 32 GiB at 1200 GB/s, all-reduce 1.1 PB/s per 4096-chip pod.
+    "v4": Chip("v4", 32 * GiB, 275e12, 1200e9, 1.1e15 / 4096),
+    # v5p: 459 TFLOP/s, 95 GB at 2765 GB/s, ICI 4800 Gbit/s per chip.
+    "v5p": Chip("v5p", 95e9, 459e12, 2765e9, 4800e9 / 8),
+    # v6e: 918 TFLOP/s, 32 GB at 1640 GB/s, ICI 3584 Gbit/s per chip.
+    "v6e": Chip("v6e", 32e9, 918e12, 1640e9, 3584e9 / 8),
+}
+
+PROGRAMS = ("train", "eval", "prefill", "decode_kv", "decode_g", "decode_less")
+
+
+class AotError(errors.PldrError):
+  """A topology, mesh or batch that cannot be compiled as asked."""
+
+
+# ---------------------------------------------------------------- topology
+
+
+def parse_topology(name: str) -> tuple[str, str]:
+  """'v5e:16x16' -> ('v5e', '16x16'); the chip must be one of CHIPS."""
+  chip, _, shape = name.partition(":")
+  if chip not in CHIPS or not re.fullmatch(r"\d+(x\d+){1,2}", shape):
+    raise AotError(f"topology {name!r} is not CHIP:AxB[xC] with CHIP one of {sorted(CHIPS)} "
+                   "(e.g. v5e:16x16, v4:4x4x4, v5p:2x2x1)")
+  return chip, shape
+
+
+def topology_devices(name: str) -> list:
+  """The devices of a TPU topology, compiled for with no TPU attached (libtpu)."""
+  from jax.experimental import topologies
+  parse_topology(name)
+  try:
+    topo = topologies.get_topology_desc(platform="tpu", topology_name=name)
+  except Exception as e:  # noqa: BLE001 - no libtpu, or a shape the chip does not have
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise AotError(f"cannot describe TPU topology {name!r} ({first}); the TPU compiler "
+                   "comes with `pip install -e '.[tpu]'`") from e
+  return list(topo.devices)
+
+
+# ---------------------------------------------------------------- programs
+
+
+@dataclasses.dataclass
+class Program:
+  """One function to compile: `fn.lower(*args, **kwargs)`; tokens per execution
+  (global) and the model FLOPs of one execution (global), for the estimate."""
+  name: str
+  fn: Any
+  args: tuple
+  kwargs: dict
+  tokens: int
+  model_flops: float
+
+
+def _abstract(tree, shardings):
+  return jax.tree.map(lambda s, sh: SDS(s.shape, s.dtype, sharding=sh), tree, shardings)
+
+
+def _info_abstract(info_tree, mesh):
+  """ShapeDtypeStructs with shardings from a cache's `abstract()` (ArrayInfo leaves)."""
+  is_info = lambda x: isinstance(x, kv_cache.ArrayInfo)
+  return jax.tree.map(
+      lambda i: SDS(i.shape, i.dtype,
+                    sharding=sharding_lib.logical_sharding(i.shape, i.axes, mesh)),
+      info_tree, is_leaf=is_info)
+
+
+def _batch_sds(shape, dtype, mesh):
+  return SDS(shape, dtype, sharding=sharding_lib.logical_sharding(
+      shape, ("batch",) + (None,) * (len(shape) - 1), mesh))
+
+
+def _given_g(config: PLDRConfig, mesh):
+  if config.g_mode not in ("random", "transferred"):
+    return None
+  return SDS(g_modes.g_shape(config), jnp.float32,
+             sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
+def _decode_flops(config: PLDRConfig, batch: int, context: int) -> float:
+  """Forward FLOPs of one decode step: weights (2 per parameter read) plus attention
+  over `context` slots and q G_LM."""
+  c = config
+  d, dk = c.d_model, c.head_dim
+  per_layer = 2 * (4 * d * d + 3 * d * c.d_ff) + 2 * 2 * context * d
+  if c.g_mode != "identity":
+    per_layer += 2 * c.num_heads * dk * dk
+  return batch * (c.num_layers * per_layer + 2 * d * c.vocab_size)
+
+
+def build(config: PLDRConfig, tc: TrainConfig, mesh, *, batch: int, seq_len: int,
+          programs: Sequence[str] = PROGRAMS, decode_batch: int | None = None,
+          prompt_len: int | None = None, cache_len: int | None = None,
+          less_budget: int | None = None, less_rank: int = 8) -> list[Program]:
+  """The programs a run executes, with abstract arguments carrying their shardings.
+
+  batch x seq_len: the global training batch (tokens [B, S]; the model reads S-1);
+  decode_batch (default: one sequence per batch shard), prompt_len (default
+  max_len / 2), cache_len (default max_len), less_budget (default max_len / 8).
+  """
+  unknown = sorted(set(programs) - set(PROGRAMS))
+  if unknown:
+    raise AotError(f"unknown program(s) {unknown}; known: {list(PROGRAMS)}")
+  ways = mesh.shape["data"] * mesh.shape["fsdp"]
+  for what, n in (("batch", batch), ("decode_batch", decode_batch)):
+    if n is not None and n % ways:
+      raise AotError(f"{what} {n} is not divisible by the {ways} batch shards of the mesh "
+                     f"(data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})")
+  g_abs = _given_g(config, mesh)
+  out = []
+  tokens_abs = {"tokens": _batch_sds((batch, seq_len), jnp.int32, mesh),
+                "mask": _batch_sds((batch, seq_len), jnp.int32, mesh)}
+  train_tokens = batch * (seq_len - 1)
+  if "train" in programs or "eval" in programs:
+    tx = train.make_optimizer(tc)
+    state = train.abstract_train_state(config, tx, mesh)
+    fpt = train.flops_per_token(config, seq_len - 1)
+    if "train" in programs:
+      step = train.make_train_step(config, tc, tx, mesh, g_abs)
+      out.append(Program("train", step.jitted, (state, tokens_abs, g_abs), {}, train_tokens,
+                         fpt * train_tokens))
+    if "eval" in programs:
+      step = train.make_eval_step(config, mesh, g_abs)
+      out.append(Program("eval", step.jitted, (state["params"], tokens_abs, g_abs), {},
+                         train_tokens, fpt * train_tokens / 3))
+
+  dec = [p for p in programs if p in ("prefill", "decode_kv", "decode_g", "decode_less")]
+  if not dec:
+    return out
+  db = decode_batch or ways
+  plen = prompt_len or max(config.max_len // 2, 1)
+  clen = cache_len or config.max_len
+  p_abs = _abstract(jax.eval_shape(lambda k: params_lib.init_params(config, k), jax.random.key(0)),
+                    params_lib.param_shardings(config, mesh))
+  tok = _batch_sds((db, plen), jnp.int32, mesh)
+  lengths = _batch_sds((db,), jnp.int32, mesh)
+  step_tok = _batch_sds((db,), jnp.int32, mesh)
+  if "prefill" in dec:
+    cache = generate.FullCache()
+    out.append(Program("prefill", generate._prefill_jit,
+                       (p_abs, tok, lengths, g_abs, cache),
+                       {"config": config, "cache_len": clen, "mesh": mesh}, db * plen,
+                       train.flops_per_token(config, plen) / 3 * db * plen))
+  caches = {"decode_kv": generate.FullCache(g_cache=False), "decode_g": generate.FullCache()}
+  if "decode_less" in dec:
+    from less_jax import kernels as kernels_lib, policies
+    budget = less_budget or max(config.max_len // 8, 4)
+    policy = policies.make_policy("h2o", heavy=budget // 2, recent=budget - budget // 2)
+    kern = jax.eval_shape(lambda k: [kernels_lib.init_kernels(
+        jax.random.fold_in(k, i), config.head_dim, config.num_heads, rank=less_rank)
+        for i in range(config.num_layers)], jax.random.key(0))
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    kern = jax.tree.map(lambda s: SDS(s.shape, s.dtype, sharding=rep), kern)
+    caches["decode_less"] = generate.SparseCache(policy, kern)
+  for name in ("decode_kv", "decode_g", "decode_less"):
+    if name not in dec:
+      continue
+    cache = caches[name]
+    sp = generate._step_params_jit.lower(p_abs, cache, config=config, batch=db).compile()
+    sp_abs = _abstract(jax.eval_shape(lambda p, c: c.step_params(p, config=config, batch=db),
+                                      p_abs, cache), sp.output_shardings)
+    s_info, g_info = cache.abstract(config=config, batch=db, cache_len=clen)
+    context = clen if name != "decode_less" else cache.policy.budget
+    out.append(Program(name, generate._step_jit,
+                       (sp_abs, _info_abstract(g_info, mesh), _info_abstract(s_info, mesh),
+                        step_tok, cache), {"config": config, "mesh": mesh}, db,
+                       _decode_flops(config, db, context)))
+  return out
+
+
+# ---------------------------------------------------------------- compile and measure
+
+
+_COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+_OP_RE = re.compile(r"=\s*(.*?)\s+(" + "|".join(_COLLECTIVES) + r")(-start)?\(")
+_SHAPE_RE = re.compile(r"\b(pred|s4|u4|s8|u8|s16|u16|s32|u32|s64|u64|f16|bf16|f32|f64|"
+                       r"f8e4m3fn|f8e5m2|c64|c128)\[([\d,]*)\]")
+_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "s32": 4,
+          "u32": 4, "s64": 8, "u64": 8, "f16": 2, "bf16": 2, "f32": 4, "f64": 8,
+          "f8e4m3fn": 1, "f8e5m2": 1, "c64": 8, "c128": 16}
+
+
+def _shape_bytes(text: str) -> list[float]:
+  return [_BYTES[d] * math.prod(int(x) for x in dims.split(",") if x)
+          for d, dims in _SHAPE_RE.findall(text)]
+
+
+def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
+  """{op: {'count', 'bytes'}} of the collectives in an optimised HLO module.
+
+  Async pairs count once (the `-start`; its tuple type holds operand and result,
+  of which the largest is counted). Bytes are the result's size per device; an
+  op inside a loop body counts once, however many times the loop runs.
+  """
+  out = {op: {"count": 0, "bytes": 0.0} for op in _COLLECTIVES}
+  for line in hlo_text.splitlines():
+    m = _OP_RE.search(line)
+    if not m:
+      continue
+    type_text, op, start = m.groups()
+    sizes = _shape_bytes(type_text)
+    out[op]["count"] += 1
+    out[op]["bytes"] += (max(sizes) if start else sum(sizes)) if sizes else 0.0
+  return out
+
+
+def hlo_checks(hlo_text: str) -> dict[str, bool]:
+  """What a TPU program must not hold: f64 arrays, host callbacks."""
+  return {"f64": bool(re.search(r"\bf64\[", hlo_text)),
+          "host_callback": bool(re.search(r"custom_call_target=\"[^\"]*(callback|host)",
+                                          hlo_text, re.IGNORECASE))}
+
+
+def _cost(compiled) -> dict:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return dict(cost or {})
+
+
+def compile_program(prog: Program, chip: Chip, num_chips: int) -> dict:
+  """Lower and compile one program for the topology; the per-chip report."""
+  t0 = time.perf_counter()
+  lowered = prog.fn.lower(*prog.args, **prog.kwargs)
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  t2 = time.perf_counter()
+  mem = compiled.memory_analysis()
+  args_b, out_b = int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes)
+  temp_b, alias_b = int(mem.temp_size_in_bytes), int(mem.alias_size_in_bytes)
+  code_b = int(getattr(mem, "generated_code_size_in_bytes", 0))
+  total = args_b + out_b + temp_b - alias_b + code_b
+  cost = _cost(compiled)
+  hlo = compiled.as_text()
+  coll = collectives(hlo)
+  flops, bytes_acc = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+  coll_bytes = sum(v["bytes"] for v in coll.values())
+  t_flops, t_hbm, t_ici = flops / chip.bf16_flops, bytes_acc / chip.hbm_bw, coll_bytes / chip.ici_bw
+  est = max(t_flops, t_hbm, t_ici)
+  model_flops_chip = prog.model_flops / num_chips
+  return {
+      "program": prog.name,
+      "compile_s": round(t2 - t0, 2), "lower_s": round(t1 - t0, 2),
+      "hbm": {"arguments": args_b, "outputs": out_b, "temps": temp_b, "aliased": alias_b,
+              "code": code_b, "total": total, "capacity": int(chip.hbm_bytes),
+              "fits": total <= chip.hbm_bytes},
+      "flops": flops, "bytes_accessed": bytes_acc,
+      "optimal_seconds_xla": float(cost.get("optimal_seconds", float("nan"))),
+      "collectives": coll, "collective_bytes": coll_bytes,
+      "estimate": {"label": "ESTIMATE (roofline over compiler counts, not a measurement)",
+                   "flops_s": t_flops, "hbm_s": t_hbm, "ici_s": t_ici, "step_s": est,
+                   "bound": ("compute", "memory", "collectives")[
+                       int(np.argmax([t_flops, t_hbm, t_ici]))],
+                   "tokens_per_s": prog.tokens / est if est > 0 else None,
+                   "model_flops_per_chip": model_flops_chip,
+                   "mfu": model_flops_chip / (est * chip.bf16_flops) if est > 0 else None},
+      "checks": hlo_checks(hlo),
+      "tokens": prog.tokens,
+  }
+
+
+def _fmt_bytes(n: float) -> str:
+  return f"{n / GiB:.2f}"
+
+
+def report(rows: list[dict], header: dict) -> str:
+  """The table printed by `main`."""
+  chip = header["chip"]
+  lines = [f"{header['topology']} ({header['num_chips']} chips, {chip['name']}: "
+           f"{chip['hbm_bytes'] / GiB:.1f} GiB HBM, {chip['bf16_flops'] / 1e12:.0f} TFLOP/s bf16, "
+           f"{chip['hbm_bw'] / 1e9:.0f} GB/s), mesh data={header['mesh']['data']} x "
+           f"fsdp={header['mesh']['fsdp']}; step time, tokens/s and MFU are ESTIMATES "
+           "(roofline over the compiler's counts), not measurements",
+           "| program | HBM/chip GiB (args+out+temps=total / cap) | fits | GFLOP/chip | "
+           "GB accessed/chip | collectives (n, MB) | est. step ms (bound) | est. tok/s | "
+           "est. MFU | compile s |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    h, e = r["hbm"], r["estimate"]
+    coll = ", ".join(f"{k} {v['count']}/{v['bytes'] / 1e6:.1f}"
+                     for k, v in r["collectives"].items() if v["count"]) or "none"
+    mfu = "" if e["mfu"] is None else f"{100 * e['mfu']:.1f}%"
+    tps = "" if e["tokens_per_s"] is None else f"{e['tokens_per_s']:,.0f}"
+    lines.append(
+        f"| {r['program']} | {_fmt_bytes(h['arguments'])}+{_fmt_bytes(h['outputs'])}+"
+        f"{_fmt_bytes(h['temps'])}={_fmt_bytes(h['total'])} / {_fmt_bytes(h['capacity'])} | "
+        f"{'yes' if h['fits'] else 'NO'} | {r['flops'] / 1e9:.1f} | {r['bytes_accessed'] / 1e9:.2f} | "
+        f"{coll} | {1e3 * e['step_s']:.2f} ({e['bound']}) | {tps} | {mfu} | {r['compile_s']:.0f} |")
+  return "\n".join(lines)
+
+
+def mesh_for(devices, data: int, fsdp: int):
+  tc = TrainConfig(num_steps=1, mesh_data=data, mesh_fsdp=fsdp)
+  try:
+    return train.make_mesh(tc, devices)
+  except errors.PldrError as e:
+    raise AotError(str(e)) from None
+
+
+def run(topology: str, config: PLDRConfig, tc: TrainConfig, *, batch: int, seq_len: int,
+        mesh_shape: tuple[int, int] | None = None, programs: Sequence[str] = PROGRAMS,
+        log: Callable[[str], None] | None = None, **decode_kw) -> dict:
+  """Compile `programs` for `topology`; returns {'header', 'programs': [row, ...]}."""
+  chip_name, _ = parse_topology(topology)
+  chip = CHIPS[chip_name]
+  devices = topology_devices(topology)
+  if mesh_shape is None:
+    mesh = train.make_mesh(tc, devices)
+  else:
+    mesh = mesh_for(devices, *mesh_shape)
+  header = {"topology": topology, "num_chips": len(devices), "chip": dataclasses.asdict(chip),
+            "device_kind": devices[0].device_kind,
+            "mesh": {"data": mesh.shape["data"], "fsdp": mesh.shape["fsdp"]},
+            "batch": batch, "seq_len": seq_len, "config": dataclasses.asdict(config),
+            "jax": jax.__version__, "libtpu": _libtpu_version(),
+            "estimate": "roofline max(flops/peak, bytes/HBM bw, collective bytes/ICI bw) "
+                        "over the compiler's per-chip counts; not a measurement"}
+  rows = []
+  with backend.target("tpu"):
+    progs = build(config, tc, mesh, batch=batch, seq_len=seq_len, programs=programs,
+                  **decode_kw)
+    for p in progs:
+      if log:
+        log(f"compiling {p.name} ...")
+      rows.append(compile_program(p, chip, len(devices)))
+  return {"header": header, "programs": rows}
+
+
+def _libtpu_version() -> str | None:
+  try:
+    from importlib import metadata
+    return metadata.version("libtpu")
+  except Exception:  # noqa: BLE001
+    return None
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _parse_mesh(text: str | None) -> tuple[int, int] | None:
+  if text is None:
+    return None
+  m = re.fullmatch(r"(-?\d+)x(-?\d+)", text)
+  if not m:
+    raise AotError(f"--mesh {text!r} is not DATAxFSDP, e.g. 256x1 or 16x16")
+  return int(m.group(1)), int(m.group(2))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m pldr_jax.aot",
+                                   description=__doc__.splitlines()[0])
+  parser.add_argument("--topology", required=True, help="e.g. v5e:16x16, v4:4x4x4, v5p:2x2x1")
+  parser.add_argument("--gin_file", action="append", required=True)
+  parser.add_argument("--gin_param", action="append", default=[])
+  parser.add_argument("--json", default=None, help="write the report as JSON here")
+  parser.add_argument("--mesh", default=None,
+                      help="DATAxFSDP (default: TrainConfig.mesh_data x mesh_fsdp)")
+  parser.add_argument("--batch", type=int, default=None,
+                      help="global training batch (default: DataConfig.batch_size)")
+  parser.add_argument("--programs", default=",".join(PROGRAMS),
+                      help=f"comma-separated subset of {','.join(PROGRAMS)}")
+  parser.add_argument("--decode_batch", type=int, default=None)
+  parser.add_argument("--prompt_len", type=int, default=None)
+  parser.add_argument("--less_budget", type=int, default=None)
+  args = parser.parse_args(argv)
+  try:
+    from pldr_jax import gin_configs
+    run_cfg = gin_configs.parse(args.gin_file, args.gin_param)
+    config, tc, data = run_cfg["model"], run_cfg["train"], run_cfg["data"]
+    batch = args.batch or data.batch_size
+    result = run(args.topology, config, tc, batch=batch, seq_len=data.seq_len,
+                 mesh_shape=_parse_mesh(args.mesh),
+                 programs=[p for p in args.programs.split(",") if p],
+                 decode_batch=args.decode_batch, prompt_len=args.prompt_len,
+                 less_budget=args.less_budget,
+                 log=lambda s: print(s, file=sys.stderr, flush=True))
+  except errors.PldrError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(report(result["programs"], result["header"]))
+  if args.json:
+    from etils import epath
+    path = epath.Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1, default=str))
+  over = [r for r in result["programs"] if not r["hbm"]["fits"]]
+  for r in over:
+    print(f"{r['program']} does not fit: needs {r['hbm']['total'] / GiB:.2f} GiB per chip, "
+          f"a {result['header']['chip']['name']} chip has "
+          f"{r['hbm']['capacity'] / GiB:.2f} GiB", file=sys.stderr)
+  return 3 if over else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,43 @@
+"""The gin configurables of a pretraining run, registered once per process.
+
+`experiments/pretrain.py`, `experiments/ablate.py` and `python -m pldr_jax.aot`
+read the same gin files (`experiments/configs/*.gin`): PLDRConfig.*,
+TrainConfig.*, DataConfig.* and experiment.* (workdir, transferred-G source,
+samples). Gin allows one registration per name and process, so they live here,
+in the package, and every entry point imports them from this module.
+"""
+
+from __future__ import annotations
+
+import gin
+
+from pldr_jax.config import DataConfig, PLDRConfig, TrainConfig
+
+__all__ = ["experiment", "parse"]
+
+gin.external_configurable(PLDRConfig, "PLDRConfig")
+gin.external_configurable(TrainConfig, "TrainConfig")
+gin.external_configurable(DataConfig, "DataConfig")
+
+
+@gin.configurable
+def experiment(model: PLDRConfig = gin.REQUIRED, train: TrainConfig = gin.REQUIRED,
+               data: DataConfig = gin.REQUIRED, workdir: str = "runs/default",
+               g_source: str | None = None, samples: int = 3, sample_tokens: int = 32,
+               default_corpus_dir: str | None = None, data_workdir: str | None = None):
+  """Everything a run needs; bound from gin.
+
+  default_corpus_dir: text corpus for the local TFDS builder (None: data/corpus).
+  data_workdir: where the built dataset and tokenizer are cached
+  (None: <workdir>/data); runs that share it build them once.
+  """
+  return dict(model=model, train=train, data=data, workdir=workdir, g_source=g_source,
+              samples=samples, sample_tokens=sample_tokens,
+              default_corpus_dir=default_corpus_dir, data_workdir=data_workdir)
+
+
+def parse(gin_files, gin_params=()) -> dict:
+  """Parse gin files and bindings (clearing earlier ones) -> `experiment()`."""
+  gin.clear_config()
+  gin.parse_config_files_and_bindings(list(gin_files), list(gin_params))
+  return experiment()
