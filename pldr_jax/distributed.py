@@ -9,7 +9,8 @@ One code path for 1 device, N local devices and N processes: entry points call
              more than one task, TPU pod, Open MPI): `jax.distributed.initialize()`
   single     otherwise: nothing is initialised
 
-On CPU the cross-process collectives go through gloo (set before initialising).
+On CPU the cross-process collectives go through gloo (set before initialising);
+on a TPU pod or GPUs nothing is forced (`expected_platform`, `jax_settings`).
 Everything here is a no-op (or the obvious single-process answer) when
 `jax.process_count() == 1`.
 """
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple
 
 __all__ = ["Launch", "add_arguments", "resolve", "launch_flags", "launch_index", "initialize",
+           "expected_platform", "jax_settings",
            "barrier", "any_process", "gather_json", "run_once"]
 
 ENV_ADDRESS, ENV_COUNT, ENV_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
@@ -49,19 +51,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                  help=f"this process's index in [0, num_processes) (env {ENV_ID})")
 
 
-def _auto_detectable(environ: Mapping[str, str]) -> bool:
-  """Whether `jax.distributed.initialize()` can find the cluster on its own."""
+def _auto_detectable(environ: Mapping[str, str], dev: str | os.PathLike = "/dev") -> bool:
+  """Whether `jax.distributed.initialize()` can find the cluster on its own (SLURM or
+  Open MPI with more than one task; a TPU VM, whose slice JAX reads from the metadata
+  server)."""
   slurm_tasks = environ.get("SLURM_NTASKS") or environ.get("SLURM_NPROCS")
   if "SLURM_JOB_ID" in environ and slurm_tasks and slurm_tasks.isdigit():
     return int(slurm_tasks) > 1
   if "OMPI_COMM_WORLD_SIZE" in environ:
     return environ["OMPI_COMM_WORLD_SIZE"].isdigit() and int(environ["OMPI_COMM_WORLD_SIZE"]) > 1
   hosts = environ.get("TPU_WORKER_HOSTNAMES", "")
-  return len([h for h in hosts.split(",") if h.strip()]) > 1
+  if len([h for h in hosts.split(",") if h.strip()]) > 1:
+    return True
+  # A TPU VM: JAX finds the slice's hosts through the metadata server (one or many).
+  return expected_platform(environ, dev) == "tpu"
 
 
 def resolve(address: str | None = None, count: int | None = None, index: int | None = None,
-            environ: Mapping[str, str] | None = None) -> Launch:
+            environ: Mapping[str, str] | None = None, dev: str | os.PathLike = "/dev") -> Launch:
   """How to start: flags first, then the JAX_* variables, then auto-detection.
 
   Raises ValueError for an incomplete or inconsistent explicit setting.
@@ -82,7 +89,7 @@ def resolve(address: str | None = None, count: int | None = None, index: int | N
 
   count, index = number(count, ENV_COUNT), number(index, ENV_ID)
   if address is None and count is None and index is None:
-    return Launch("auto") if _auto_detectable(environ) else Launch("single")
+    return Launch("auto") if _auto_detectable(environ, dev) else Launch("single")
   missing = [name for name, v in (("--coordinator_address", address),
                                   ("--num_processes", count), ("--process_id", index))
              if v is None]
@@ -125,14 +132,47 @@ def initialize(args: argparse.Namespace | None = None) -> Launch:
                    getattr(args, "num_processes", None), getattr(args, "process_id", None))
   if launch.mode == "single" or _already_initialized():
     return launch
-  if not jax.config.jax_cpu_collectives_implementation:
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  for name, value in jax_settings(expected_platform()).items():
+    if not getattr(jax.config, name):
+      jax.config.update(name, value)
   if launch.mode == "explicit":
     jax.distributed.initialize(coordinator_address=launch.address,
                                num_processes=launch.count, process_id=launch.index)
   else:
     jax.distributed.initialize()
   return launch
+
+
+def expected_platform(environ: Mapping[str, str] | None = None,
+                      dev: str | os.PathLike = "/dev") -> str:
+  """'tpu', 'gpu' or 'cpu': where this process will run, read from the environment
+  and the device files only (jax.distributed must start before any backend does).
+
+  JAX_PLATFORMS (its first entry) decides when set; then a TPU VM (TPU_* worker
+  variables, or /dev/accel* / /dev/vfio chips), then an NVIDIA GPU (/dev/nvidia0
+  or CUDA_VISIBLE_DEVICES naming a device), else the CPU.
+  """
+  environ = os.environ if environ is None else environ
+  dev = Path(dev)
+  first = environ.get("JAX_PLATFORMS", "").split(",")[0].strip().lower()
+  if first:
+    return {"cuda": "gpu", "rocm": "gpu"}.get(first, first)
+  if any(environ.get(v) for v in ("TPU_WORKER_ID", "TPU_ACCELERATOR_TYPE",
+                                  "TPU_WORKER_HOSTNAMES", "TPU_SKIP_MDS_QUERY")):
+    return "tpu"
+  if any(dev.glob("accel*")) or any(p.name.isdigit() for p in dev.glob("vfio/*")):
+    return "tpu"
+  cuda = environ.get("CUDA_VISIBLE_DEVICES")
+  if (dev / "nvidia0").exists() and cuda not in ("", "-1"):
+    return "gpu"
+  return "cpu"
+
+
+def jax_settings(platform: str) -> dict[str, Any]:
+  """jax.config settings to apply before `jax.distributed.initialize` on `platform`:
+  on the CPU the cross-process collectives need gloo; TPUs (ICI/DCN) and GPUs
+  (NCCL) bring their own, so nothing is forced there."""
+  return {"jax_cpu_collectives_implementation": "gloo"} if platform == "cpu" else {}
 
 
 def _already_initialized() -> bool:
