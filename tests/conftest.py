@@ -8,6 +8,11 @@ if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_backend_optimization_level=0").strip()
 
+# The suite runs on the CPU. With the TPU compiler installed (the `tpu` extra, for
+# tests/test_tpu_aot.py) JAX would otherwise probe for a TPU at start-up in every
+# process, printing libtpu's warnings into the stderr the tests read.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 import jax
 
 jax.config.update("jax_enable_x64", True)
