@@ -57,6 +57,7 @@ from less_jax import kernels as kernels_lib
 from less_jax import parallel as parallel_lib
 from less_jax import policies as policies_lib
 from less_jax import state as state_lib
+from pldr_jax import backend, nn
 from pldr_jax.kv_cache import ArrayInfo
 
 __all__ = [
@@ -236,12 +237,12 @@ def sparse_decode_step(cache: SparseKVCache, q: jax.Array, k_new: jax.Array,
 
   # 1. Attention over the kept slots and the new token itself (fp32).
   valid = cache.pos >= 0
-  f32 = lambda x: x.astype(jnp.float32)  # XLA:CPU has no bf16 x bf16 -> f32 dot
-  logit_slots = jnp.einsum("bhd,bhtd->bht", f32(q), f32(cache.k)) * sc
-  logit_new = jnp.einsum("bhd,bhd->bh", f32(q), f32(k_new.astype(cache.k.dtype))) * sc
+  f32 = jnp.float32  # fp32 results from bf16 operands, per platform (nn.einsum_f32)
+  logit_slots = nn.einsum_f32("bhd,bhtd->bht", q, cache.k, f32) * sc
+  logit_new = nn.einsum_f32("bhd,bhd->bh", q, k_new.astype(cache.k.dtype), f32) * sc
   p_slots, p_new, lse = state_lib.slot_softmax(logit_slots, valid, logit_new)
   v_in = v_new.astype(cache.v.dtype).astype(jnp.float32)
-  sparse_out = (jnp.einsum("bht,bhtd->bhd", p_slots, cache.v.astype(jnp.float32))
+  sparse_out = (nn.einsum_f32("bht,bhtd->bhd", p_slots, cache.v, f32)
                 + p_new[..., None] * v_in)
   if kernels is None:
     out = sparse_out
@@ -257,12 +258,14 @@ def sparse_decode_step(cache: SparseKVCache, q: jax.Array, k_new: jax.Array,
       jax.lax.stop_gradient(p_new), new_pos, act)
   hs, zs = cache.h, cache.z
   k_write, v_write = k_new.astype(cache.k.dtype), v_new.astype(cache.v.dtype)
+  ordered = backend.choice("less_ordered_writes")
+  after = _after if ordered else lambda x, _: x
   if kernels is not None:
     k_old = jnp.take_along_axis(cache.k, slot[..., None, None], axis=2)[..., 0, :]
     v_old = jnp.take_along_axis(cache.v, slot[..., None, None], axis=2)[..., 0, :]
     hs, zs = state_lib.fold_in(hs, zs, kernels_lib.psi(kernels, k_old), v_old, evict)
-    k_write, v_write = _after(k_write, k_old), _after(v_write, v_old)
-  v_write = _after(v_write, out[..., :1])
+    k_write, v_write = after(k_write, k_old), after(v_write, v_old)
+  v_write = after(v_write, out[..., :1])
   bi = jnp.arange(b, dtype=jnp.int32)[:, None]
   hi = jnp.arange(h, dtype=jnp.int32)[None, :]
   slot_w = jnp.where(act, slot, t_slots)  # out of range: dropped

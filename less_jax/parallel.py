@@ -31,6 +31,7 @@ import numpy as np
 from less_jax import kernels as kernels_lib
 from less_jax import policies as policies_lib
 from less_jax import state as state_lib
+from pldr_jax import nn
 
 __all__ = [
     "attention_logits",
@@ -75,9 +76,8 @@ def _scale(d, scale):
 
 def attention_logits(q: jax.Array, k: jax.Array, scale: float | None = None) -> jax.Array:
   """s = q k^T * scale (default 1/sqrt(D)). q, k [B, S, H, D] -> [B, H, S, S] f32."""
-  # Upcast the operands: XLA:CPU has no bf16 x bf16 -> f32 dot.
-  return jnp.einsum("bshd,bthd->bhst", q.astype(jnp.float32), k.astype(jnp.float32)
-                    ) * _scale(q.shape[-1], scale)
+  # fp32 scores from bf16 operands, per platform (pldr_jax.nn.einsum_f32).
+  return nn.einsum_f32("bshd,bthd->bhst", q, k, jnp.float32) * _scale(q.shape[-1], scale)
 
 
 @functools.partial(jax.jit, static_argnames=("policy",))

@@ -39,6 +39,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -101,7 +102,13 @@ def parse_topology(name: str) -> tuple[str, str]:
 
 
 def topology_devices(name: str) -> list:
-  """The devices of a TPU topology, compiled for with no TPU attached (libtpu)."""
+  """The devices of a TPU topology, compiled for with no TPU attached (libtpu).
+
+  libtpu takes a machine-wide lock file unless ALLOW_MULTIPLE_LIBTPU_LOAD is set;
+  compiling needs no chip, so it is set here (before libtpu loads) and several
+  processes (test workers, a sweep) can compile at once.
+  """
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
   parse_topology(name)
   try:
@@ -126,6 +133,8 @@ class Program:
   kwargs: dict
   tokens: int
   model_flops: float
+  cost_twins: "tuple[Program, Program] | None" = None  # 1 and 2 layers, unrolled
+  num_layers: int = 1
 
 
 def _abstract(tree, shardings):
@@ -167,13 +176,33 @@ def _decode_flops(config: PLDRConfig, batch: int, context: int) -> float:
 def build(config: PLDRConfig, tc: TrainConfig, mesh, *, batch: int, seq_len: int,
           programs: Sequence[str] = PROGRAMS, decode_batch: int | None = None,
           prompt_len: int | None = None, cache_len: int | None = None,
-          less_budget: int | None = None, less_rank: int = 8) -> list[Program]:
+          less_budget: int | None = None, less_rank: int = 8,
+          cost_twins: bool = True) -> list[Program]:
   """The programs a run executes, with abstract arguments carrying their shardings.
 
   batch x seq_len: the global training batch (tokens [B, S]; the model reads S-1);
   decode_batch (default: one sequence per batch shard), prompt_len (default
   max_len / 2), cache_len (default max_len), less_budget (default max_len / 8).
+
+  cost_twins: XLA's cost analysis counts a while-loop body once, however many
+  times it runs, so a program whose layers run in one `lax.scan`
+  (`scan_layers`, the default) reports about 1/L of the layers' FLOPs and bytes
+  (checked on a 5-step scan of matmuls: 1x; unrolled: 5x). Each scanned
+  whole-sequence program then gets two small twins, the model with 1 and with 2
+  layers unrolled (no loop); the counts of L layers are c1 + (L - 1)(c2 - c1).
+  Memory, compile time and shardings come from the program as it runs.
   """
+  kw = dict(batch=batch, seq_len=seq_len, decode_batch=decode_batch, prompt_len=prompt_len,
+            cache_len=cache_len, less_budget=less_budget, less_rank=less_rank)
+  whole = [p for p in programs if p in ("train", "eval", "prefill")]
+  if cost_twins and config.scan_layers and whole and config.num_layers > 2:
+    real = build(config, tc, mesh, programs=programs, cost_twins=False, **kw)
+    one, two = ({p.name: p for p in build(config.replace(scan_layers=False, num_layers=n), tc,
+                                          mesh, programs=whole, cost_twins=False, **kw)}
+                for n in (1, 2))
+    return [dataclasses.replace(p, cost_twins=(one[p.name], two[p.name]),
+                                num_layers=config.num_layers) if p.name in one else p
+            for p in real]
   unknown = sorted(set(programs) - set(PROGRAMS))
   if unknown:
     raise AotError(f"unknown program(s) {unknown}; known: {list(PROGRAMS)}")
@@ -303,22 +332,46 @@ def compile_program(prog: Program):
   return compiled, t1 - t0, time.perf_counter() - t0
 
 
-def describe(prog: Program, compiled, chip: Chip, num_chips: int,
-             timings: tuple[float, float] = (0.0, 0.0)) -> dict:
-  """The per-chip report of one compiled program (see the module docstring)."""
+def _counts(compiled) -> dict:
+  """FLOPs, bytes accessed and collectives of one compiled program (loop bodies once)."""
+  cost = _cost(compiled)
+  return {"flops": float(cost.get("flops", 0.0)),
+          "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
+          "optimal_seconds": float(cost.get("optimal_seconds", float("nan"))),
+          "collectives": collectives(compiled.as_text())}
+
+
+def extrapolate(c1: dict, c2: dict, layers: int) -> dict:
+  """Counts of `layers` layers from those of 1 and 2 unrolled: c1 + (L - 1)(c2 - c1)."""
+  lin = lambda a, b: a + (layers - 1) * (b - a)
+  return {"flops": lin(c1["flops"], c2["flops"]),
+          "bytes_accessed": lin(c1["bytes_accessed"], c2["bytes_accessed"]),
+          "optimal_seconds": float("nan"),
+          "collectives": {op: {k: lin(c1["collectives"][op][k], c2["collectives"][op][k])
+                               for k in ("count", "bytes")} for op in c1["collectives"]}}
+
+
+def describe(prog: Program, compiled, chip: Chip, num_devices: int,
+             timings: tuple[float, float] = (0.0, 0.0), counts: dict | None = None) -> dict:
+  """The per-chip report of one compiled program (see the module docstring).
+
+  counts: FLOPs, bytes and collectives to use instead of the program's own
+  loop-blind ones (`extrapolate` from the cost twins of `build`).
+  """
   mem = compiled.memory_analysis()
   args_b, out_b = int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes)
   temp_b, alias_b = int(mem.temp_size_in_bytes), int(mem.alias_size_in_bytes)
   code_b = int(getattr(mem, "generated_code_size_in_bytes", 0))
   total = args_b + out_b + temp_b - alias_b + code_b
-  cost = _cost(compiled)
+  own = _counts(compiled)
+  used = own if counts is None else counts
   hlo = compiled.as_text()
-  coll = collectives(hlo)
-  flops, bytes_acc = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+  coll = used["collectives"]
+  flops, bytes_acc = used["flops"], used["bytes_accessed"]
   coll_bytes = sum(v["bytes"] for v in coll.values())
   t_flops, t_hbm, t_ici = flops / chip.bf16_flops, bytes_acc / chip.hbm_bw, coll_bytes / chip.ici_bw
   est = max(t_flops, t_hbm, t_ici)
-  model_flops_chip = prog.model_flops / num_chips
+  model_flops_chip = prog.model_flops / num_devices
   return {
       "program": prog.name,
       "compile_s": round(timings[1], 2), "lower_s": round(timings[0], 2),
@@ -326,7 +379,7 @@ def describe(prog: Program, compiled, chip: Chip, num_chips: int,
               "code": code_b, "total": total, "capacity": int(chip.hbm_bytes),
               "fits": total <= chip.hbm_bytes},
       "flops": flops, "bytes_accessed": bytes_acc,
-      "optimal_seconds_xla": float(cost.get("optimal_seconds", float("nan"))),
+      "optimal_seconds_xla": own["optimal_seconds"],
       "collectives": coll, "collective_bytes": coll_bytes,
       "estimate": {"label": "ESTIMATE (roofline over compiler counts, not a measurement)",
                    "flops_s": t_flops, "hbm_s": t_hbm, "ici_s": t_ici, "step_s": est,
@@ -336,6 +389,9 @@ def describe(prog: Program, compiled, chip: Chip, num_chips: int,
                    "model_flops_per_chip": model_flops_chip,
                    "mfu": model_flops_chip / (est * chip.bf16_flops) if est > 0 else None},
       "checks": hlo_checks(hlo),
+      "counts_from": ("the program" if counts is None else
+                      "1- and 2-layer unrolled twins, extrapolated to L layers"),
+      "own_counts": {"flops": own["flops"], "bytes_accessed": own["bytes_accessed"]},
       "tokens": prog.tokens,
   }
 
@@ -347,7 +403,7 @@ def _fmt_bytes(n: float) -> str:
 def report(rows: list[dict], header: dict) -> str:
   """The table printed by `main`."""
   chip = header["chip"]
-  lines = [f"{header['topology']} ({header['num_chips']} chips, {chip['name']}: "
+  lines = [f"{header['topology']} ({header['num_devices']} devices, {chip['name']}: "
            f"{chip['hbm_bytes'] / GiB:.1f} GiB HBM, {chip['bf16_flops'] / 1e12:.0f} TFLOP/s bf16, "
            f"{chip['hbm_bw'] / 1e9:.0f} GB/s), mesh data={header['mesh']['data']} x "
            f"fsdp={header['mesh']['fsdp']}; step time, tokens/s and MFU are ESTIMATES "
@@ -378,18 +434,30 @@ def mesh_for(devices, data: int, fsdp: int):
     raise AotError(str(e)) from None
 
 
+def device_chip(topology: str, num_devices: int) -> Chip:
+  """The figures of one JAX device of the topology: a chip, or half a v4 chip when
+  the topology lists each of its two TensorCores as a device."""
+  chip_name, shape = parse_topology(topology)
+  chip = CHIPS[chip_name]
+  chips = math.prod(int(x) for x in shape.split("x"))
+  per = num_devices // chips if num_devices % chips == 0 else 1
+  if per <= 1:
+    return chip
+  return Chip(f"{chip.name} core (1/{per} chip)", chip.hbm_bytes / per, chip.bf16_flops / per,
+              chip.hbm_bw / per, chip.ici_bw / per)
+
+
 def run(topology: str, config: PLDRConfig, tc: TrainConfig, *, batch: int, seq_len: int,
         mesh_shape: tuple[int, int] | None = None, programs: Sequence[str] = PROGRAMS,
         log: Callable[[str], None] | None = None, **decode_kw) -> dict:
   """Compile `programs` for `topology`; returns {'header', 'programs': [row, ...]}."""
-  chip_name, _ = parse_topology(topology)
-  chip = CHIPS[chip_name]
   devices = topology_devices(topology)
+  chip = device_chip(topology, len(devices))
   if mesh_shape is None:
     mesh = train.make_mesh(tc, devices)
   else:
     mesh = mesh_for(devices, *mesh_shape)
-  header = {"topology": topology, "num_chips": len(devices), "chip": dataclasses.asdict(chip),
+  header = {"topology": topology, "num_devices": len(devices), "chip": dataclasses.asdict(chip),
             "device_kind": devices[0].device_kind,
             "mesh": {"data": mesh.shape["data"], "fsdp": mesh.shape["fsdp"]},
             "batch": batch, "seq_len": seq_len, "config": dataclasses.asdict(config),
@@ -404,7 +472,13 @@ def run(topology: str, config: PLDRConfig, tc: TrainConfig, *, batch: int, seq_l
       if log:
         log(f"compiling {p.name} ...")
       compiled, lower_s, total_s = compile_program(p)
-      rows.append(describe(p, compiled, chip, len(devices), (lower_s, total_s)))
+      counts = None
+      if p.cost_twins is not None:
+        if log:
+          log(f"compiling {p.name} with 1 and 2 layers unrolled, for its counts ...")
+        c1, c2 = (_counts(compile_program(t)[0]) for t in p.cost_twins)
+        counts = extrapolate(c1, c2, p.num_layers)
+      rows.append(describe(p, compiled, chip, len(devices), (lower_s, total_s), counts))
   return {"header": header, "programs": rows}
 
 

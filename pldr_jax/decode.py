@@ -35,7 +35,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from pldr_jax import metric, model, nn, plga, power_law
+from pldr_jax import backend, metric, model, nn, plga, power_law
 from pldr_jax import params as params_lib
 from pldr_jax.config import PLDRConfig
 from pldr_jax.kv_cache import GCache, KVCache
@@ -217,8 +217,12 @@ def decode_params(params: dict, config: PLDRConfig, g_cache: bool = True,
   """
   if not (config.learned_g and not g_cache):
     params = params_lib.without_g_network(params)
+  if not backend.choice("decode_unstacked_weights"):
+    # TPU/GPU: slices of the stacked weights cost nothing in the step, so no
+    # per-layer copy (docs/tpu.md, "Backend choices").
+    return {**params, "layers": _fused(params["layers"])}
   params = params_lib.unstack_layers(params)
-  major = batch == 1 and jax.default_backend() == "cpu"
+  major = batch == 1 and backend.choice("decode_output_major_b1")
   return {**params, "layers": [_fused(layer, major) for layer in params["layers"]]}
 
 

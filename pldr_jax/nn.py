@@ -14,6 +14,24 @@ def upcast(dtype) -> jnp.dtype:
   return jnp.promote_types(dtype, jnp.float32)
 
 
+def einsum_f32(spec: str, a: jax.Array, b: jax.Array, dtype=None) -> jax.Array:
+  """`jnp.einsum(spec, a, b)` with a result of at least float32, for attention scores
+  and their weighted sums.
+
+  Per platform (pldr_jax.backend choice 'attention_dot'): XLA:CPU has no
+  bf16 x bf16 -> f32 dot, so the operands are upcast first; elsewhere they enter
+  the dot as they are (the MXU's bf16 inputs) with preferred_element_type f32.
+  Either way the products of bf16 values are exact in fp32 and summed in fp32.
+  dtype: the result's dtype (default: the operands' promoted with float32).
+  """
+  from pldr_jax import backend
+  ft = (jnp.promote_types(jnp.promote_types(a.dtype, b.dtype), jnp.float32)
+        if dtype is None else jnp.dtype(dtype))
+  if backend.choice("attention_dot") == "upcast":
+    return jnp.einsum(spec, a.astype(ft), b.astype(ft))
+  return jnp.einsum(spec, a, b, preferred_element_type=ft)
+
+
 def layer_norm(p: dict, x: jax.Array, eps: float) -> jax.Array:
   """LayerNorm over the last axis, statistics in at least fp32.
 

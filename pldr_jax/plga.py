@@ -34,10 +34,8 @@ def apply_g(q: jax.Array, g: jax.Array | None) -> jax.Array:
 
 def attention_logits(qg: jax.Array, k: jax.Array) -> jax.Array:
   """Pre-mask scores (q G) k^T / sqrt(dk). qg: [B,S,H,dk], k: [B,T,H,dk] -> [B,H,S,T] (>= fp32)."""
-  ft = nn.upcast(qg.dtype)
-  # Upcast the operands (not preferred_element_type): XLA:CPU has no
-  # bf16 x bf16 -> f32 dot; elsewhere XLA fuses the convert into the dot.
-  logits = jnp.einsum("bshd,bthd->bhst", qg.astype(ft), k.astype(ft))
+  # fp32 scores from bf16 operands: per platform (nn.einsum_f32).
+  logits = nn.einsum_f32("bshd,bthd->bhst", qg, k)
   return logits / math.sqrt(qg.shape[-1])
 
 
@@ -95,9 +93,8 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array | No
   """
   chex.assert_rank([q, k, v, visible], [3, 4, 4, 2])
   chex.assert_equal_shape([k, v])
-  ft = nn.upcast(q.dtype)
-  qg = apply_g(q[:, None], g)[:, 0].astype(ft)
-  logits = jnp.einsum("bhdt,bhd->bht", k.astype(ft), qg) / math.sqrt(q.shape[-1])
+  qg = apply_g(q[:, None], g)[:, 0]
+  logits = nn.einsum_f32("bhdt,bhd->bht", k, qg) / math.sqrt(q.shape[-1])
   probs = masked_softmax(logits, visible[:, None, :])
   return jnp.einsum("bht,bhdt->bhd", probs.astype(v.dtype), v)
 

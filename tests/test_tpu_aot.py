@@ -44,7 +44,8 @@ def _compile_all(topology: str, data: int, fsdp: int, batch: int, decode_batch: 
   out = {}
   with jax.enable_x64(False), backend.target("tpu"):
     progs = aot.build(config, tc, mesh, batch=batch, seq_len=config.max_len,
-                      programs=("train", "prefill") + DECODE, decode_batch=decode_batch)
+                      programs=("train", "prefill") + DECODE, decode_batch=decode_batch,
+                      cost_twins=False)
     for p in progs:
       compiled, _, _ = aot.compile_program(p)
       out[p.name] = (p, compiled, aot.describe(p, compiled, aot.CHIPS["v5e"], len(devices)))
@@ -104,9 +105,31 @@ def test_aot_command_line_reports_and_rejects(tmp_path, capsys):
   text = capsys.readouterr().out
   assert "| train |" in text and "| eval |" in text and "ESTIMATE" in text
   record = json.loads(out.read_text())
-  assert record["header"]["num_chips"] == 4 and len(record["programs"]) == 2
+  assert record["header"]["num_devices"] == 4 and len(record["programs"]) == 2
   for argv, needle in ((["--topology", "v9x:2x2"], "topology 'v9x:2x2'"),
                        (["--topology", "v5e:2x2", "--batch", "6"], "not divisible")):
     rc = aot.main(argv + ["--gin_file", "experiments/configs/tiny.gin", "--programs", "train"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and needle in err[0], err
+
+
+def test_scanned_layers_are_counted_through_their_twins():
+  """XLA counts a scanned layer loop's body once; `build` adds 1- and 2-layer
+  unrolled twins whose extrapolation equals the counts of the same model with
+  its 3 layers unrolled (the program with no loop)."""
+  config = tiny(compute_dtype="bfloat16", num_layers=3)
+  tc = TrainConfig(num_steps=10, warmup_steps=2, mesh_data=4, mesh_fsdp=1)
+  mesh = train.make_mesh(tc, aot.topology_devices("v5e:2x2"))
+  with jax.enable_x64(False), backend.target("tpu"):
+    prog, = aot.build(config, tc, mesh, batch=8, seq_len=32, programs=("train",))
+    assert prog.cost_twins is not None and prog.num_layers == 3
+    c1, c2 = (aot._counts(aot.compile_program(t)[0]) for t in prog.cost_twins)
+    est = aot.extrapolate(c1, c2, 3)
+    flat, = aot.build(config.replace(scan_layers=False), tc, mesh, batch=8, seq_len=32,
+                      programs=("train",))
+    assert flat.cost_twins is None
+    unrolled = aot._counts(aot.compile_program(flat)[0])
+    scanned = aot._counts(aot.compile_program(prog)[0])
+  assert est["flops"] == pytest.approx(unrolled["flops"], rel=0.02)
+  assert est["bytes_accessed"] == pytest.approx(unrolled["bytes_accessed"], rel=0.15)
+  assert scanned["flops"] < 0.8 * unrolled["flops"]  # the loop-blind count it corrects
