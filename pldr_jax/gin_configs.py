@@ -36,8 +36,20 @@ def experiment(model: PLDRConfig = gin.REQUIRED, train: TrainConfig = gin.REQUIR
               default_corpus_dir=default_corpus_dir, data_workdir=data_workdir)
 
 
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def add_search_paths() -> None:
+  """Let the `include 'experiments/configs/x.gin'` lines of the shipped gin files
+  resolve from any working directory (tried after the working directory)."""
+  prefixes = getattr(gin.config, "_LOCATION_PREFIXES", ())  # gin has no public getter
+  if str(REPO) not in prefixes:
+    gin.add_config_file_search_path(str(REPO))
+
+
 def parse(gin_files, gin_params=()) -> dict:
   """Parse gin files and bindings (clearing earlier ones) -> `experiment()`."""
   gin.clear_config()
+  add_search_paths()
   gin.parse_config_files_and_bindings(list(gin_files), list(gin_params))
   return experiment()
