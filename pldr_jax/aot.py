@@ -309,6 +309,45 @@ def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
   return out
 
 
+_SKIP = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "while", "call",
+         "conditional", "after-all", "partition-id", "replica-id", "opt-barrier"}
+_INSTR_RE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s([a-z][\w\-]*)\(")
+_OPNAME_RE = re.compile(r'op_name="([^"]*)"')
+
+
+def top_bytes(hlo_text: str, n: int = 12) -> list[dict]:
+  """The HLO ops that move the most bytes: a per-op reading of an optimised module.
+
+  Each instruction outside fused computations counts its operands' and result's
+  sizes (what `bytes accessed` sums; a fusion's insides stay on chip). Grouped
+  by the JAX operation that made them (metadata op_name, its last two parts),
+  largest first: [{'op', 'bytes', 'count', 'example'}]. Loop bodies count once.
+  """
+  fused = set(re.findall(r"calls=%?([\w.\-]+)", hlo_text)) - set(
+      re.findall(r"(?:body|condition|to_apply|branch_computations)=\{?%?([\w.\-]+)", hlo_text))
+  groups: dict[str, dict] = {}
+  current_fused = False
+  for line in hlo_text.splitlines():
+    header = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+    if header and "=" not in line.split("{")[0]:
+      current_fused = header.group(1) in fused
+      continue
+    m = _INSTR_RE.match(line)
+    if not m or current_fused:
+      continue
+    opcode = m.group(3)
+    if opcode in _SKIP or opcode.endswith("-done"):
+      continue
+    body = line.split(", metadata=")[0].split("backend_config=")[0]
+    size = sum(_shape_bytes(body))
+    name = _OPNAME_RE.search(line)
+    key = "/".join(name.group(1).split("/")[-2:]) if name else opcode
+    g = groups.setdefault(key, {"op": key, "bytes": 0.0, "count": 0, "example": m.group(1)})
+    g["bytes"] += size
+    g["count"] += 1
+  return sorted(groups.values(), key=lambda g: -g["bytes"])[:n]
+
+
 def hlo_checks(hlo_text: str) -> dict[str, bool]:
   """What a TPU program must not hold: f64 arrays, host callbacks."""
   return {"f64": bool(re.search(r"\bf64\[", hlo_text)),

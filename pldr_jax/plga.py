@@ -72,10 +72,63 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array | Non
   """
   chex.assert_rank([q, k, v, lengths], [4, 4, 4, 1])
   chex.assert_equal_shape([q, k, v])
+  if implementation == "flash":
+    return flash_attention(q, k, v, g, lengths)
   qg = apply_g(q, g).astype(v.dtype)
   return jax.nn.dot_product_attention(qg, k.astype(v.dtype), v, is_causal=True,
                                       key_value_seq_lengths=lengths.astype(jnp.int32),
                                       implementation=implementation)
+
+
+FLASH_BLOCK = 128  # the Pallas TPU kernel's block: sequences are padded to a multiple
+
+
+def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array | None,
+                    lengths: jax.Array, kernel=None) -> jax.Array:
+  """`plga_attention` of a whole causal sequence with the Pallas TPU flash kernel.
+
+  q, k, v: [B,S,H,dk]; g: see `apply_g`; lengths: int [B]. PLGA is SDPA on the
+  query q G_LM, so the kernel takes (q G_LM, k, v) and never writes the
+  [B, H, S, S] scores. The sequence is padded to a multiple of FLASH_BLOCK, and
+  segment ids (1 for the first lengths_b positions, 0 after) with the causal
+  mask give every real query exactly the keys `causal_mask` gives it; a padding
+  query sees padding keys only, where `plga_attention` shows it the real ones:
+  its output differs and is read by nothing (padded queries are left out of A,
+  the loss and the caches' visible slots).
+  Inside an abstract mesh (`jax.sharding.use_abstract_mesh`, set by the train
+  and eval steps) the kernel runs per batch shard (`jax.shard_map`): XLA cannot
+  split a custom kernel by itself.
+  kernel: the function called as kernel(q, k, v, None, segment_ids, causal=True,
+  sm_scale=...) on [B, H, S', dk] (default: the Pallas TPU kernel;
+  tests pass its reference, `mha_reference_no_custom_vjp`, to run on a CPU).
+  Returns out [B,S,H,dk] in v.dtype.
+  """
+  from jax.experimental.pallas.ops.tpu import flash_attention as fa
+  from pldr_jax import sharding as sharding_lib
+  chex.assert_rank([q, k, v, lengths], [4, 4, 4, 1])
+  chex.assert_equal_shape([q, k, v])
+  kernel = fa.flash_attention if kernel is None else kernel
+  b, s, h, d = q.shape
+  pad = (-s) % FLASH_BLOCK
+  qg = apply_g(q, g).astype(v.dtype)
+  to_bhsd = lambda x: jnp.pad(jnp.transpose(x.astype(v.dtype), (0, 2, 1, 3)),
+                              ((0, 0), (0, 0), (0, pad), (0, 0)))
+  seg = (jnp.arange(s + pad)[None, :] < lengths[:, None]).astype(jnp.int32)  # [B, S']
+  scale = 1.0 / math.sqrt(d)
+
+  def run(qb, kb, vb, segb):
+    ids = fa.SegmentIds(q=segb, kv=segb)
+    return kernel(qb, kb, vb, None, ids, causal=True, sm_scale=scale)
+
+  args = (to_bhsd(qg), to_bhsd(k), to_bhsd(v), seg)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is not None and not mesh.empty:
+    rows = sharding_lib.batch_partition(mesh)
+    spec4, spec2 = jax.sharding.PartitionSpec(rows), jax.sharding.PartitionSpec(rows)
+    run = jax.shard_map(run, mesh=mesh, in_specs=(spec4, spec4, spec4, spec2),
+                        out_specs=spec4, check_vma=False)
+  out = run(*args)
+  return jnp.transpose(out[:, :, :s], (0, 2, 1, 3)).astype(v.dtype)
 
 
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array | None,

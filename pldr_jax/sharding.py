@@ -56,3 +56,12 @@ def logical_sharding(shape, axes, mesh: jax.sharding.Mesh,
                      rules=LOGICAL_RULES) -> jax.sharding.NamedSharding:
   """NamedSharding of `logical_spec`."""
   return jax.sharding.NamedSharding(mesh, logical_spec(shape, axes, mesh, rules))
+
+
+def batch_partition(mesh) -> tuple[str, ...] | str | None:
+  """The mesh axes a batch dimension is split over under LOGICAL_RULES (the
+  'batch' rule, keeping the axes this mesh has)."""
+  rule = dict(LOGICAL_RULES)["batch"]
+  axes = (rule,) if isinstance(rule, str) else tuple(rule or ())
+  axes = tuple(a for a in axes if a in mesh.axis_names)
+  return axes if len(axes) > 1 else (axes[0] if axes else None)

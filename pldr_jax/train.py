@@ -10,6 +10,7 @@ gathered by XLA where needed. Data parallelism is fsdp=1; pure FSDP is data=1.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any
@@ -234,6 +235,15 @@ def abstract_train_state(config: PLDRConfig, tx, mesh) -> dict:
                       shapes, shardings)
 
 
+def kernel_mesh(config: PLDRConfig, mesh: jax.sharding.Mesh):
+  """The abstract mesh a custom attention kernel splits its batch over
+  (`plga.flash_attention` runs per shard under `jax.shard_map`); a no-op for
+  attention XLA partitions by itself."""
+  if config.attention != "flash":
+    return contextlib.nullcontext()
+  return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
 @dataclasses.dataclass(frozen=True)
 class BoundStep:
   """A jitted step with its trailing constant arguments (the fixed G_LM) bound:
@@ -259,7 +269,8 @@ def make_train_step(config: PLDRConfig, tc: TrainConfig, tx, mesh, g_lm=None):
   def step(state, batch, g):
     grad_fn = jax.value_and_grad(
         functools.partial(loss_fn, config=config, g_lm=g, dag_coeff=tc.dag_coeff), has_aux=True)
-    (_, metrics), grads = grad_fn(state["params"], batch)
+    with kernel_mesh(config, mesh):
+      (_, metrics), grads = grad_fn(state["params"], batch)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = {**metrics, "grad_norm": optax.tree.norm(grads),
@@ -278,7 +289,8 @@ def make_eval_step(config: PLDRConfig, mesh, g_lm=None):
   replicated = jax.sharding.NamedSharding(mesh, P())
 
   def step(params, batch, g):
-    _, m = loss_fn(params, batch, config=config, g_lm=g)
+    with kernel_mesh(config, mesh):
+      _, m = loss_fn(params, batch, config=config, g_lm=g)
     return {"ce_sum": m["ce"] * m["tokens"], "correct": m["accuracy"] * m["tokens"],
             "tokens": m["tokens"]}
 

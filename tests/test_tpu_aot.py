@@ -133,3 +133,17 @@ def test_scanned_layers_are_counted_through_their_twins():
   assert est["flops"] == pytest.approx(unrolled["flops"], rel=0.02)
   assert est["bytes_accessed"] == pytest.approx(unrolled["bytes_accessed"], rel=0.15)
   assert scanned["flops"] < 0.8 * unrolled["flops"]  # the loop-blind count it corrects
+
+
+def test_flash_attention_train_step_compiles_for_tpu():
+  """attention='flash': the Pallas kernel (a Mosaic custom call) runs per batch
+  shard inside the sharded train step and compiles for the TPU."""
+  config = tiny(compute_dtype="bfloat16", attention="flash")
+  tc = TrainConfig(num_steps=10, warmup_steps=2, mesh_data=2, mesh_fsdp=2)
+  mesh = train.make_mesh(tc, aot.topology_devices("v5e:2x2"))
+  with jax.enable_x64(False), backend.target("tpu"):
+    prog, = aot.build(config, tc, mesh, batch=8, seq_len=32, programs=("train",))
+    compiled, _, _ = aot.compile_program(prog)
+  hlo = compiled.as_text()
+  assert "tpu_custom_call" in hlo
+  _check_tree(compiled.input_shardings[0][0], prog.args[0], "flash train state")
