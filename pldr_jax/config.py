@@ -27,7 +27,7 @@ GMode = Literal["learned", "identity", "random", "transferred"]
 G_MODES = ("learned", "identity", "random", "transferred")
 _DTYPES = ("float32", "bfloat16", "float16", "float64")
 # How a whole-sequence pass computes attention (PLDRConfig.attention).
-ATTENTION_IMPLS = ("plain", "xla", "cudnn")
+ATTENTION_IMPLS = ("plain", "xla", "cudnn", "flash")
 # What the backward pass keeps of a layer's forward (PLDRConfig.remat).
 REMAT_POLICIES = ("none", "minimal", "full")
 
@@ -79,7 +79,9 @@ class PLDRConfig:
       [B, H, S, S] scores materialised in fp32 (pldr_jax.plga.plga_attention).
       "xla" / "cudnn": `jax.nn.dot_product_attention` on the query q G_LM with
       that implementation; "cudnn" is cuDNN's fused (flash) kernel, GPU only,
-      bfloat16/float16 compute, and never stores the scores. Same maths; calls
+      bfloat16/float16 compute, and never stores the scores. "flash": the
+      Pallas TPU flash-attention kernel (TPU only; pldr_jax.plga.flash_attention),
+      which never stores the scores either. Same maths; calls
       that return the deductive outputs (the scores among them) and decode
       always take "plain".
     remat: what the backward pass keeps of each layer's forward
