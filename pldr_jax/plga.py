@@ -11,7 +11,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from pldr_jax import nn
+from pldr_jax import backend, nn
 
 
 def apply_g(q: jax.Array, g: jax.Array | None) -> jax.Array:
@@ -147,6 +147,8 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array | No
   chex.assert_rank([q, k, v, visible], [3, 4, 4, 2])
   chex.assert_equal_shape([k, v])
   qg = apply_g(q[:, None], g)[:, 0]
+  if backend.choice("attention_dot") == "upcast":
+    qg = qg.astype(nn.upcast(qg.dtype))  # the query first: XLA:CPU's program as tuned
   logits = nn.einsum_f32("bhdt,bhd->bht", k, qg) / math.sqrt(q.shape[-1])
   probs = masked_softmax(logits, visible[:, None, :])
   return jnp.einsum("bht,bhdt->bhd", probs.astype(v.dtype), v)
