@@ -318,31 +318,38 @@ _OPNAME_RE = re.compile(r'op_name="([^"]*)"')
 def top_bytes(hlo_text: str, n: int = 12) -> list[dict]:
   """The HLO ops that move the most bytes: a per-op reading of an optimised module.
 
-  Each instruction outside fused computations counts its operands' and result's
-  sizes (what `bytes accessed` sums; a fusion's insides stay on chip). Grouped
-  by the JAX operation that made them (metadata op_name, its last two parts),
-  largest first: [{'op', 'bytes', 'count', 'example'}]. Loop bodies count once.
+  Each instruction outside fused computations counts its result's and its
+  operands' sizes (what `bytes accessed` sums; a fusion's insides stay on chip).
+  Grouped by the JAX operation that made them (metadata op_name, its last two
+  parts), largest first: [{'op', 'bytes', 'count', 'example'}]. Loop bodies count
+  once.
   """
   fused = set(re.findall(r"calls=%?([\w.\-]+)", hlo_text)) - set(
-      re.findall(r"(?:body|condition|to_apply|branch_computations)=\{?%?([\w.\-]+)", hlo_text))
-  groups: dict[str, dict] = {}
+      re.findall(r"(?:body|condition|to_apply)=%?([\w.\-]+)", hlo_text))
+  sizes: dict[str, float] = {}
+  rows = []  # instructions outside fused computations: (name, opcode, rest, line)
   current_fused = False
   for line in hlo_text.splitlines():
-    header = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
-    if header and "=" not in line.split("{")[0]:
+    header = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$", line)
+    if header and " = " not in line:
       current_fused = header.group(1) in fused
       continue
     m = _INSTR_RE.match(line)
-    if not m or current_fused:
+    if not m:
       continue
-    opcode = m.group(3)
+    name, type_text, opcode = m.groups()
+    sizes[name] = sum(_shape_bytes(type_text))
+    if not current_fused:
+      rows.append((name, opcode, line[m.end():], line))
+  groups: dict[str, dict] = {}
+  for name, opcode, rest, line in rows:
     if opcode in _SKIP or opcode.endswith("-done"):
       continue
-    body = line.split(", metadata=")[0].split("backend_config=")[0]
-    size = sum(_shape_bytes(body))
-    name = _OPNAME_RE.search(line)
-    key = "/".join(name.group(1).split("/")[-2:]) if name else opcode
-    g = groups.setdefault(key, {"op": key, "bytes": 0.0, "count": 0, "example": m.group(1)})
+    operands = rest.split(")", 1)[0]
+    size = sizes[name] + sum(sizes.get(o, 0.0) for o in re.findall(r"%([\w.\-]+)", operands))
+    op_name = _OPNAME_RE.search(line)
+    key = "/".join(op_name.group(1).split("/")[-2:]) if op_name else opcode
+    g = groups.setdefault(key, {"op": key, "bytes": 0.0, "count": 0, "example": name})
     g["bytes"] += size
     g["count"] += 1
   return sorted(groups.values(), key=lambda g: -g["bytes"])[:n]
@@ -428,6 +435,7 @@ def describe(prog: Program, compiled, chip: Chip, num_devices: int,
                    "model_flops_per_chip": model_flops_chip,
                    "mfu": model_flops_chip / (est * chip.bf16_flops) if est > 0 else None},
       "checks": hlo_checks(hlo),
+      "top_bytes": top_bytes(hlo, 10),  # the program's own HLO: a loop body once
       "counts_from": ("the program" if counts is None else
                       "1- and 2-layer unrolled twins, extrapolated to L layers"),
       "own_counts": {"flops": own["flops"], "bytes_accessed": own["bytes_accessed"]},
@@ -557,6 +565,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--decode_batch", type=int, default=None)
   parser.add_argument("--prompt_len", type=int, default=None)
   parser.add_argument("--less_budget", type=int, default=None)
+  parser.add_argument("--top_ops", type=int, default=0,
+                      help="also list the N JAX ops that move the most bytes per program")
   args = parser.parse_args(argv)
   try:
     from pldr_jax import gin_configs
@@ -573,6 +583,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(report(result["programs"], result["header"]))
+  if args.top_ops:
+    for r in result["programs"]:
+      print(f"\n{r['program']}: the JAX ops moving the most bytes (per device; a loop body once)")
+      for g in r["top_bytes"][:args.top_ops]:
+        print(f"  {g['bytes'] / 1e9:9.3f} GB  x{g['count']:<4} {g['op']}")
   if args.json:
     from etils import epath
     path = epath.Path(args.json)
