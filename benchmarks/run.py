@@ -49,7 +49,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax  # noqa: E402
 
 from benchmarks import common, compile_bench, decode_bench, report  # noqa: E402
-from pldr_jax import host  # noqa: E402
+from pldr_jax import cli, host  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -506,8 +506,7 @@ def main(argv=None) -> int:
   budget = Budget(a.budget_s)
   record = {"suite": a.suite, "environment": common.environment(), "sections": list(sections),
             "budget_s": a.budget_s, "skipped": budget.skipped, "complete": False}
-  out = Path(a.out)
-  out.mkdir(parents=True, exist_ok=True)
+  out = cli.check_run_folder(Path(a.out), "--out")
   stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%M%S")
   path = out / f"suite_{a.suite}_{stamp}.json"
 
@@ -562,4 +561,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.main(main)

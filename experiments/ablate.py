@@ -51,7 +51,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from pldr_jax import distributed  # noqa: E402
+from pldr_jax import cli, distributed, errors  # noqa: E402
 from pldr_jax.metrics_file import read_metrics  # noqa: E402
 
 PRETRAIN = REPO / "experiments" / "pretrain.py"
@@ -79,11 +79,7 @@ def _pretrain_module():
 
 def _gin_file(name: str) -> str:
   """Absolute path of a gin file given relative to the cwd or to the repo."""
-  p = Path(name)
-  for cand in (p, REPO / p):
-    if cand.is_file():
-      return str(cand.resolve())
-  raise FileNotFoundError(f"gin file not found: {name}")
+  return cli.gin_file(name, (REPO,))
 
 
 def _gin_str(s) -> str:
@@ -94,9 +90,8 @@ def load_run(gin_files: list[str], gin_params: list[str]):
   """(pretrain module, experiment dict) from the gin files and bindings."""
   import gin
   pre = _pretrain_module()
-  gin.clear_config()
   gin.add_config_file_search_path(str(REPO))
-  gin.parse_config_files_and_bindings(gin_files, gin_params)
+  cli.parse_gin(gin_files, gin_params, (REPO,))  # clears earlier bindings first
   return pre, pre.experiment()
 
 
@@ -169,11 +164,23 @@ def _schedule(todo, running, done, modes, gin_files, gin_params, out, data_workd
       log.close()
       del running[mode]
       if rc != 0 or not is_finished(out / mode, num_steps):
-        tail = (out / mode / "log.txt").read_text()[-3000:]
-        raise RuntimeError(f"{mode} run failed (exit {rc}); rerun the sweep to resume. "
-                           f"End of {out / mode / 'log.txt'}:\n{tail}")
+        log_path = out / mode / "log.txt"
+        raise errors.TrainingError(f"{mode} run failed (exit {rc}): {_last_error(log_path)}; "
+                                   f"its log is {log_path}. Rerun the sweep to resume.")
       done.add(mode)
       print(f"{mode}: finished in {time.time() - t0:.1f}s", flush=True)
+
+
+def _last_error(log_path: Path) -> str:
+  """The last 'error: ...' line of a run's log (pretrain.py's one-line error), else its
+  last non-empty line."""
+  try:
+    lines = [l.strip() for l in log_path.read_text(errors="replace").splitlines() if l.strip()]
+  except OSError:
+    return "no log"
+  errs = [l for l in lines if l.startswith("error: ")]
+  last = errs[-1].removeprefix("error: ") if errs else (lines[-1] if lines else "empty log")
+  return last.removesuffix(f" (run with {cli.DEBUG_FLAG} for the traceback)")
 
 
 # ---------------------------------------------------------------- inference-only
@@ -349,7 +356,7 @@ def main(argv=None) -> int:
   num_steps = run["train"].num_steps
   data_workdir = Path(run["data_workdir"]).resolve() if run["data_workdir"] else out / "data"
   run["data_workdir"] = str(data_workdir)
-  out.mkdir(parents=True, exist_ok=True)
+  cli.check_run_folder(out, "--out")  # now, not inside the first run
   # builds the shared dataset/tokenizer once, before the runs (process 0; the other
   # processes' runs wait for it inside pretrain.py)
   data = pre.resolve_data(run) if index == 0 else None
@@ -372,4 +379,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.main(main)

@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import json
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-from pldr_jax.metrics_file import read_metrics
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from pldr_jax import cli, errors  # noqa: E402
+from pldr_jax.metrics_file import read_metrics  # noqa: E402
+
 ABLATE = REPO / "experiments" / "ablate.py"
 MODES = ("learned", "identity", "random", "transferred", "inference_only")
 
@@ -38,8 +41,25 @@ def run_seed(seed: int, gin_files, gin_params, out: Path) -> Path:
             f"--gin_param=experiment.data_workdir={json.dumps(str(out / 'data'))}",
             f"--out={sd}"])
   print(f"seed {seed}: {' '.join(cmd)}", flush=True)
-  subprocess.run(cmd, check=True)
+  rc = subprocess.run(cmd).returncode
+  if rc:
+    raise errors.TrainingError(
+        f"seed {seed}: experiments/ablate.py stopped (exit {rc}; its own message is above). "
+        "Rerun the same command to resume: finished runs are skipped")
   return sd
+
+
+def check_config(gin_files, gin_params) -> list[str]:
+  """The gin files (absolute) once the configs parse as every run will see them."""
+  spec = importlib.util.spec_from_file_location("pldr_ablate_entry", ABLATE)
+  ablate = sys.modules.get("pldr_ablate_entry")
+  if ablate is None:
+    ablate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablate)
+    sys.modules["pldr_ablate_entry"] = ablate
+  files = [cli.gin_file(f) for f in gin_files]
+  ablate.load_run(files, list(gin_params))
+  return files
 
 
 def eval_curve(workdir: Path) -> list[tuple[int, float]]:
@@ -105,11 +125,14 @@ def main(argv=None) -> int:
   ap.add_argument("--seeds", default="1234,1,2")
   ap.add_argument("--out", default="runs/ablate_seeds")
   a = ap.parse_args(argv)
-  seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+  try:
+    seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+  except ValueError:
+    ap.error(f"--seeds must be comma-separated integers, got {a.seeds!r}")
   if len(seeds) < 1:
-    raise SystemExit("--seeds: give at least one seed")
-  out = Path(a.out)
-  out.mkdir(parents=True, exist_ok=True)
+    ap.error("--seeds: give at least one seed")
+  check_config(a.gin_file, a.gin_param)  # a typo or a missing gin file: now, not per seed
+  out = cli.check_run_folder(Path(a.out), "--out")
   seed_dirs = {s: run_seed(s, a.gin_file, a.gin_param, out) for s in seeds}
   rows = aggregate(seed_dirs)
   with open(out / "ablation_seeds.csv", "w", newline="") as f:
@@ -130,4 +153,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.main(main)

@@ -6,7 +6,8 @@
 
 SOURCE / OTHER: a .npy [L, H, dk, dk] (taken as G_LM), a .npz, a checkpoint
 directory (<workdir>/checkpoints; its g_lm item, latest step unless --step) or
-a run workdir. Writes to --out (default: analysis_<source name>):
+a run workdir. Writes to --out (default: <run workdir>/analysis for a run or its
+checkpoints, <folder>/analysis_<name> beside a .npy/.npz; never the working directory):
   g_metrics.csv     one row per tensor, layer, head (see pldr_jax.analysis)
   g_metrics.json    the same, plus per-layer summaries and all singular values
   spectra_<T>.png   singular values per layer (one line per head), log scale
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from pldr_jax import analysis  # noqa: E402
+from pldr_jax import analysis, cli  # noqa: E402
 
 
 def _json_float(x):
@@ -128,6 +129,15 @@ def print_compare(table: list[dict]) -> None:
   print(f"max |diff|: {max(diffs):.15f}")
 
 
+def default_out(src: Path) -> Path:
+  """Where the analysis of `src` goes without --out: inside the run it came from."""
+  src = src.resolve()
+  if src.is_dir():
+    run = src.parent if (src.name == "checkpoints" or not (src / "checkpoints").is_dir()) else src
+    return run / "analysis"
+  return src.parent / f"analysis_{src.stem}"
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("source", help=".npy/.npz, checkpoint directory or run workdir")
@@ -141,9 +151,9 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
 
   src = Path(args.source)
-  out = Path(args.out) if args.out else Path(f"analysis_{src.stem or src.name}")
-  out.mkdir(parents=True, exist_ok=True)
-  results = analysis.analyze(analysis.load_tensors(src, args.step), args.tol)
+  tensors = analysis.load_tensors(src, args.step)  # a bad source fails before any folder
+  out = cli.check_run_folder(Path(args.out) if args.out else default_out(src), "--out")
+  results = analysis.analyze(tensors, args.tol)
   write_csv(out / "g_metrics.csv", analysis.rows(results))
   write_json(out / "g_metrics.json", str(src), args.step, args.tol, results)
   print_summary(results, args.tol)
@@ -169,4 +179,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.main(main)

@@ -53,6 +53,9 @@ def _metrics(res: dict) -> dict:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  from pldr_jax import cli
+  if args.out:
+    cli.check_output_file(args.out)  # now, not after the tasks have run
   if args.offline:
     import os
     os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -110,4 +113,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+  from pldr_jax import cli
+  cli.main(main)

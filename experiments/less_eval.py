@@ -76,6 +76,7 @@ import numpy as np  # noqa: E402
 from less_jax import model as less_model  # noqa: E402
 from less_jax import policies as policies_lib  # noqa: E402
 from less_jax import train_kernels as tk  # noqa: E402
+from pldr_jax import cli  # noqa: E402
 from pldr_jax import model as pmodel  # noqa: E402
 from pldr_jax import train as ptrain  # noqa: E402
 
@@ -390,6 +391,11 @@ def main(argv=None) -> int:
     parser.error(f"--budgets must be comma-separated integers, got {args.budgets!r}")
   if not budgets or min(budgets) < 2:
     parser.error("--budgets must hold integers >= 2")
+  if not os.path.isdir(args.model_workdir) and "://" not in args.model_workdir:
+    raise cli.errors.ConfigError(f"--model_workdir {args.model_workdir} is not a folder: "
+                                 "give the --workdir of a pretrain.py run")
+  cli.check_run_folder(args.out or os.path.join(os.path.abspath(args.model_workdir), "less_eval"),
+                       "--out")  # now, not after the evaluation
   rows = run_eval(args.model_workdir, budgets, kernels_root=args.kernels_root,
                   max_batches=args.max_batches, train_missing=args.train_missing,
                   train_epochs=args.train_epochs, train_steps=args.train_steps,
@@ -404,4 +410,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.main(main)

@@ -87,6 +87,9 @@ def main(argv=None) -> int:
                   help="comma-separated prompt lengths: also score with G_LM from the prompt")
   ap.add_argument("--out", default=None)
   a = ap.parse_args(argv)
+  from pldr_jax import cli
+  if a.out:
+    cli.check_output_file(a.out)  # now, not after the evaluation
 
   import pldr_jax
   from pldr_jax import train
@@ -128,4 +131,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from pldr_jax import cli
+  cli.main(main)

@@ -16,15 +16,18 @@ Several processes (one per host, or several on one machine):
       --num_processes N --process_id I        (or JAX_COORDINATOR_ADDRESS, ...)
 Process 0 builds the dataset and tokenizer; the others wait for it.
 
-Ctrl-C or SIGTERM saves a checkpoint at the current step and exits 0; running
-the same command again resumes. `--restore_step S` resumes from step S instead
-of the newest good checkpoint.
+Ctrl-C or SIGTERM says so at once, saves a checkpoint at the end of the current
+step and exits 0; a second one aborts without saving (the checkpoints already
+written stay intact). Running the same command again resumes. `--restore_step S`
+resumes from step S instead of the newest good checkpoint. An error that is not
+a bug is one line on stderr (`--debug` or PLDR_DEBUG=1: the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -33,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import gin  # noqa: E402
 
-from pldr_jax import distributed  # noqa: E402
+from pldr_jax import cli, distributed  # noqa: E402
 from pldr_jax.config import PLDRConfig  # noqa: E402
 from pldr_jax.data import DataConfig, prepare_default_data  # noqa: E402
 from pldr_jax.train import TrainConfig  # noqa: E402
@@ -72,7 +75,15 @@ def resume_command(argv: list[str]) -> str:
       skip = True
     elif not a.startswith("--restore_step="):
       out.append(a)
-  return shlex.join([Path(sys.executable).name] + out)
+  return shlex.join([python_command()] + out)
+
+
+def python_command() -> str:
+  """The interpreter running this script, as the user can type it again: relative to the
+  working directory when below it (`.venv/bin/python`), else its absolute path."""
+  exe = os.path.abspath(sys.executable)
+  rel = os.path.relpath(exe)
+  return rel if not rel.startswith("..") else exe
 
 
 def print_samples(run: dict, data: DataConfig) -> None:
@@ -105,28 +116,28 @@ def main(argv=None) -> int:
                       help="resume from this checkpoint step (default: the newest good one)")
   distributed.add_arguments(parser)
   args = parser.parse_args(argv)
-  gin.parse_config_files_and_bindings(args.gin_file, args.gin_param)
+  cli.parse_gin(args.gin_file, args.gin_param)  # a typo: the closest valid name
   run = experiment()
   if args.workdir:
     run["workdir"] = args.workdir
+  # before any data or compile work: a file or an unwritable folder fails now, not later
+  cli.check_run_folder(run["workdir"], "--workdir" if args.workdir else "experiment.workdir")
+  if run["data_workdir"]:
+    cli.check_run_folder(run["data_workdir"], "experiment.data_workdir")
   distributed.initialize(args)
-  from pldr_jax.trainer import disk_full_message, run_pretraining
-  try:
-    data = resolve_data(run)
-    result = run_pretraining(run["model"], run["train"], data, run["workdir"],
-                             g_source=run["g_source"], progress=not args.no_progress,
-                             restore_step=args.restore_step)
-  except Exception as e:  # noqa: BLE001 - a full disk may come wrapped (Orbax, TensorStore)
-    message = disk_full_message(e)
-    if message is None:
-      raise
-    print(message, file=sys.stderr)
-    return 1
+  from pldr_jax.trainer import newest_step, run_pretraining
+  data = resolve_data(run)
+  result = run_pretraining(run["model"], run["train"], data, run["workdir"],
+                           g_source=run["g_source"], progress=not args.no_progress,
+                           restore_step=args.restore_step)
   wd = Path(run["workdir"])
   if result.interrupted:
     argv = sys.argv if argv is None else [sys.argv[0]] + list(argv)
-    print(f"\nstopped by {result.interrupted} at step {result.final_step}; checkpoint saved in "
-          f"{wd / 'checkpoints'}.\nresume with: {resume_command(argv)}", flush=True)
+    saved = newest_step(wd / "checkpoints")
+    kept = (f"checkpoint of step {saved} in {wd / 'checkpoints'}" if saved is not None
+            else "nothing saved yet")
+    print(f"\nstopped by {result.interrupted} at step {result.final_step}; {kept}."
+          f"\nresume with: {resume_command(argv)}", flush=True)
     return 0
   loss = "" if result.train_loss is None else f": train loss {result.train_loss:.4f}"
   print(f"\nfinished at step {result.final_step}{loss}")
@@ -143,4 +154,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.main(main)

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gin  # noqa: E402
 
 from less_jax.train_kernels import LessTrainConfig  # noqa: E402
-from pldr_jax import distributed  # noqa: E402
+from pldr_jax import cli, distributed  # noqa: E402
 from pldr_jax import host  # noqa: E402
 
 gin.external_configurable(LessTrainConfig, "LessTrainConfig")
@@ -56,15 +56,21 @@ def main(argv=None) -> int:
                       help="overrides less_experiment.model_workdir")
   distributed.add_arguments(parser)
   args = parser.parse_args(argv)
-  gin.parse_config_files_and_bindings(args.gin_file, args.gin_param)
+  cli.parse_gin(args.gin_file, args.gin_param)  # a typo: the closest valid name
   run = less_experiment()
   if args.model_workdir:
     run["model_workdir"] = args.model_workdir
+  from less_jax import train_kernels as tk
+  if "://" not in str(run["model_workdir"]) and not Path(run["model_workdir"]).is_dir():
+    raise cli.errors.ConfigError(f"--model_workdir {run['model_workdir']} is not a folder: "
+                                 "give the --workdir of a pretrain.py run")
+  # the kernels' folder can be written: found now, not after training
+  cli.check_run_folder(run["out_dir"] or tk.kernels_dir(run["model_workdir"], run["train"]),
+                       "less_experiment.out_dir" if run["out_dir"] else "the kernels folder")
   distributed.initialize(args)
 
   import jax
   import numpy as np
-  from less_jax import train_kernels as tk
   from pldr_jax.data import load_tokenizer, make_eval_batches, make_train_iterator
 
   main_process = jax.process_index() == 0
@@ -100,11 +106,12 @@ def main(argv=None) -> int:
       "model_workdir": str(Path(run["model_workdir"]).resolve()), "model_step": step,
       "train": dataclasses.asdict(tc), "best_val": result.best_val,
       "best_epoch": result.best_epoch, "history": result.history})
+  best = None if result.best_epoch is None else [e + 1 for e in result.best_epoch]
   say(f"trained in {time.perf_counter() - t0:.1f}s; best validation loss per layer "
-      f"{result.best_val} (epochs {result.best_epoch})")
+      f"{result.best_val} (epochs {best}, counted from 1)")
   say(f"kernels saved to {path}")
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.main(main)

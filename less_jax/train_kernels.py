@@ -326,8 +326,9 @@ def train_kernels(params, config: PLDRConfig, tc: LessTrainConfig,
       try:
         batch = next(train_batches)
       except StopIteration as e:
-        raise RuntimeError(f"the training data ran out at step {step} (epoch {epoch}); "
-                           "use a repeating iterator or fewer epochs/epoch_steps") from e
+        raise errors.TrainingError(
+            f"the training data ran out at step {step} (epoch {epoch + 1}); use a repeating "
+            "iterator or fewer epochs/epoch_steps") from e
       key, rng = jax.random.split(key)
       lr_now = schedule_lr(step)
       stacked, opt_state, per_layer = train_step(stacked, opt_state, params,
@@ -336,7 +337,8 @@ def train_kernels(params, config: PLDRConfig, tc: LessTrainConfig,
       step += 1
     train_loss = np.mean(np.stack([np.asarray(l) for l in losses]), axis=0)
     if not np.all(np.isfinite(train_loss)):
-      raise RuntimeError(f"kernel training diverged at epoch {epoch}: train loss {train_loss}")
+      raise errors.TrainingError(
+          f"kernel training diverged at epoch {epoch + 1}: train loss {train_loss}")
     if val_batches:
       val = evaluate(eval_step, stacked, params, val_batches, place)
       better = val < best_val
@@ -514,5 +516,5 @@ def load_frozen_model(model_workdir, step: int | None = None):
   import pldr_jax
   m = pldr_jax.load(model_workdir, step=step)
   if m.data is None:
-    raise ValueError(f"{model_workdir} is not a pldr-jax run directory with a data config")
+    raise KernelLoadError(f"{model_workdir} is not a pldr-jax run directory with a data config")
   return m.params, m.config, m.data, m.g_lm, m.step

@@ -35,6 +35,31 @@ REMAT_POLICIES = ("none", "minimal", "full")
 ConfigError = errors.ConfigError  # the one error hierarchy: pldr_jax.errors
 DataError = errors.DataError
 
+# What a field annotated with these accepts (bool is never an int or a float here).
+_FIELD_TYPES = {"int": (int, np.integer), "float": (int, float, np.integer, np.floating),
+                "bool": (bool, np.bool_), "str": (str,)}
+_FIELD_WORDS = {"int": "an integer", "float": "a number", "bool": "True or False",
+                "str": "a string", "None": "None"}
+
+
+def check_field_types(config) -> None:
+  """ConfigError naming the first field whose value does not fit its annotation
+  (int, float, bool, str, optionally `| None`), e.g. TrainConfig.num_steps='ten'."""
+  for f in dataclasses.fields(config):
+    kinds = [k.strip() for k in str(f.type).split("|")]
+    if not kinds or any(k not in _FIELD_TYPES and k != "None" for k in kinds):
+      continue  # Literal, a class, ...: checked by the config itself
+    value = getattr(config, f.name)
+    if value is None and "None" in kinds:
+      continue
+    ok = any(isinstance(value, _FIELD_TYPES[k]) for k in kinds if k != "None")
+    if ok and "bool" not in kinds and isinstance(value, (bool, np.bool_)):
+      ok = False
+    if not ok:
+      want = " or ".join(_FIELD_WORDS[k] for k in kinds)
+      raise ConfigError(f"{type(config).__name__}.{f.name}={value!r} is not valid: it must be "
+                        f"{want} (default {f.default!r})")
+
 # The TFDS name of the local text-corpus builder (pldr_jax.data.tfds_text).
 LOCAL_DATASET = "pldr_text_corpus"
 
@@ -234,6 +259,7 @@ class TrainConfig:
   max_eval_batches: int | None = None
 
   def __post_init__(self):
+    check_field_types(self)
     if self.num_steps < 1:
       raise ConfigError(f"TrainConfig.num_steps must be >= 1, got {self.num_steps}")
     if self.warmup_steps < 0 or self.learning_rate <= 0:

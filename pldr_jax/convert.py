@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
 from typing import Any, Iterable, Mapping
 
@@ -802,16 +803,23 @@ def load_hf(folder: str | os.PathLike, **overrides):
 
 
 def save_hf(folder: str | os.PathLike, params: Mapping, config: PLDRConfig, g_lm=None, *,
-            dtype=None) -> dict[str, np.ndarray]:
-  """Write a Hugging Face PLDR-LLM folder: config.json + model.safetensors.
+            dtype=None, tokenizer=None) -> dict[str, np.ndarray]:
+  """Write a Hugging Face PLDR-LLM folder: config.json + model.safetensors (+ tokenizer.model).
 
   The names and shapes are the authors' (`PldrllmForCausalLM.from_pretrained`
   reads it). dtype: cast the weights (default: keep theirs). Fixed-G models store
   their G as decoder.past_G_values: g_mode identity writes I (or `g_lm`, then as
   custom_G_type 'external'), random / transferred need `g_lm` [L, H, dk, dk].
-  A learned-G model computes its G and takes no g_lm. Returns the tensors written.
+  A learned-G model computes its G and takes no g_lm. tokenizer: the SentencePiece
+  model to publish with the weights (a path or a loaded `Tokenizer`), copied to
+  `tokenizer.model`, where `pldr_jax.load(folder)` finds it. Returns the tensors written.
   """
   folder = os.fspath(folder)
+  tok_src = None
+  if tokenizer is not None:
+    tok_src = os.fspath(getattr(tokenizer, "path", tokenizer))
+    if not os.path.isfile(tok_src):
+      raise CheckpointError(f"tokenizer file not found: {tok_src} (a SentencePiece .model)")
   sd = params_to_state_dict(params, config, dtype=dtype)
   weights_dtype = _dtype_name(sd["decoder.embedding.weight"])
   hf = hf_config(config, dtype=weights_dtype)
@@ -840,6 +848,10 @@ def save_hf(folder: str | os.PathLike, params: Mapping, config: PLDRConfig, g_lm
   with open(os.path.join(folder, "config.json"), "w") as f:
     json.dump(hf, f, indent=2)
     f.write("\n")
+  if tok_src is not None:
+    dst = os.path.join(folder, "tokenizer.model")
+    if os.path.abspath(tok_src) != os.path.abspath(dst):
+      shutil.copyfile(tok_src, dst)
   return sd
 
 

@@ -106,7 +106,11 @@ def pad_prompts(prompts, config: PLDRConfig, max_new_tokens: int,
   width = bucket_length(longest, buckets or default_buckets(config.max_len))
   tokens = np.full((len(prompts), width), PAD_ID, np.int32)
   for i, p in enumerate(prompts):
-    tokens[i, :len(p)] = np.asarray(p, np.int64)
+    ids = np.asarray(p)
+    if ids.dtype.kind not in "iu":  # 5.5 would silently become token 5
+      raise model.InputError(f"prompt {i} holds {ids.dtype} values: token ids must be "
+                             "integers (e.g. tokenizer.encode(text))")
+    tokens[i, :len(p)] = ids.astype(np.int64)
   model.check_inputs(tokens, lengths, config, capacity=cache_len)
   return tokens, lengths
 

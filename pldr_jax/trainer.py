@@ -9,8 +9,9 @@ N processes (every process calls it; see `pldr_jax.distributed`). It
   partial newer one is reported, renamed `<step>.corrupt` and skipped, and
   `restore_step` picks one (newer ones are renamed `<step>.replaced`);
 * keeps `metrics.jsonl` free of duplicate steps after a resume;
-* on SIGINT or SIGTERM saves a checkpoint at the current step and returns
-  (`RunResult.interrupted`), so the caller can exit 0;
+* on SIGINT or SIGTERM says so at once, saves a checkpoint at the end of the
+  current step and returns (`RunResult.interrupted`), so the caller can exit 0;
+  a second signal aborts without saving (`StopSignals`);
 * stops on a NaN/inf loss without touching what is saved, and stores the
   frozen G_LM as its own checkpoint item (learned models: G_LM of a fixed
   probe prompt; fixed-G runs: the G they used).
@@ -18,8 +19,8 @@ N processes (every process calls it; see `pldr_jax.distributed`). It
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import errno
 import functools
 import json
 import math
@@ -33,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pldr_jax import errors
+from pldr_jax import cli, errors
 from pldr_jax import checkpoint as ckpt_lib
 from pldr_jax import distributed, g_modes, model, train
 from pldr_jax.metrics_file import trim_metrics
@@ -155,6 +156,13 @@ def restore_newest_good(checkpointer: ckpt_lib.Checkpointer, abstract: dict,
                                 abstract_opt_state=abstract["opt_state"])
 
   if restore_step is not None:
+    saved = checkpointer.all_steps()
+    if restore_step not in saved:
+      raise ckpt_lib.CheckpointError(
+          checkpointer.directory,
+          f"no checkpoint of step {restore_step} to resume from (saved steps: "
+          f"{', '.join(map(str, saved)) or 'none'}); give one of them to --restore_step, "
+          "or leave it out to resume from the newest good one")
     return restore(restore_step), []
   failed: list[tuple[int, str]] = []
   for step in reversed(checkpointer.all_steps()):
@@ -199,45 +207,132 @@ def set_aside(directory: Path, steps, suffix: str) -> list[Path]:
 class StopSignals:
   """Context manager: SIGINT/SIGTERM set `received` instead of killing the process.
 
-  A second signal while the first is handled raises KeyboardInterrupt (a hard stop).
-  Only installed in the main thread; the previous handlers come back on exit.
+  The first signal is acknowledged on stderr at once, even while the main thread
+  sits in a compile or an eval (a watcher thread reads the signal numbers from the
+  wake-up fd that Python's C-level handler writes to): during training the run
+  saves a checkpoint at the end of the current step and stops; during start-up
+  it stops before the first step. A second signal aborts at once without saving
+  (`os._exit(130)`, from the watcher): checkpoints already written stay intact,
+  since Orbax renames a step's folder only once it is complete. Installed only
+  in the main thread; the previous handlers and wake-up fd come back on exit.
+
+  ckdir: the checkpoint folder the abort message names (with its newest step).
   """
 
   SIGNALS = (signal.SIGINT, signal.SIGTERM)
+  ABORT_STATUS = 130
 
-  def __init__(self):
+  def __init__(self, ckdir=None):
     self.received: str | None = None
+    self.phase = "start-up"  # then "training" (training()), then "finishing"
+    self.ckdir = ckdir
     self._old = {}
+    self._old_fd = None
+    self._pipe = None
+    self._watcher = None
+    self._count = 0
 
   def _handle(self, signum, frame):
-    if self.received is not None:
+    if self.received is None:
+      self.received = signal.Signals(signum).name
+    elif self._watcher is None:  # no watcher thread: the hard stop happens here
       raise KeyboardInterrupt
-    self.received = signal.Signals(signum).name
+
+  def first_message(self, name: str) -> str:
+    key = "Ctrl-C" if name == "SIGINT" else name
+    name = "Ctrl-C (SIGINT)" if name == "SIGINT" else name
+    if self.phase == "start-up":
+      now = "stopping before the first step (nothing new to save)"
+    elif self.phase == "training":
+      now = "the run will save a checkpoint at the end of the current step, then stop"
+    else:
+      now = "the run is finishing its last save, then stops"
+    return f"\n{name}: {now}. Press {key} again to abort at once without saving.\n"
+
+  def abort_message(self, name: str) -> str:
+    name = "Ctrl-C (SIGINT)" if name == "SIGINT" else name
+    newest = newest_step(self.ckdir) if self.ckdir is not None else None
+    kept = (f"the newest checkpoint (step {newest} in {self.ckdir}) is intact"
+            if newest is not None else "no checkpoint had been saved")
+    return f"\n{name} again: aborted without saving; {kept}.\n"
+
+  def _watch(self, sock):
+    while True:
+      try:
+        data = sock.recv(64)
+      except OSError:
+        return
+      if not data:
+        return
+      for signum in data:
+        if signum not in self.SIGNALS:
+          continue
+        self._count += 1
+        name = signal.Signals(signum).name
+        if self._count == 1:
+          _write_now(self.first_message(name))
+        else:
+          _write_now(self.abort_message(name))
+          os._exit(self.ABORT_STATUS)
+
+  @contextlib.contextmanager
+  def training(self):
+    """The training loop: a first signal now means 'save at the end of this step'."""
+    self.phase = "training"
+    try:
+      yield self
+    finally:
+      self.phase = "finishing"
 
   def __enter__(self):
+    import socket
     import threading
-    if threading.current_thread() is threading.main_thread():
-      self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+    if threading.current_thread() is not threading.main_thread():
+      return self
+    self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+    try:
+      r, w = socket.socketpair()
+      w.setblocking(False)
+      self._old_fd = signal.set_wakeup_fd(w.fileno(), warn_on_full_buffer=False)
+    except (OSError, ValueError):  # no wake-up fd: the handler raises on a second signal
+      return self
+    self._pipe = (r, w)
+    self._watcher = threading.Thread(target=self._watch, args=(r,), daemon=True,
+                                     name="pldr_jax.StopSignals")
+    self._watcher.start()
     return self
 
   def __exit__(self, *exc):
+    if self._pipe is not None:
+      signal.set_wakeup_fd(self._old_fd if self._old_fd is not None else -1)
+      r, w = self._pipe
+      w.close()  # the watcher's recv returns b"": it ends
+      self._watcher.join(timeout=5)
+      r.close()
+      self._pipe = self._watcher = None
     for s, old in self._old.items():
       signal.signal(s, old)
+    self._old = {}
 
 
-def disk_full_message(exc: BaseException) -> str | None:
-  """One line for a 'No space left on device' anywhere in the exception chain, else None."""
-  seen = set()
-  while exc is not None and id(exc) not in seen:
-    seen.add(id(exc))
-    if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or \
-        "No space left on device" in str(exc):
-      where = getattr(exc, "filename", None) or getattr(exc, "path", None)
-      where = f" writing {where}" if where else ""
-      return (f"error: disk full (No space left on device){where}. Free some space and run "
-              "the same command again: it resumes from the newest finished checkpoint.")
-    exc = exc.__cause__ or exc.__context__
-  return None
+def _write_now(text: str) -> None:
+  """stderr without Python's buffers or locks (the main thread may be in a compile)."""
+  try:
+    os.write(2, text.encode())
+  except OSError:
+    pass
+
+
+def newest_step(ckdir) -> int | None:
+  """The newest finished checkpoint step in `ckdir` (a listing, no Orbax); None if none."""
+  try:
+    steps = [int(n) for n in os.listdir(os.fspath(ckdir)) if n.isdigit()]
+  except (OSError, ValueError):
+    return None
+  return max(steps) if steps else None
+
+
+disk_full_message = cli.disk_full_message  # one line for a full disk (pldr_jax.cli)
 
 
 def _agree_on_batches(batches: list) -> list:
@@ -256,6 +351,14 @@ def run_pretraining(config: PLDRConfig, tc: train.TrainConfig, data: DataConfig,
   resume without a kill); checkpoints and logs are as if the run was stopped.
   restore_step: resume from this checkpoint step instead of the newest good one.
   """
+  with StopSignals(Path(os.fspath(workdir)) / "checkpoints") as stop:  # start-up included
+    return _pretrain(config, tc, data, workdir, stop, g_source=g_source, progress=progress,
+                     stop_after=stop_after, restore_step=restore_step)
+
+
+def _pretrain(config: PLDRConfig, tc: train.TrainConfig, data: DataConfig,
+              workdir: str | os.PathLike, stop: StopSignals, *, g_source: str | None,
+              progress: bool, stop_after: int | None, restore_step: int | None) -> RunResult:
   workdir = Path(workdir)
   ckdir = workdir / "checkpoints"
   main = jax.process_index() == 0
@@ -320,9 +423,11 @@ def run_pretraining(config: PLDRConfig, tc: train.TrainConfig, data: DataConfig,
                         g_lm=g_item or None, force=force)
 
     try:
-      with StopSignals() as stop:
+      with stop.training():
         step = start
-        while step < tc.num_steps:
+        if distributed.any_process(stop.received is not None):  # stopped during start-up
+          interrupted = stop.received or "a signal to another process"
+        while interrupted is None and step < tc.num_steps:
           batch = train.global_batch(next(it), mesh)
           state, metrics = train_step(state, batch)
           step += 1
@@ -353,7 +458,8 @@ def run_pretraining(config: PLDRConfig, tc: train.TrainConfig, data: DataConfig,
               if k in last:
                 writer.add_scalar(f"train/{k}", last[k], step)
             writer.add_scalar("train/perplexity", math.exp(min(last["ce"], 50.0)), step)
-            writer.add_scalar("train/tokens_per_second", tps, step)
+            if math.isfinite(tps):  # not yet measured at the first step
+              writer.add_scalar("train/tokens_per_second", tps, step)
             bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{tps:,.0f}")
           if is_eval and eval_batches:
             eval_metrics = train.evaluate(eval_step, state["params"], eval_batches, mesh)

@@ -17,7 +17,9 @@ downloaded at run time unless asked.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Sequence
@@ -51,6 +53,14 @@ class PldrTextCorpus(tfds.core.GeneratorBasedBuilder):
     self._corpus_dir = Path(corpus_dir) if corpus_dir is not None else None
     self._text_key = text_key
     super().__init__(**kwargs)
+
+  # Nothing is downloaded: no "Downloading and preparing dataset Unknown size ..." banner.
+  def _log_download_bytes(self) -> None:
+    print(f"building the TFDS dataset of {self._corpus_dir} in {self.data_dir} (once)",
+          flush=True)
+
+  def _log_download_done(self) -> None:
+    pass
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -97,7 +107,29 @@ def build_text_dataset(corpus_dir: str | os.PathLike, data_dir: str | os.PathLik
   data_dir raises unless `overwrite=True`.
   """
   splits = find_split_files(corpus_dir)  # raises DataError if missing
-  data_dir = Path(data_dir)
+  with _quiet_tfds():
+    return _build(corpus_dir, Path(data_dir), splits, text_key, overwrite)
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+  """No TFDS progress bars or absl warnings about half-built folders while a local corpus
+  is built (seconds, nothing downloaded); both as they were afterwards."""
+  from tensorflow_datasets.core.utils import tqdm_utils
+  was_active = getattr(tqdm_utils, "_active", True)
+  absl_log = logging.getLogger("absl")
+  level = absl_log.level
+  tfds.display_progress_bar(False)
+  absl_log.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    tfds.display_progress_bar(was_active)
+    absl_log.setLevel(level)
+
+
+def _build(corpus_dir, data_dir: Path, splits, text_key: str, overwrite: bool) -> str:
+  """build_text_dataset, once the corpus files are found."""
   fingerprint = corpus_fingerprint(splits, text_key)
   root = _dataset_root(data_dir)
   source_file = root / _SOURCE_FILE
