@@ -345,8 +345,12 @@ def top_bytes(hlo_text: str, n: int = 12) -> list[dict]:
   for name, opcode, rest, line in rows:
     if opcode in _SKIP or opcode.endswith("-done"):
       continue
-    operands = rest.split(")", 1)[0]
-    size = sizes[name] + sum(sizes.get(o, 0.0) for o in re.findall(r"%([\w.\-]+)", operands))
+    if opcode.endswith("-start"):  # async copy/slice/collective: (operand, result, ctx)
+      arrays = [b for b in _shape_bytes(line.split(f" {opcode}(")[0].split("=", 1)[1]) if b > 8]
+      size = 2 * min(arrays) if arrays else 0.0  # the part moved, read once, written once
+    else:
+      operands = rest.split(")", 1)[0]
+      size = sizes[name] + sum(sizes.get(o, 0.0) for o in re.findall(r"%([\w.\-]+)", operands))
     op_name = _OPNAME_RE.search(line)
     key = "/".join(op_name.group(1).split("/")[-2:]) if op_name else opcode
     g = groups.setdefault(key, {"op": key, "bytes": 0.0, "count": 0, "example": name})
