@@ -17,6 +17,7 @@ import jax
 import pytest
 
 pytest.importorskip("libtpu", reason="the TPU compiler: pip install -e '.[tpu]'")
+pytestmark = pytest.mark.slow  # whole-program compiles; `pytest -m 'not slow'` skips them
 
 from pldr_jax import aot, backend, kv_cache, train  # noqa: E402
 from pldr_jax import params as params_lib  # noqa: E402
