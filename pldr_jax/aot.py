@@ -464,6 +464,9 @@ def report(rows: list[dict], header: dict) -> str:
            "est. MFU | compile s |",
            "|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
+    if "error" in r:
+      lines.append(f"| {r['program']} | did not compile: {r['error']} |")
+      continue
     h, e = r["hbm"], r["estimate"]
     coll = ", ".join(f"{k} {v['count']}/{v['bytes'] / 1e6:.1f}"
                      for k, v in r["collectives"].items() if v["count"]) or "none"
@@ -522,7 +525,14 @@ def run(topology: str, config: PLDRConfig, tc: TrainConfig, *, batch: int, seq_l
     for p in progs:
       if log:
         log(f"compiling {p.name} ...")
-      compiled, lower_s, total_s = compile_program(p)
+      try:
+        compiled, lower_s, total_s = compile_program(p)
+      except Exception as e:  # noqa: BLE001 - one program failing keeps the others' rows
+        first = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        rows.append({"program": p.name, "error": f"{type(e).__name__}: {first}"})
+        if log:
+          log(f"{p.name} did not compile: {rows[-1]['error']}")
+        continue
       counts = None
       if p.cost_twins is not None:
         if log:
@@ -587,8 +597,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(report(result["programs"], result["header"]))
+  failed = [r for r in result["programs"] if "error" in r]
   if args.top_ops:
     for r in result["programs"]:
+      if "error" in r:
+        continue
       print(f"\n{r['program']}: the JAX ops moving the most bytes (per device; a loop body once)")
       for g in r["top_bytes"][:args.top_ops]:
         print(f"  {g['bytes'] / 1e9:9.3f} GB  x{g['count']:<4} {g['op']}")
@@ -597,6 +610,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = epath.Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1, default=str))
+  for r in failed:
+    print(f"{r['program']} did not compile: {r['error']}", file=sys.stderr)
+  if failed:
+    return 1
   over = [r for r in result["programs"] if not r["hbm"]["fits"]]
   for r in over:
     print(f"{r['program']} does not fit: needs {r['hbm']['total'] / GiB:.2f} GiB per chip, "

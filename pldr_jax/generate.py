@@ -215,8 +215,9 @@ def _constrain(tree, abstract, mesh):
 def _prefill(params, tokens, lengths, g_lm, cache, *, config, cache_len, mesh=None):
   """cache.prefill (each prompt's last logits [B, V], decode state, G-cache), with the
   decode state and G-cache pinned to their shardings."""
-  logits, state, gcache = cache.prefill(params, tokens, lengths, g_lm, config=config,
-                                        cache_len=cache_len)
+  with sharding_lib.kernel_mesh(config.attention, mesh):  # flash: per batch shard
+    logits, state, gcache = cache.prefill(params, tokens, lengths, g_lm, config=config,
+                                          cache_len=cache_len)
   if mesh is not None:
     s_abs, g_abs = cache.abstract(config=config, batch=tokens.shape[0], cache_len=cache_len)
     state, gcache = _constrain(state, s_abs, mesh), _constrain(gcache, g_abs, mesh)

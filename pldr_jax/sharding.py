@@ -65,3 +65,14 @@ def batch_partition(mesh) -> tuple[str, ...] | str | None:
   axes = (rule,) if isinstance(rule, str) else tuple(rule or ())
   axes = tuple(a for a in axes if a in mesh.axis_names)
   return axes if len(axes) > 1 else (axes[0] if axes else None)
+
+
+def kernel_mesh(attention: str, mesh):
+  """The abstract mesh a custom attention kernel splits its batch over
+  (`plga.flash_attention` runs per shard under `jax.shard_map`; XLA cannot
+  partition a Mosaic kernel); a no-op for attention XLA partitions by itself,
+  or without a mesh."""
+  import contextlib
+  if attention != "flash" or mesh is None:
+    return contextlib.nullcontext()
+  return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)

@@ -10,7 +10,6 @@ gathered by XLA where needed. Data parallelism is fsdp=1; pure FSDP is data=1.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 from typing import Any
@@ -21,6 +20,7 @@ import numpy as np
 import optax
 
 from pldr_jax import model, params as params_lib
+from pldr_jax import sharding as sharding_lib
 from pldr_jax.config import ConfigError, PLDRConfig, TrainConfig  # noqa: F401 (re-export)
 
 P = jax.sharding.PartitionSpec
@@ -236,12 +236,8 @@ def abstract_train_state(config: PLDRConfig, tx, mesh) -> dict:
 
 
 def kernel_mesh(config: PLDRConfig, mesh: jax.sharding.Mesh):
-  """The abstract mesh a custom attention kernel splits its batch over
-  (`plga.flash_attention` runs per shard under `jax.shard_map`); a no-op for
-  attention XLA partitions by itself."""
-  if config.attention != "flash":
-    return contextlib.nullcontext()
-  return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+  """`sharding.kernel_mesh` for this config's attention."""
+  return sharding_lib.kernel_mesh(config.attention, mesh)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -137,14 +137,16 @@ def test_scanned_layers_are_counted_through_their_twins():
 
 
 def test_flash_attention_train_step_compiles_for_tpu():
-  """attention='flash': the Pallas kernel (a Mosaic custom call) runs per batch
-  shard inside the sharded train step and compiles for the TPU."""
+  """attention='flash': the Pallas kernel (a Mosaic custom call, which XLA cannot
+  partition) runs per batch shard inside the sharded train step and the prefill
+  `generate` runs, and both compile for the TPU."""
   config = tiny(compute_dtype="bfloat16", attention="flash")
   tc = TrainConfig(num_steps=10, warmup_steps=2, mesh_data=2, mesh_fsdp=2)
   mesh = train.make_mesh(tc, aot.topology_devices("v5e:2x2"))
   with jax.enable_x64(False), backend.target("tpu"):
-    prog, = aot.build(config, tc, mesh, batch=8, seq_len=32, programs=("train",))
-    compiled, _, _ = aot.compile_program(prog)
-  hlo = compiled.as_text()
-  assert "tpu_custom_call" in hlo
-  _check_tree(compiled.input_shardings[0][0], prog.args[0], "flash train state")
+    progs = aot.build(config, tc, mesh, batch=8, seq_len=32, programs=("train", "prefill"),
+                      decode_batch=4)
+    compiled = {p.name: (p, aot.compile_program(p)[0]) for p in progs}
+  for name, (prog, c) in compiled.items():
+    assert "tpu_custom_call" in c.as_text(), name
+    _check_tree(c.input_shardings[0][0], prog.args[0], f"flash {name}")
