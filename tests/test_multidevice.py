@@ -19,6 +19,7 @@ import time
 import numpy as np
 import pytest
 
+import compile_cache
 from test_pretrain import REPO, _cmd, _losses, _steps_saved, pretrain_module
 
 pytestmark = pytest.mark.slow  # `pytest -m 'not slow'` skips it
@@ -33,11 +34,14 @@ def data_workdir(tmp_path_factory):
 
 
 def _env(devices: int = 1) -> dict:
+  """`devices` forced CPU devices, and the compilation cache the end-to-end runs of this
+  test process share (tests/compile_cache.py: a resumed run loads what its first run
+  compiled)."""
   flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
            if not f.startswith("--xla_force_host_platform_device_count")]
   if devices > 1:
     flags.append(f"--xla_force_host_platform_device_count={devices}")
-  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags))
+  return compile_cache.env(XLA_FLAGS=" ".join(flags))
 
 
 def _free_port() -> int:

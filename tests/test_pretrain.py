@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+import compile_cache
 
 pytestmark = pytest.mark.slow  # `pytest -m 'not slow'` skips it
 
@@ -31,6 +34,30 @@ SMALL = [
 @pytest.fixture(scope="module")
 def data_workdir(tmp_path_factory):
   return tmp_path_factory.mktemp("shared_data")
+
+
+def _env() -> dict:
+  """The runs' environment: the CPU, and the compilation cache the end-to-end runs of
+  this test process share (tests/compile_cache.py: a resumed run loads the programs
+  the first run compiled)."""
+  return compile_cache.env()
+
+
+@pytest.fixture(scope="module")
+def run8(tmp_path_factory, data_workdir):
+  """One 8-step run (checkpoints at 4 and 8, an eval at its last step), trained once for
+  the tests that start from such a run: they copy it (`_copy_run`) or only read it."""
+  wd = tmp_path_factory.mktemp("run8") / "run"
+  first = subprocess.run(_cmd(wd, data_workdir, 8), env=_env(), cwd=REPO, capture_output=True,
+                         text=True, timeout=600)
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert "finished at step 8" in first.stdout
+  return wd
+
+
+def _copy_run(src: Path, dst: Path) -> Path:
+  shutil.copytree(src, dst)
+  return dst
 
 
 def _cmd(workdir, data_workdir, steps, extra=()):
@@ -56,7 +83,7 @@ def _steps_saved(workdir) -> list[int]:
 
 def test_sigkill_then_resume_reproduces_uninterrupted_losses(tmp_path, data_workdir):
   steps = 60
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env = _env()
   full = subprocess.run(_cmd(tmp_path / "full", data_workdir, steps), env=env, cwd=REPO,
                         capture_output=True, text=True, timeout=600)
   assert full.returncode == 0, full.stderr[-3000:]
@@ -85,12 +112,9 @@ def test_sigkill_then_resume_reproduces_uninterrupted_losses(tmp_path, data_work
     assert got[s] == want[s], f"step {s}: {got[s]} != {want[s]} (killed after step {max(kept)})"
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_workdir):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  wd = tmp_path / "nan"
-  ok = subprocess.run(_cmd(wd, data_workdir, 8), env=env, cwd=REPO, capture_output=True,
-                      text=True, timeout=600)
-  assert ok.returncode == 0, ok.stderr[-3000:]
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_workdir, run8):
+  env = _env()
+  wd = _copy_run(run8, tmp_path / "nan")  # 8 steps, checkpoints at 4 and 8
   before = {p.relative_to(wd): p.read_bytes() for p in (wd / "checkpoints" / "8").rglob("*")
             if p.is_file()}
   # Resume with an absurd learning rate: weights overflow float32 and the loss goes NaN.
@@ -119,21 +143,24 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_workdi
     (["PLDRConfig.num_heads=5"], "not divisible by num_heads=5"),
     (["PLDRConfig.attention='cudnn'"], "'cudnn' needs compute_dtype bfloat16"),
 ])
-def test_bad_configs_are_rejected_with_the_reason(tmp_path, data_workdir, extra, message):
-  out = subprocess.run(_cmd(tmp_path / "bad", data_workdir, 4, extra),
-                       env=dict(os.environ, JAX_PLATFORMS="cpu"), cwd=REPO,
-                       capture_output=True, text=True, timeout=300)
-  assert out.returncode != 0
-  assert message in out.stderr, out.stderr[-2000:]
+def test_bad_configs_are_rejected_with_the_reason(tmp_path, data_workdir, extra, message,
+                                                  monkeypatch, capsys):
+  # In this process, through the entry point's error handling (pldr_jax.cli.run, what
+  # `cli.main` exits with): each case fails before any compile, so a fresh interpreter
+  # per case would only add its start-up (tests/test_cli_errors.py runs the script).
+  pretrain = pretrain_module()
+  monkeypatch.setattr(pretrain.host, "retain_freed_memory", lambda: False)  # keep our malloc
+  from pldr_jax import cli
+  rc = cli.run(pretrain.main, _cmd(tmp_path / "bad", data_workdir, 4, extra)[2:])
+  err = capsys.readouterr().err
+  assert rc != 0
+  assert message in err, err[-2000:]
   assert not (tmp_path / "bad" / "checkpoints").exists() or not _steps_saved(tmp_path / "bad")
 
 
-def test_perplexity_script_reproduces_the_runs_own_eval(tmp_path, data_workdir):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  wd = tmp_path / "ppl"
-  run = subprocess.run(_cmd(wd, data_workdir, 4, ["TrainConfig.eval_every=4"]), env=env,
-                       cwd=REPO, capture_output=True, text=True, timeout=600)
-  assert run.returncode == 0, run.stderr[-3000:]
+def test_perplexity_script_reproduces_the_runs_own_eval(tmp_path, run8):
+  env = _env()
+  wd = run8  # read only: evaluated at its last step, 8
   evals = [json.loads(l)["eval"] for l in (wd / "metrics.jsonl").read_text().splitlines()
            if '"eval"' in l]
   out = tmp_path / "ppl.json"
@@ -142,7 +169,7 @@ def test_perplexity_script_reproduces_the_runs_own_eval(tmp_path, data_workdir):
                        capture_output=True, text=True, timeout=600)
   assert ppl.returncode == 0, ppl.stderr[-3000:]
   got = json.loads(out.read_text())
-  assert got["step"] == 4 and got["tokens"] == evals[-1]["tokens"]
+  assert got["step"] == 8 and got["tokens"] == evals[-1]["tokens"]
   np.testing.assert_allclose(got["loss"], evals[-1]["loss"], rtol=1e-6)
   np.testing.assert_allclose(got["perplexity"], np.exp(got["loss"]), rtol=1e-9)
 
@@ -157,7 +184,7 @@ def pretrain_module():
 
 
 def _run(cmd, **kw):
-  return subprocess.run(cmd, env=dict(os.environ, JAX_PLATFORMS="cpu"), cwd=REPO,
+  return subprocess.run(cmd, env=_env(), cwd=REPO,
                         capture_output=True, text=True, timeout=600, **kw)
 
 
@@ -173,10 +200,8 @@ def _flip_params_data(step_dir: Path):
     f.write_bytes(bytes(b))
 
 
-def test_corrupt_newest_falls_back_and_restore_step_picks_one(tmp_path, data_workdir):
-  wd = tmp_path / "run"
-  first = _run(_cmd(wd, data_workdir, 8))
-  assert first.returncode == 0, first.stderr[-3000:]
+def test_corrupt_newest_falls_back_and_restore_step_picks_one(tmp_path, data_workdir, run8):
+  wd = _copy_run(run8, tmp_path / "run")  # 8 steps, checkpoints at 4 and 8
   before = _losses(wd)
   _flip_params_data(wd / "checkpoints" / "8")
   again = _run(_cmd(wd, data_workdir, 12))
@@ -198,7 +223,7 @@ def test_corrupt_newest_falls_back_and_restore_step_picks_one(tmp_path, data_wor
 def test_sigterm_saves_the_current_step_and_resumes(tmp_path, data_workdir):
   wd = tmp_path / "run"
   cmd = _cmd(wd, data_workdir, 400, ["TrainConfig.checkpoint_every=1000"])
-  proc = subprocess.Popen(cmd, env=dict(os.environ, JAX_PLATFORMS="cpu"), cwd=REPO,
+  proc = subprocess.Popen(cmd, env=_env(), cwd=REPO,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:

@@ -18,50 +18,54 @@ from pldr_jax import model, train
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Runs N steps of the tiny model on synthetic batches over a given mesh and
-# prints the losses as JSON. Executed in a fresh process so XLA_FLAGS can
-# force the number of CPU devices.
+# Runs each given case (mesh, steps, dtype, learning rate, G mode) for N steps of the
+# tiny model on synthetic batches and prints one JSON line of losses per case. Executed
+# in a fresh process so XLA_FLAGS can force the number of CPU devices; the cases that
+# need the same device count share one process.
 _SHARDED_RUN = textwrap.dedent("""
     import json, sys
     import numpy as np, jax
     jax.config.update("jax_enable_x64", True)
     from pldr_jax import config, train
-    data, fsdp, steps = (int(a) for a in sys.argv[1:4])
-    dtype = sys.argv[4]
-    c = config.tiny(vocab_size=96, max_len=24, param_dtype=dtype, compute_dtype=dtype,
-                    g_mode=sys.argv[6])
-    tc = train.TrainConfig(num_steps=steps, warmup_steps=4, learning_rate=float(sys.argv[5]),
-                           mesh_data=data, mesh_fsdp=fsdp)
-    tx = train.make_optimizer(tc)
-    mesh = train.make_mesh(tc)
-    with jax.set_mesh(mesh):
-      state = train.init_train_state(c, tc, tx, mesh)
-      step = train.make_train_step(c, tc, tx, mesh)
-      rng = np.random.default_rng(0)
-      losses = []
-      for i in range(steps):
-        start = rng.integers(0, 30, (8, 1))  # learnable: counting mod 30
-        toks = (4 + (start + np.arange(24)) % 30).astype(np.int32)
-        mask = np.ones_like(toks)
-        mask[-1, 20:] = 0
-        toks[-1, 20:] = 0
-        state, m = step(state, train.global_batch({"tokens": toks, "mask": mask}, mesh))
-        losses.append(float(m["loss"]))
-      shard = state["params"]["layers"]["wq"]["kernel"].sharding
-      print(json.dumps({"losses": losses, "devices": len(jax.devices()),
-                        "spec": str(shard.spec)}))
+    for data, fsdp, steps, dtype, lr, g_mode in json.loads(sys.argv[1]):
+      c = config.tiny(vocab_size=96, max_len=24, param_dtype=dtype, compute_dtype=dtype,
+                      g_mode=g_mode)
+      tc = train.TrainConfig(num_steps=steps, warmup_steps=4, learning_rate=lr,
+                             mesh_data=data, mesh_fsdp=fsdp)
+      tx = train.make_optimizer(tc)
+      mesh = train.make_mesh(tc)
+      with jax.set_mesh(mesh):
+        state = train.init_train_state(c, tc, tx, mesh)
+        step = train.make_train_step(c, tc, tx, mesh)
+        rng = np.random.default_rng(0)
+        losses = []
+        for i in range(steps):
+          start = rng.integers(0, 30, (8, 1))  # learnable: counting mod 30
+          toks = (4 + (start + np.arange(24)) % 30).astype(np.int32)
+          mask = np.ones_like(toks)
+          mask[-1, 20:] = 0
+          toks[-1, 20:] = 0
+          state, m = step(state, train.global_batch({"tokens": toks, "mask": mask}, mesh))
+          losses.append(float(m["loss"]))
+        shard = state["params"]["layers"]["wq"]["kernel"].sharding
+        print(json.dumps({"losses": losses, "devices": len(jax.devices()),
+                          "spec": str(shard.spec)}), flush=True)
 """)
 
 
-def _run_sharded(devices: int, data: int, fsdp: int, steps: int = 20,
-                 dtype: str = "float64", lr: float = 3e-3, g_mode: str = "learned") -> dict:
+def _run_sharded(devices: int, *cases: dict) -> list[dict]:
+  """Each case (data, fsdp, steps=20, dtype="float64", lr=3e-3, g_mode="learned") on
+  `devices` forced CPU devices, in one process; one result per case."""
+  defaults = dict(steps=20, dtype="float64", lr=3e-3, g_mode="learned")
+  args = [[c["data"], c["fsdp"], *({**defaults, **c}[k] for k in defaults)] for c in cases]
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-c", _SHARDED_RUN, str(data), str(fsdp), str(steps),
-                        dtype, str(lr), g_mode],
+  out = subprocess.run([sys.executable, "-c", _SHARDED_RUN, json.dumps(args)],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
-  return json.loads(out.stdout.strip().splitlines()[-1])
+  results = [json.loads(l) for l in out.stdout.strip().splitlines()[-len(cases):]]
+  assert len(results) == len(cases)
+  return results
 
 
 @pytest.mark.slow
@@ -75,16 +79,18 @@ def test_same_losses_on_1_and_8_devices():
   order grows ~400x per step (measured 2e-14, 7e-10, 2e-7, 1e-5, 1e-3 at
   steps 4-8), in float32 and float64 alike. So learned G is compared over
   the first 4 steps, where the sharded maths must agree to 1e-10.
+  (Two processes, one per device count: each runs its identity and learned case.)
   """
-  one = _run_sharded(1, 1, 1, g_mode="identity")
-  mixed = _run_sharded(8, 2, 4, g_mode="identity")
+  one, one_learned = _run_sharded(1, dict(data=1, fsdp=1, g_mode="identity"),
+                                  dict(data=1, fsdp=1, steps=4))
+  mixed, dp = _run_sharded(8, dict(data=2, fsdp=4, g_mode="identity"),
+                           dict(data=8, fsdp=1, steps=4))
   assert one["devices"] == 1 and mixed["devices"] == 8
   assert "fsdp" in mixed["spec"]  # weights really are sharded over fsdp
   assert one["losses"][-1] < one["losses"][0] - 0.05  # it learns something
   np.testing.assert_allclose(mixed["losses"], one["losses"], rtol=1e-5, atol=0)
-  one = _run_sharded(1, 1, 1, steps=4)
-  dp = _run_sharded(8, 8, 1, steps=4)
-  np.testing.assert_allclose(dp["losses"], one["losses"], rtol=1e-10, atol=0)
+  assert len(dp["losses"]) == len(one_learned["losses"]) == 4
+  np.testing.assert_allclose(dp["losses"], one_learned["losses"], rtol=1e-10, atol=0)
 
 
 def test_loss_ignores_pad_and_matches_plain_cross_entropy():
