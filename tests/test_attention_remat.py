@@ -136,8 +136,8 @@ def test_remat_keeps_less_for_the_backward_pass():
 
 
 def test_attention_and_remat_settings_are_checked():
-  with pytest.raises(config_lib.ConfigError, match="attention='flash' is not one of"):
-    config_lib.tiny(attention="flash")
+  with pytest.raises(config_lib.ConfigError, match="attention='splash' is not one of"):
+    config_lib.tiny(attention="splash")
   with pytest.raises(config_lib.ConfigError, match="'cudnn' needs compute_dtype bfloat16"):
     config_lib.tiny(attention="cudnn")
   with pytest.raises(config_lib.ConfigError, match="remat='some' is not one of"):
