@@ -101,12 +101,12 @@ def test_aot_command_line_reports_and_rejects(tmp_path, capsys):
                    "--gin_param", "PLDRConfig.max_len=32", "--gin_param",
                    "DataConfig.seq_len=32", "--gin_param", "DataConfig.batch_size=8",
                    "--gin_param", "DataConfig.vocab_size=64",
-                   "--programs", "train,eval", "--json", str(out)])
+                   "--programs", "eval", "--json", str(out)])
   assert rc == 0
   text = capsys.readouterr().out
-  assert "| train |" in text and "| eval |" in text and "ESTIMATE" in text
+  assert "| eval |" in text and "ESTIMATE" in text
   record = json.loads(out.read_text())
-  assert record["header"]["num_devices"] == 4 and len(record["programs"]) == 2
+  assert record["header"]["num_devices"] == 4 and len(record["programs"]) == 1
   for argv, needle in ((["--topology", "v9x:2x2"], "topology 'v9x:2x2'"),
                        (["--topology", "v5e:2x2", "--batch", "6"], "not divisible")):
     rc = aot.main(argv + ["--gin_file", "experiments/configs/tiny.gin", "--programs", "train"])
@@ -130,10 +130,10 @@ def test_scanned_layers_are_counted_through_their_twins():
                       programs=("train",))
     assert flat.cost_twins is None
     unrolled = aot._counts(aot.compile_program(flat)[0])
-    scanned = aot._counts(aot.compile_program(prog)[0])
   assert est["flops"] == pytest.approx(unrolled["flops"], rel=0.02)
   assert est["bytes_accessed"] == pytest.approx(unrolled["bytes_accessed"], rel=0.15)
-  assert scanned["flops"] < 0.8 * unrolled["flops"]  # the loop-blind count it corrects
+  # What the twins correct: the one-layer count is well below three layers'.
+  assert c1["flops"] < 0.8 * unrolled["flops"]
 
 
 def test_flash_attention_train_step_compiles_for_tpu():
