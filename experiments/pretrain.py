@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import gin  # noqa: E402
 
-from pldr_jax import cli, distributed  # noqa: E402
+from pldr_jax import cli, distributed, paths  # noqa: E402
 from pldr_jax.config import PLDRConfig  # noqa: E402
 from pldr_jax.data import DataConfig, prepare_default_data  # noqa: E402
 from pldr_jax.train import TrainConfig  # noqa: E402
@@ -54,7 +54,7 @@ def resolve_data(run: dict) -> DataConfig:
   if data.dataset == "pldr_text_corpus" and data.tokenizer_path is None:
     fields = {f: getattr(data, f) for f in data.__dataclass_fields__
               if f not in ("dataset", "data_dir", "tokenizer_path", "vocab_size", "seq_len")}
-    data_root = Path(run["data_workdir"] or Path(run["workdir"]) / "data")
+    data_root = paths.as_path(run["data_workdir"] or paths.as_path(run["workdir"]) / "data")
 
     def prepare() -> dict:
       return dataclasses.asdict(prepare_default_data(
@@ -92,7 +92,7 @@ def print_samples(run: dict, data: DataConfig) -> None:
   from pldr_jax.data import load_tokenizer
   from pldr_jax.trainer import restore_for_inference
   config = run["model"]
-  ckdir = Path(run["workdir"]) / "checkpoints"
+  ckdir = paths.as_path(run["workdir"]) / "checkpoints"
   params, g_lm, step = restore_for_inference(ckdir, config)
   tok = load_tokenizer(data.tokenizer_path)
   prompts = [[2] + tok.encode(p) for p in SAMPLE_PROMPTS[:run["samples"]]]
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
   result = run_pretraining(run["model"], run["train"], data, run["workdir"],
                            g_source=run["g_source"], progress=not args.no_progress,
                            restore_step=args.restore_step)
-  wd = Path(run["workdir"])
+  wd = paths.as_path(run["workdir"])  # local or gs://...
   if result.interrupted:
     argv = sys.argv if argv is None else [sys.argv[0]] + list(argv)
     saved = newest_step(wd / "checkpoints")

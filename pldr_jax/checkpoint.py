@@ -51,8 +51,12 @@ disk, so an older checkpoint stays usable after a newer one fails to load.
     params = Checkpointer(directory).restore_params(abstract_params=...)
     g = load_g_lm(directory)["G_LM"]               # fixed-G runs
 
-Paths are local (POSIX) directories (on a file system every host sees when
-there are several): the step listing and the checks use `os`, not `etils.epath`.
+Paths are local directories or object storage (`gs://bucket/run/checkpoints`;
+with several hosts, a place every host sees): the step listing and the checks
+go through `etils.epath`, the arrays through Orbax and TensorStore. On object
+storage Orbax finalises a step in place (a `commit_success.txt` marks it
+finished) instead of renaming a tmp directory; the checksums are written
+before that marker.
 """
 
 from __future__ import annotations
@@ -72,7 +76,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from pldr_jax import distributed, errors
+from pldr_jax import distributed, errors, paths
 
 __all__ = ["CheckpointError", "Checkpointer", "abstract_like", "load_g_lm", "load_meta"]
 
@@ -158,16 +162,21 @@ def _listed(paths) -> str:
 
 def _item_files(item_dir: str) -> list[str]:
   """Every file under an item directory, as sorted paths relative to it."""
-  out = []
-  for root, _, files in os.walk(item_dir):
-    out.extend(os.path.relpath(os.path.join(root, f), item_dir) for f in files)
+  root = _path(item_dir)
+  out, todo = [], [root]
+  while todo:
+    for child in todo.pop().iterdir():
+      if child.is_dir():
+        todo.append(child)
+      else:
+        out.append(os.fspath(child)[len(os.fspath(root)):].lstrip("/"))
   return sorted(out)
 
 
 def _file_crc32(path: str) -> tuple[int, int]:
   """(size, CRC-32) of a file, read in blocks."""
   crc, size = 0, 0
-  with open(path, "rb") as f:
+  with _path(path).open("rb") as f:
     while block := f.read(_BLOCK):
       crc = zlib.crc32(block, crc)
       size += len(block)
@@ -183,22 +192,18 @@ def _write_checksums(step_dir: str, items, empty_items) -> None:
   """The checksum record of a finished (not yet renamed) step directory."""
   record = {"format": _FORMAT, "checksum": _CHECKSUM, "empty_items": sorted(empty_items),
             "items": {k: _item_checksums(os.path.join(step_dir, k)) for k in sorted(items)}}
-  tmp = os.path.join(step_dir, CHECKSUMS + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(record, f)
-  os.replace(tmp, os.path.join(step_dir, CHECKSUMS))
+  _write_atomic(os.path.join(step_dir, CHECKSUMS), json.dumps(record))
 
 
 def _read_checksums(step_dir: str) -> dict | None:
   """The checksum record, or None (with a warning) for a checkpoint written without one."""
   path = os.path.join(step_dir, CHECKSUMS)
-  if not os.path.exists(path):
+  if not _path(path).exists():
     log.warning("%s has no %s: abstract trees are checked against Orbax's metadata but the "
                 "files are not verified", step_dir, CHECKSUMS)
     return None
   try:
-    with open(path) as f:
-      record = json.load(f)
+    record = json.loads(_path(path).read_text())
   except (OSError, ValueError) as e:
     raise CheckpointError(path, f"checkpoint is corrupt: bad checksum file: {_describe(e)}") from e
   if (not isinstance(record, dict) or record.get("format") != _FORMAT
@@ -218,7 +223,7 @@ def _verify_files(step_dir: str, record: dict | None, items) -> None:
     if want is None:
       continue  # saved without arrays, or not an item of this step
     item_dir = os.path.join(step_dir, item)
-    missing = [rel for rel in want if not os.path.isfile(os.path.join(item_dir, rel))]
+    missing = [rel for rel in want if not _path(os.path.join(item_dir, rel)).is_file()]
     if missing:
       raise CheckpointError(item_dir, f"checkpoint is corrupt or unreadable: file(s) of item "
                                       f"'{item}' missing: {_listed(missing)}")
@@ -258,23 +263,40 @@ def _to_json(x, where: str):
 
 # ---------------------------------------------------------------- directory helpers
 
+def _path(path) -> epath.Path:
+  """A local path or a URL (`gs://...`) as an epath.Path."""
+  return paths.as_path(path)
+
+
+def _write_atomic(path: str, text: str) -> None:
+  """A whole file at once: locally through a renamed tmp file; an object is
+  replaced whole by its upload."""
+  if paths.is_remote(path):
+    _path(path).write_text(text)
+    return
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
 def _steps_on_disk(directory: str) -> list[int]:
-  if not os.path.isdir(directory):
+  if not _path(directory).is_dir():
     return []
-  return sorted(int(s) for s in ocp.utils.checkpoint_steps(directory))
+  return sorted(int(s) for s in ocp.utils.checkpoint_steps(_path(directory)))
 
 
 def _unfinished(directory: str) -> list[str]:
-  if not os.path.isdir(directory):
+  if not _path(directory).is_dir():
     return []
-  return sorted(n for n in os.listdir(directory) if _TMP_SUFFIX in n)
+  return sorted(p.name for p in _path(directory).iterdir() if _TMP_SUFFIX in p.name)
 
 
 def _resolve_step(directory: str, step: int | None) -> int:
   """The step to read (the latest finished one when None), or a CheckpointError."""
-  if not os.path.exists(directory):
+  if not _path(directory).exists():
     raise CheckpointError(directory, "cannot restore: the checkpoint directory does not exist")
-  if not os.path.isdir(directory):
+  if not _path(directory).is_dir():
     raise CheckpointError(directory, "cannot restore: not a directory")
   steps = _steps_on_disk(directory)
   tmp = _unfinished(directory)
@@ -295,7 +317,7 @@ def _resolve_step(directory: str, step: int | None) -> int:
 
 def _items_present(step_dir: str) -> set[str]:
   try:
-    return {n for n in os.listdir(step_dir) if os.path.isdir(os.path.join(step_dir, n))}
+    return {p.name for p in _path(step_dir).iterdir() if p.is_dir()}
   except OSError as e:
     raise CheckpointError(step_dir, f"cannot list the checkpoint: {e}") from e
 
@@ -440,7 +462,7 @@ class Checkpointer:
   def __init__(self, directory, *, keep: int | None = 3, async_save: bool = True):
     if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
       raise ValueError(f"keep must be a positive integer or None, got {keep!r}")
-    self.directory = os.path.abspath(os.fspath(directory))
+    self.directory = os.fspath(paths.as_path(directory))  # local (absolute) or a URL
     self.keep = keep
     self.async_save = async_save
     self._closed = False
@@ -463,7 +485,7 @@ class Checkpointer:
       return
     step, items, empty = pending
     step_dir = os.path.join(self.directory, f"{step}{_TMP_SUFFIX}")
-    if not os.path.isdir(step_dir):  # another atomicity mode: finalised in place
+    if not _path(step_dir).is_dir():  # object storage: finalised in place
       step_dir = os.path.join(self.directory, str(step))
     _write_checksums(step_dir, items, empty)
 
@@ -519,7 +541,7 @@ class Checkpointer:
         continue
       items[name] = save_args(tree)
     try:
-      os.makedirs(self.directory, exist_ok=True)
+      _path(self.directory).mkdir(parents=True, exist_ok=True)
       self._mngr.wait_until_finished()  # the previous save's callback has run
       with self._lock:
         self._pending = (step, sorted(items), empty)
@@ -674,7 +696,7 @@ def load_meta(directory, step: int | None = None) -> dict:
 
   Needs no array structure: read the config from it before building abstract trees.
   """
-  directory = os.path.abspath(os.fspath(directory))
+  directory = os.fspath(paths.as_path(directory))
   step = _resolve_step(directory, step)
   step_dir = os.path.join(directory, str(step))
   _require_items(step_dir, [META])
@@ -691,7 +713,7 @@ def load_g_lm(directory, step: int | None = None):
   Needs neither the params nor the optimizer structure. Raises CheckpointError
   if the step has no g_lm item (it was saved with g_lm=None) or it is corrupt.
   """
-  directory = os.path.abspath(os.fspath(directory))
+  directory = os.fspath(paths.as_path(directory))
   step = _resolve_step(directory, step)
   step_dir = os.path.join(directory, str(step))
   item_dir = os.path.join(step_dir, G_LM)

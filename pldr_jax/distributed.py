@@ -240,7 +240,8 @@ def run_once(fn: Callable[[], Any], marker_dir: str | os.PathLike, name: str, *,
   import jax
   if jax.process_count() == 1:
     return fn()
-  marker_dir = Path(marker_dir)
+  from etils import epath
+  marker_dir = epath.Path(os.fspath(marker_dir))  # local or object storage (gs://...)
   marker = marker_dir / f".{name}.{_broadcast_token()}.json"
   if jax.process_index() == 0:
     try:
@@ -261,6 +262,9 @@ def run_once(fn: Callable[[], Any], marker_dir: str | os.PathLike, name: str, *,
 
 def _write_atomic(path: Path, record: dict) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
+  if "://" in os.fspath(path):  # object storage: an object appears whole
+    path.write_text(json.dumps(record))
+    return
   tmp = path.with_name(path.name + ".tmp")
   tmp.write_text(json.dumps(record))
   os.replace(tmp, path)

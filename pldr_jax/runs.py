@@ -15,6 +15,10 @@
     `.pt` / `.bin` / `.safetensors` file in the authors' layout
     (`pldr_jax.convert.load_checkpoint`); the tokenizer is `tokenizer=` or a
     `tokenizer.model` beside the weights, else None.
+
+A run directory may be local or on object storage (`gs://bucket/run`), and
+may have been moved or copied since training: the data and tokenizer paths
+of its meta are resolved against the run directory (`pldr_jax.paths`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from etils import epath
+
+from pldr_jax import paths
 from pldr_jax.config import PLDRConfig
 
 __all__ = ["LoadedModel", "load", "checkpoints_dir"]
@@ -49,9 +56,11 @@ class LoadedModel:
     return iter((self.config, self.params, self.g_lm, self.tokenizer))
 
 
-def checkpoints_dir(path: str | os.PathLike) -> Path | None:
-  """The Orbax checkpoints directory of a run directory (or the directory itself), else None."""
-  p = Path(path)
+def checkpoints_dir(path: str | os.PathLike) -> epath.Path | None:
+  """The Orbax checkpoints directory of a run directory (or the directory itself), else None.
+
+  path: local or a URL (`gs://...`)."""
+  p = paths.as_path(path)
   if (p / "checkpoints").is_dir():
     return p / "checkpoints"
   if p.is_dir() and any(c.name.isdigit() and c.is_dir() for c in p.iterdir()):
@@ -73,11 +82,11 @@ def load(path: str | os.PathLike, *, step: int | None = None, tokenizer=None,
   overrides: PLDRConfig fields for a published checkpoint (e.g. g_mode,
   max_len, compute_dtype); a run's config is what it was trained with.
   """
-  path = Path(path)
-  if not path.exists():
+  if not paths.as_path(path).exists():
     raise FileNotFoundError(f"nothing to load at {path}: give a run directory, its "
                             "checkpoints/ directory, a Hugging Face folder or a checkpoint file")
   ckdir = checkpoints_dir(path)
+  path = Path(path)
   if ckdir is not None:
     from pldr_jax import checkpoint as ckpt_lib
     from pldr_jax.data import DataConfig
@@ -89,9 +98,11 @@ def load(path: str | os.PathLike, *, step: int | None = None, tokenizer=None,
     if overrides:
       config = config.replace(**overrides)
     data = DataConfig(**meta["data"]) if "data" in meta else None
+    if data is not None:  # recorded relative to the run directory (or by older runs)
+      data = paths.resolve_data(data, ckdir.parent)
     params, g_lm, step = restore_for_inference(ckdir, config, int(meta["step"]))
     tok_path = tokenizer or (data.tokenizer_path if data is not None else None)
-    if tok_path is not None and not Path(tok_path).is_file():
+    if tok_path is not None and not paths.as_path(tok_path).is_file():
       tok_path = None  # the run's tokenizer was moved or deleted: load without it
     return LoadedModel(config, params, g_lm, _tokenizer(tok_path), data, step, str(ckdir))
   from pldr_jax import convert

@@ -36,8 +36,8 @@ import numpy as np
 
 from pldr_jax import cli, errors
 from pldr_jax import checkpoint as ckpt_lib
-from pldr_jax import distributed, g_modes, model, train
-from pldr_jax.metrics_file import trim_metrics
+from pldr_jax import distributed, g_modes, model, paths, train
+from pldr_jax.metrics_file import open_metrics, trim_metrics
 from pldr_jax import params as params_lib
 from pldr_jax.config import ConfigError, PLDRConfig
 from pldr_jax.data import DataConfig, load_tokenizer, make_eval_batches, make_train_iterator
@@ -57,7 +57,7 @@ def validate(config: PLDRConfig, tc: train.TrainConfig, data: DataConfig, mesh) 
   train.check_batch_fits(data.batch_size * jax.process_count(), mesh)
   eval_bs = data.eval_batch_size or data.batch_size
   train.check_batch_fits(eval_bs * jax.process_count(), mesh)
-  if data.tokenizer_path is None or not Path(data.tokenizer_path).is_file():
+  if data.tokenizer_path is None or not paths.as_path(data.tokenizer_path).is_file():
     raise ConfigError(f"tokenizer file not found: {data.tokenizer_path}")
 
 
@@ -72,7 +72,7 @@ def fixed_g(config: PLDRConfig, tc: train.TrainConfig, g_source: str | None):
   if config.g_mode == "transferred":
     if g_source is None:
       raise ConfigError("g_mode='transferred' needs g_source: a .npy file or a checkpoint dir")
-    src = Path(g_source)
+    src = paths.as_path(g_source)
     if src.is_dir():
       item = ckpt_lib.load_g_lm(src)
       return g_modes.load_transferred_g(config, np.asarray(item["G_LM"]))
@@ -193,11 +193,15 @@ def set_aside(directory: Path, steps, suffix: str) -> list[Path]:
   """Rename step directories to `<step>.<suffix>[.N]` (Orbax then ignores them); process 0."""
   moved = []
   for step in steps:
-    src = Path(directory) / str(step)
+    src = paths.as_path(directory) / str(step)
     dst, n = src.with_name(f"{step}.{suffix}"), 1
     while dst.exists():
       dst, n = src.with_name(f"{step}.{suffix}.{n}"), n + 1
-    src.rename(dst)
+    if paths.is_remote(src):  # object storage renames a folder object by object: copy, delete
+      paths.sync_tree(src, dst)
+      src.rmtree()
+    else:
+      src.rename(dst)
     moved.append(dst)
   return moved
 
@@ -359,7 +363,7 @@ def run_pretraining(config: PLDRConfig, tc: train.TrainConfig, data: DataConfig,
 def _pretrain(config: PLDRConfig, tc: train.TrainConfig, data: DataConfig,
               workdir: str | os.PathLike, stop: StopSignals, *, g_source: str | None,
               progress: bool, stop_after: int | None, restore_step: int | None) -> RunResult:
-  workdir = Path(workdir)
+  workdir = paths.as_path(workdir)  # local or object storage (gs://...)
   ckdir = workdir / "checkpoints"
   main = jax.process_index() == 0
   mesh = train.make_mesh(tc)
@@ -372,7 +376,7 @@ def _pretrain(config: PLDRConfig, tc: train.TrainConfig, data: DataConfig,
   tx = train.make_optimizer(tc)
   g_lm = fixed_g(config, tc, g_source)
   meta = {"model": dataclasses.asdict(config), "train": dataclasses.asdict(tc),
-          "data": dataclasses.asdict(data)}
+          "data": dataclasses.asdict(paths.record_data(data, workdir))}  # relocatable
 
   with jax.set_mesh(mesh):
     abstract = train.abstract_train_state(config, tx, mesh)
@@ -407,7 +411,7 @@ def _pretrain(config: PLDRConfig, tc: train.TrainConfig, data: DataConfig,
     probe = np.asarray([2] + tokenizer.encode(PROBE_TEXT), np.int32)[:config.max_len]
 
     writer = _summary_writer(workdir / "tensorboard") if main else _NoWriter()
-    metrics_file = open(workdir / "metrics.jsonl", "a") if main else _NoWriter()
+    metrics_file = open_metrics(workdir / "metrics.jsonl") if main else _NoWriter()
     bar = _progress(progress, start, tc.num_steps)
     losses: dict[int, float] = {}
     last: dict[str, float] | None = None
@@ -421,6 +425,7 @@ def _pretrain(config: PLDRConfig, tc: train.TrainConfig, data: DataConfig,
       checkpointer.save(step, params=state["params"], opt_state=state["opt_state"],
                         data_state=it.get_state(), meta={**meta, "step": step},
                         g_lm=g_item or None, force=force)
+      metrics_file.sync()  # on object storage the log is uploaded with each checkpoint
 
     try:
       with stop.training():
@@ -499,7 +504,7 @@ class _NoWriter:
   def write(self, *_):
     pass
 
-  add_scalar = flush = close = write
+  add_scalar = flush = sync = close = write
 
 
 def _progress(enabled: bool, start: int, total: int):
@@ -508,6 +513,6 @@ def _progress(enabled: bool, start: int, total: int):
               desc="pretrain", dynamic_ncols=True)
 
 
-def _summary_writer(logdir: Path):
+def _summary_writer(logdir):
   from tensorboardX import SummaryWriter
   return SummaryWriter(str(logdir))

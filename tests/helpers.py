@@ -45,18 +45,30 @@ def load_script(relpath: str, name: str | None = None, *, once: bool = False):
   return mod
 
 
-def write_tiny_run(root, *, g_mode: str = "learned"):
+def write_tiny_run(root, *, g_mode: str = "learned", recorded: str = "run"):
   """A run directory as the trainer leaves it (checkpoints/<step> with the configs in
-  meta) for a randomly initialised tiny model that uses the published tokenizer.
-  Returns its path."""
+  meta, the tokenizer under <root>/data/tokenizer) for a randomly initialised tiny
+  model that uses the published tokenizer. Returns its path.
+
+  recorded: how the meta names the tokenizer. "run": relative to the run folder, as
+  pretrain.py writes it; "cwd": relative to the working directory, as runs written
+  before relocatable run folders did; "absolute".
+  """
   import dataclasses
+  import os
+  import shutil
   from pathlib import Path
-  from pldr_jax import checkpoint, config, params
+  from pldr_jax import checkpoint, config, params, paths
   from pldr_jax.data import DataConfig
   root = Path(root)
-  tok = Path(__file__).resolve().parents[1] / "data" / "published" / "pldr-refinedweb-32k.model"
+  published = Path(__file__).resolve().parents[1] / "data" / "published" / "pldr-refinedweb-32k.model"
+  tok = root / "data" / "tokenizer" / published.name
+  tok.parent.mkdir(parents=True, exist_ok=True)
+  shutil.copy(published, tok)
+  tok_path = {"run": paths.record(tok, root), "cwd": os.path.relpath(tok),
+              "absolute": str(tok.resolve())}[recorded]
   c = config.tiny(vocab_size=32000, max_len=64, g_mode=g_mode)
-  data = DataConfig(tokenizer_path=str(tok), vocab_size=32000, seq_len=64)
+  data = DataConfig(tokenizer_path=tok_path, vocab_size=32000, seq_len=64)
   with checkpoint.Checkpointer(root / "checkpoints", async_save=False) as ck:
     ck.save(1, params=params.init_params(c, jax.random.key(0)), opt_state={}, data_state={},
             meta={"model": dataclasses.asdict(c), "data": dataclasses.asdict(data)})

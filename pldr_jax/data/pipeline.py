@@ -37,6 +37,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from pldr_jax import paths
 from pldr_jax.data.corpus import (DataError, corpus_fingerprint, default_corpus_dir,
                                   find_split_files)
 from pldr_jax.config import DataConfig  # noqa: F401 (re-export)
@@ -275,7 +276,20 @@ def prepare_default_data(work_dir: str | os.PathLike, vocab_size: int = 8000,
   `<work_dir>/tokenizer/spm_unigram_<vocab_size>_<corpus hash>.model` (trained
   on the train split). A second call reuses both. Returns a DataConfig pointing at them;
   `overrides` set other DataConfig fields (batch_size, seed, ...).
+
+  work_dir may be on object storage (`gs://...`): the files are built in the
+  local cache (`pldr_jax.paths.cache_dir`), then copied there.
   """
+  if paths.is_remote(work_dir):
+    local = prepare_default_data(paths.cache_dir(work_dir), vocab_size, seq_len,
+                                 corpus_dir=corpus_dir,
+                                 max_tokenizer_documents=max_tokenizer_documents, **overrides)
+    remote = paths.as_path(work_dir)
+    paths.sync_tree(local.data_dir, remote / "tfds")
+    tok = paths.as_path(local.tokenizer_path)
+    paths.sync_tree(tok.parent, remote / "tokenizer")
+    return local.replace(data_dir=os.fspath(remote / "tfds"),
+                         tokenizer_path=os.fspath(remote / "tokenizer" / tok.name))
   work_dir = Path(work_dir)
   corpus = Path(corpus_dir) if corpus_dir is not None else default_corpus_dir()
   data_dir = work_dir / "tfds"

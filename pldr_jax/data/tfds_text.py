@@ -29,6 +29,7 @@ from typing import Any
 import tensorflow_datasets as tfds
 from etils import epath
 
+from pldr_jax import paths
 from pldr_jax.config import LOCAL_DATASET
 from pldr_jax.data.corpus import (DataError, corpus_fingerprint, find_split_files,
                                   iter_documents)
@@ -158,15 +159,36 @@ def _build(corpus_dir, data_dir: Path, splits, text_key: str, overwrite: bool) -
   return LOCAL_DATASET
 
 
+def local_copy(name: str, split: str, data_dir: str) -> str:
+  """A local data_dir holding the files of `split` of dataset `name` from the
+  object-storage `data_dir` (array_record reads local files only). Copied once
+  into the local cache (`pldr_jax.paths.cache_dir`); files already there with
+  the same size are kept."""
+  folder = name.split(":")[0]  # 'c4/en:3.1.0' -> c4/en/<version>/...
+  split_name = split.split("[")[0]
+
+  def keep(rel: str) -> bool:
+    base = rel.rsplit("/", 1)[-1]
+    return base.endswith(".json") or f"-{split_name}." in base
+
+  local = paths.cache_dir(data_dir)
+  paths.sync_tree(paths.as_path(data_dir) / folder, local / folder, keep)
+  return os.fspath(local)
+
+
 def open_data_source(name: str, split: str, data_dir: str | os.PathLike | None,
                      *, download: bool = False) -> Any:
   """`tfds.data_source(name, split=split, data_dir=data_dir)` with clear errors.
 
-  Returns a random-access sequence (len, [i]) of feature dicts.
+  Returns a random-access sequence (len, [i]) of feature dicts. A data_dir on
+  object storage (`gs://...`) is read through a local copy of the split's files
+  (`local_copy`).
   """
-  data_dir = None if data_dir is None else str(data_dir)
-  if data_dir is not None and not Path(data_dir).exists():
+  data_dir = None if data_dir is None else os.fspath(data_dir)
+  if data_dir is not None and not paths.as_path(data_dir).exists():
     raise DataError(f"TFDS data_dir not found: {data_dir}")
+  if data_dir is not None and paths.is_remote(data_dir):
+    data_dir = local_copy(name, split, data_dir)
   try:
     return tfds.data_source(name, split=split, data_dir=data_dir, download=download)
   except DataError:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
+from etils import epath
 
 from pldr_jax.data.corpus import DataError, find_split_files, iter_documents
 
@@ -43,7 +44,7 @@ class Tokenizer:
   end_id = END_ID
 
   def __init__(self, path: str | os.PathLike):
-    self.path = Path(path)
+    self.path = epath.Path(os.fspath(path))  # local or object storage (gs://...)
     self._sp = _load_checked(self.path)
 
   @property
@@ -76,18 +77,18 @@ class Tokenizer:
     return {"path": str(self.path), "proto": self._sp.serialized_model_proto()}
 
   def __setstate__(self, state):
-    self.path = Path(state["path"])
+    self.path = epath.Path(state["path"])
     self._sp = spm.SentencePieceProcessor(model_proto=state["proto"])
 
   def __repr__(self) -> str:
     return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
 
 
-def _load_checked(path: Path) -> spm.SentencePieceProcessor:
+def _load_checked(path: epath.Path) -> spm.SentencePieceProcessor:
   if not path.is_file():
     raise DataError(f"tokenizer file not found: {path} (a SentencePiece .model)")
   try:
-    sp = spm.SentencePieceProcessor(model_file=str(path))
+    sp = spm.SentencePieceProcessor(model_proto=path.read_bytes())
   except (RuntimeError, OSError) as e:
     raise DataError(f"{path} is not a valid SentencePiece model: {e}") from None
   if sp.get_piece_size() <= len(SPECIAL_PIECES):
