@@ -73,3 +73,32 @@ def write_tiny_run(root, *, g_mode: str = "learned", recorded: str = "run"):
     ck.save(1, params=params.init_params(c, jax.random.key(0)), opt_state={}, data_state={},
             meta={"model": dataclasses.asdict(c), "data": dataclasses.asdict(data)})
   return root
+
+
+def write_hf_cache(cache, repo_id: str, folder, *, revision: str = "main"):
+  """Put the files of `folder` (a Hugging Face folder, e.g. written by convert.save_hf)
+  into a Hugging Face hub cache at `cache` as model `repo_id`, the way huggingface_hub
+  leaves a download (and reads it back in offline mode):
+
+      models--{org}--{name}/blobs/<sha256 of the file>        the bytes
+      models--{org}--{name}/snapshots/<commit>/<file>         -> ../../blobs/<sha256>
+      models--{org}--{name}/refs/<revision>                   <commit> (no newline)
+
+  Returns the snapshot folder.
+  """
+  import hashlib
+  import os
+  from pathlib import Path
+  repo = Path(cache) / ("models--" + repo_id.replace("/", "--"))
+  commit = hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()  # 40 hex digits
+  snapshot = repo / "snapshots" / commit
+  (repo / "blobs").mkdir(parents=True, exist_ok=True)
+  snapshot.mkdir(parents=True, exist_ok=True)
+  for f in sorted(Path(folder).iterdir()):
+    data = f.read_bytes()
+    blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+    blob.write_bytes(data)
+    (snapshot / f.name).symlink_to(os.path.relpath(blob, snapshot))
+  (repo / "refs").mkdir(exist_ok=True)
+  (repo / "refs" / revision).write_text(commit)
+  return snapshot
