@@ -21,7 +21,8 @@ the PNG plots from the newest suite file (benchmarks/report.py).
 Suites: `quick` (the lengths and configs below, a few timed steps each), `full`
 (lengths 256..8192 everywhere, 110M on 8 devices, more steps), `gpu` (one GPU,
 bf16; `bash benchmarks/gpu_session.sh` runs it), `gpu_rehearsal` (the gpu
-suite's cases on the tiny config, for a CPU) and `smoke` (tests). `--only
+suite's cases on the tiny config, for a CPU) and `smoke` (tests: the rehearsal's
+case kinds at one length each, every decode mode, every section). `--only
 decode,train` runs a subset (the report then uses what the file holds);
 `--budget_s S` starts no case after S seconds. The JSON is rewritten after every
 case, so a run cut short keeps what it measured.
@@ -241,20 +242,6 @@ SUITES = {
         ceilings=CeilingsSpec(gib=2.0, n=4096, repeats=10),
         compile=CompileSpec(num_prompts=20, max_len=2048),
     ),
-    # A seconds-long pass over every section (tests/test_benchmarks.py); numbers meaningless.
-    "smoke": Suite(
-        decode=(DecodeSpec("tiny", "float32", (1,), (64,), tuple(decode_bench.MODES)),
-                DecodeSpec("tiny", "float32", (2,), (128,), ("kv+g", "less")),
-                DecodeSpec("tiny", "bfloat16", (1,), (64,), ("kv+g",))),
-        decode_steps={"tiny": 2},
-        paired=(PairedSpec("tiny", 1, (64,), 3),),
-        prefill=(PrefillSpec("tiny", (1,), (64,)),),
-        train=(TrainSpec("tiny", 4, 32, 1, 2, "float32"),),
-        memory_lengths=(64, 128),
-        budget=32,
-        ceilings=CeilingsSpec(gib=0.0625, n=256, repeats=2),
-        compile=CompileSpec(num_prompts=3, max_len=32, max_new_tokens=4),
-    ),
 }
 # One H100 (or any GPU), under 8 minutes (`bash benchmarks/gpu_session.sh` runs it
 # with a time budget): 110M bf16 training MFU with plain and cuDNN-fused attention,
@@ -316,6 +303,21 @@ def rehearsal(suite: Suite) -> Suite:
 
 
 SUITES["gpu_rehearsal"] = rehearsal(SUITES["gpu"])
+# A short pass over every section (tests/test_benchmarks.py; numbers meaningless):
+# every case kind of the GPU suite as the rehearsal runs it (bf16 decode at batch
+# 1/8/64, LESS past its budget, bf16 paired and prefill, training with plain and
+# fused attention), each at one length, plus every decode mode once and training on
+# two forced host devices -- one run instead of a smoke run and a rehearsal.
+SUITES["smoke"] = dataclasses.replace(
+    SUITES["gpu_rehearsal"],
+    decode=(DecodeSpec("tiny", "bfloat16", (1, 8, 64), (64,), ("kv+g",)),
+            DecodeSpec("tiny", "bfloat16", (1, 8), (64,), ("less",)),
+            DecodeSpec("tiny", "float32", (1,), (64,), tuple(decode_bench.MODES)),
+            DecodeSpec("tiny", "float32", (8,), (64,), ("kv+g",))),
+    prefill=(PrefillSpec("tiny", (1, 8), (64,), "bfloat16"),),
+    train=tuple(dataclasses.replace(t, devices=2) if t.attention == "plain" else t
+                for t in SUITES["gpu_rehearsal"].train),
+    compile=CompileSpec(num_prompts=3, max_len=32, max_new_tokens=4))
 SECTIONS = ("ceilings", "decode", "gcache", "prefill", "train", "compile", "memory")
 
 
