@@ -4,7 +4,7 @@
     python benchmarks/tpu_plan.py --out benchmarks/results/tpu_plan_<date> \
         [--cases 110m:v5e:2x4:8x1:64:plain,...]
 
-Each case is MODEL:TOPOLOGY:DATAxFSDP:GLOBAL_BATCH:ATTENTION[:REMAT], MODEL one
+Each case is MODEL:CHIP:SHAPE:DATAxFSDP:GLOBAL_BATCH:ATTENTION[:REMAT], MODEL one
 of 110m, 350m, 1b, 3b (experiments/configs/pldrv51_110m.gin, pldr_350m.gin,
 pldr_1b.gin, pldr_3b.gin). Every case is `python -m pldr_jax.aot`'s train
 program (pldr_jax.aot.run) for that topology: per-chip HBM against the chip,
@@ -13,7 +13,9 @@ and the roofline ESTIMATE of step time, tokens/s and MFU -- compiler figures,
 not measurements. One JSON per case under --out (a case already there is not
 compiled again), and `plan.md`: the table, plus per model and topology the
 fastest case that fits, and the days for the published 110M budget of ~8B
-tokens at that estimate.
+tokens at that estimate; then per pod of the plan (PODS: v5e-8, v5e-256,
+v4-128, v5p-128) the fastest fitting case projected to the pod at the same
+per-device batch and fsdp size (`project`).
 """
 
 from __future__ import annotations
@@ -55,31 +57,100 @@ def run_case(case: dict) -> dict:
   return result
 
 
-def render(results: list[dict]) -> str:
+# The pods of the plan: name -> (chip, JAX devices). v4 topologies list each
+# TensorCore as a device (v4-128 = v4:4x4x4 = 64 chips, 128 devices of 16 GiB);
+# v5e and v5p show one device per chip (v5p-128 = v5p:4x4x4 = 64 chips).
+PODS = {"v5e-8": ("v5e", 8), "v5e-256": ("v5e", 256), "v4-128": ("v4", 128),
+        "v5p-128": ("v5p", 64)}
+
+
+def _days(d: float) -> str:
+  """Days, with hours or minutes beside a value under a day."""
+  if d != d or d >= 1:
+    return f"{d:,.1f}"
+  return f"{d:.2f} ({24 * d:.1f} h)" if d >= 1 / 24 else f"{d:.4f} ({1440 * d:.0f} min)"
+
+
+def _per_device(c: dict, h: dict) -> float:
+  return c["batch"] / h["num_devices"]
+
+
+def project(r: dict) -> list[dict]:
+  """The pods a compiled case stands for, at the same per-device batch and fsdp size.
+
+  Per device, memory, FLOPs, bytes and the collectives' operand bytes depend on
+  the per-device batch and the fsdp size, not on the number of data replicas:
+  weights, optimizer state and gradients are sharded over fsdp only, and a ring
+  all-reduce / all-gather moves about the same bytes per chip however many take
+  part. So a case on a slice with mesh d x f stands for a pod of N devices with
+  mesh (N / f) x f; tokens/s scale by N / devices. An ESTIMATE, like the rest.
+  """
+  c, h, row = r["case"], r["header"], r["programs"][0]
+  e = row["estimate"]
+  out = []
+  for pod, (chip, n) in PODS.items():
+    fsdp = c["mesh"][1]
+    if chip != c["topology"].split(":")[0] or n % fsdp:
+      continue
+    tps = e["tokens_per_s"] * n / h["num_devices"]
+    out.append({"pod": pod, "mesh": (n // fsdp, fsdp), "batch": round(_per_device(c, h) * n),
+                "tokens_per_s": tps, "mfu": e["mfu"],
+                "days": BUDGET_TOKENS / tps / 86400 if tps else float("nan"),
+                "same": n == h["num_devices"]})
+  return out
+
+
+def render(results: list[dict], errors: dict[str, str] | None = None) -> str:
   lines = ["| model | topology | mesh data x fsdp | batch (per device) | attention | remat | "
            "HBM/device GiB (of) | fits | est. step ms (bound) | est. tok/s | est. MFU | "
            "est. days for 8B tokens | compile s |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   best = {}
+  pods = {}
   for r in results:
     c, row, h = r["case"], r["programs"][0], r["header"]
+    lead = (f"| {c['model']} | {c['topology']} | {c['mesh'][0]}x{c['mesh'][1]} | {c['batch']} "
+            f"({_per_device(c, h):g}) | {c['attention']} | {c['remat']} |")
+    if "error" in row:
+      lines.append(f"{lead} did not compile: {row['error'][:200]} | | | | | | |")
+      continue
     e, m = row["estimate"], row["hbm"]
     days = BUDGET_TOKENS / e["tokens_per_s"] / 86400 if e["tokens_per_s"] else float("nan")
-    per = c["batch"] // h["num_devices"] if c["batch"] >= h["num_devices"] else c["batch"] / h["num_devices"]
     lines.append(
-        f"| {c['model']} | {c['topology']} | {c['mesh'][0]}x{c['mesh'][1]} | {c['batch']} ({per:g}) | "
-        f"{c['attention']} | {c['remat']} | {m['total'] / 2**30:.2f} ({m['capacity'] / 2**30:.1f}) | "
+        f"{lead} {m['total'] / 2**30:.2f} ({m['capacity'] / 2**30:.1f}) | "
         f"{'yes' if m['fits'] else 'NO'} | {1e3 * e['step_s']:.1f} ({e['bound']}) | "
-        f"{e['tokens_per_s']:,.0f} | {100 * e['mfu']:.1f}% | {days:.2f} | {row['compile_s']:.0f} |")
+        f"{e['tokens_per_s']:,.0f} | {100 * e['mfu']:.1f}% | {_days(days)} | {row['compile_s']:.0f} |")
     key = (c["model"], c["topology"])
     if m["fits"] and (key not in best or e["tokens_per_s"] > best[key][1]):
       best[key] = (c, e["tokens_per_s"], e["mfu"], days)
-  lines += ["", "Fastest case that fits, per model and topology (by the estimate):", "",
+    if m["fits"]:
+      for p in project(r):
+        k = (c["model"], p["pod"])
+        if k not in pods or p["tokens_per_s"] > pods[k][1]["tokens_per_s"]:
+          pods[k] = (r, p)
+  for key, text in sorted((errors or {}).items()):
+    lines.append(f"| {key} | | | | | | did not compile: {text[:200]} | | | | | | |")
+  lines += ["", "Fastest case that fits, per model and compiled topology (by the estimate):", "",
             "| model | topology | mesh | batch | attention | remat | est. MFU | est. days for 8B tokens |",
             "|---|---|---|---|---|---|---|---|"]
   for (model, topo), (c, tps, mfu, days) in sorted(best.items()):
     lines.append(f"| {model} | {topo} | {c['mesh'][0]}x{c['mesh'][1]} | {c['batch']} | "
-                 f"{c['attention']} | {c['remat']} | {100 * mfu:.1f}% | {days:.2f} |")
+                 f"{c['attention']} | {c['remat']} | {100 * mfu:.1f}% | {_days(days)} |")
+  order = {m: i for i, m in enumerate(GIN)}
+  lines += ["", "Per pod: the fastest fitting case, projected at the same per-device batch and "
+            "fsdp size (ESTIMATES; see `project`):", "",
+            "| model | pod | mesh data x fsdp | global batch (per device) | attention | remat | "
+            "HBM/device GiB | est. tok/s | est. MFU | est. days for 8B tokens | from the compile of |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for (model, pod), (r, p) in sorted(pods.items(), key=lambda kv: (order[kv[0][0]],
+                                                                  list(PODS).index(kv[0][1]))):
+    c, h, m = r["case"], r["header"], r["programs"][0]["hbm"]
+    src = (f"{c['topology']} {c['mesh'][0]}x{c['mesh'][1]}, batch {c['batch']}"
+           + (" (this pod)" if p["same"] else ""))
+    lines.append(f"| {model} | {pod} | {p['mesh'][0]}x{p['mesh'][1]} | {p['batch']} "
+                 f"({_per_device(c, h):g}) | {c['attention']} | {c['remat']} | "
+                 f"{m['total'] / 2**30:.2f} / {m['capacity'] / 2**30:.1f} | "
+                 f"{p['tokens_per_s']:,.0f} | {100 * p['mfu']:.1f}% | {_days(p['days'])} | {src} |")
   return "\n".join(lines) + "\n"
 
 
@@ -108,9 +179,14 @@ def main(argv=None) -> int:
         continue
       path.write_text(json.dumps(result, indent=1, default=str))
       print(render([result]).splitlines()[2], file=sys.stderr, flush=True)
+      (out / f"{case['key']}.error.txt").unlink(missing_ok=True)
   results = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
-  (out / "plan.md").write_text(render(results))
-  print(render(results))
+  done = {p.stem for p in out.glob("*.json")}
+  errors = {p.name[:-len(".error.txt")]: p.read_text().strip().splitlines()[0]
+            for p in sorted(out.glob("*.error.txt")) if p.name[:-len(".error.txt")] not in done}
+  text = render(results, errors)
+  (out / "plan.md").write_text(text)
+  print(text)
   return 0
 
 
