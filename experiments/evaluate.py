@@ -69,7 +69,9 @@ def main(argv=None) -> int:
   if limit is not None and limit >= 1 and float(limit).is_integer():
     limit = int(limit)
   tm = TaskManager(include_path=args.include_path, include_defaults=not args.no_default_tasks)
-  report = {"checkpoint": str(Path(args.checkpoint).resolve()), "tasks": tasks,
+  from pldr_jax import paths
+  where = args.checkpoint if args.checkpoint.startswith("hf:") else str(paths.as_path(args.checkpoint))
+  report = {"checkpoint": where, "tasks": tasks,
             "limit": limit, "g_cache": {}, "failed": {}}
   for g in MODES[args.g_cache]:
     mode = "on" if g else "off"

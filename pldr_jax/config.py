@@ -115,6 +115,12 @@ class PLDRConfig:
       dimensions), the attention and elementwise work recomputed; "full":
       only the layer's input, the whole layer recomputed. Same numbers, less
       memory for more compute (MaxText's `remat_policy`).
+    loss_chunk: positions per chunk of the LM head and the cross-entropy in
+      training and evaluation (pldr_jax.train.chunked_cross_entropy): the
+      [B, S, V] logits are never stored whole, each chunk's are recomputed in
+      the backward pass. 0: the whole sequence at once. Same numbers, less
+      memory and HBM traffic for one more LM-head matmul (MaxText's vocab
+      tiling, over the sequence).
   """
 
   vocab_size: int = 32000
@@ -135,6 +141,7 @@ class PLDRConfig:
   scan_layers: bool = True
   attention: str = "plain"
   remat: str = "none"
+  loss_chunk: int = 0
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff",
@@ -173,6 +180,10 @@ class PLDRConfig:
           f"fused attention), got {self.compute_dtype!r}")
     if self.remat not in REMAT_POLICIES:
       raise ConfigError(f"PLDRConfig.remat={self.remat!r} is not one of {REMAT_POLICIES}")
+    if (not isinstance(self.loss_chunk, int) or isinstance(self.loss_chunk, bool)
+        or self.loss_chunk < 0):
+      raise ConfigError(
+          f"PLDRConfig.loss_chunk must be an int >= 0 (0: no chunks), got {self.loss_chunk!r}")
 
   @property
   def head_dim(self) -> int:

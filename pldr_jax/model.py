@@ -193,7 +193,7 @@ _REMAT = {"minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 
 def decoder(params: dict, tokens: jax.Array, positions: jax.Array, attend: Attend, xs=None,
             state=None, *, config: PLDRConfig, unroll: bool = False, remat: str = "none",
-            logits_at_last: jax.Array | None = None):
+            logits_at_last: jax.Array | None = None, head: bool = True):
   """The one decoder core: embedding, L post-LN PLGA layers, LM head.
 
   tokens, positions: int [B, S] (decode: S = 1).
@@ -209,6 +209,8 @@ def decoder(params: dict, tokens: jax.Array, positions: jax.Array, attend: Atten
   logits_at_last: None, or int [B] sequence lengths: the LM head then runs at
   each sequence's last position only (all a prefill for generation needs)
   and the logits are [B, V].
+  head: False returns the last layer's output [B, S, d] in place of the logits
+  (the caller applies `lm_head`, e.g. in chunks).
   Returns (logits [B, S, V], state, ys stacked [L, ...]).
   """
   chex.assert_rank([tokens, positions], 2)
@@ -235,7 +237,7 @@ def decoder(params: dict, tokens: jax.Array, positions: jax.Array, attend: Atten
   (x, state), ys = scan_layers(body, (x, state), params["layers"], xs, unroll=unroll)
   if logits_at_last is not None:
     x = at_last(x, logits_at_last)
-  return lm_head(params, x), state, ys
+  return (lm_head(params, x) if head else x), state, ys
 
 
 def at_last(x: jax.Array, lengths: jax.Array, batch_axis: int = 0) -> jax.Array:
@@ -260,7 +262,7 @@ DEDUCTIVE_KEYS = ("A_in", "A", "A_LM", "A_P", "G_LM", "logits")
 def forward(params: dict, tokens: jax.Array, lengths: jax.Array | None = None, *,
             config: PLDRConfig, g_lm=None, return_deductive: bool = False,
             return_aux: bool = False, unroll: bool | None = None,
-            logits_at_last: jax.Array | None = None):
+            logits_at_last: jax.Array | None = None, head: bool = True):
   """The full forward pass (training, scoring, prefill).
 
   tokens: int [B, S] right-padded; lengths: int [B] (None: all S real);
@@ -274,6 +276,7 @@ def forward(params: dict, tokens: jax.Array, lengths: jax.Array | None = None, *
   [L, B, S, H, dk], the deductive tensors and 'gram' (learned G).
   unroll: None follows config.scan_layers.
   logits_at_last: see `decoder` (logits [B, V] at positions logits_at_last - 1).
+  head: False returns the last layer's output [B, S, d] in place of the logits.
   """
   check_inputs(tokens, lengths, config)
   g_lm = resolve_g_lm(config, g_lm)
@@ -297,7 +300,7 @@ def forward(params: dict, tokens: jax.Array, lengths: jax.Array | None = None, *
   logits, _, ys = decoder(params, tokens, positions, attend, given_g(g_lm, tokens.shape[0]),
                        config=config, remat=config.remat,
                        unroll=(not config.scan_layers) if unroll is None else unroll,
-                       logits_at_last=logits_at_last)
+                       logits_at_last=logits_at_last, head=head)
   if return_aux:
     return logits, ys
   if not return_deductive:

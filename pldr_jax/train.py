@@ -117,6 +117,34 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax
   return lse - target, target >= peak
 
 
+def chunked_cross_entropy(params: dict, x: jax.Array, targets: jax.Array,
+                          chunk: int) -> tuple[jax.Array, jax.Array]:
+  """`cross_entropy` of the LM head's logits, `chunk` positions at a time.
+
+  x: [B, T, d] the last layer's output (`model.forward(..., head=False)`);
+  targets: int [B, T]. Returns (ce [B, T] >= fp32, hit bool [B, T]), equal to
+  `cross_entropy(lm_head(params, x), targets)`. The head and the log-sum-exp run
+  per chunk under `jax.checkpoint`, so only one chunk's [B, chunk, V] logits live
+  at a time, in the forward and the backward pass (which recomputes them): the
+  whole [B, T, V] logits and their gradient are never stored. T is padded up to a
+  multiple of `chunk` (the padding's outputs are dropped).
+  """
+  b, t, d = x.shape
+  n = -(-t // chunk)
+  pad = n * chunk - t
+  xs = jnp.pad(x, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d).swapaxes(0, 1)
+  ts = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, n, chunk).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def one(xc, tc):  # [B, chunk, d], [B, chunk] -> [B, chunk] each
+    logits = model.lm_head(params, xc)
+    return cross_entropy(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), tc)
+
+  ce, hit = jax.lax.map(lambda a: one(*a), (xs, ts))  # [n, B, chunk]
+  unchunk = lambda y: y.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
+  return unchunk(ce), unchunk(hit)
+
+
 def target_weights(mask: jax.Array, first_target=0, dtype=jnp.float32) -> jax.Array:
   """Which next-token targets count: 1/0 weights [B, S-1] of the targets tokens[:, 1:].
 
@@ -151,12 +179,15 @@ def loss_fn(params, batch: dict, *, config: PLDRConfig, g_lm=None, dag_coeff: fl
   """
   tokens, mask = batch["tokens"], batch["mask"]
   inputs, lengths = model_inputs(tokens, mask)
-  logits, ded = model.forward(params, inputs, lengths, config=config, g_lm=g_lm,
-                              return_deductive=dag_coeff > 0)
-  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+  chunk = config.loss_chunk
+  out, ded = model.forward(params, inputs, lengths, config=config, g_lm=g_lm,
+                           return_deductive=dag_coeff > 0, head=not chunk)
   targets = tokens[:, 1:]
-  weights = mask[:, 1:].astype(logits.dtype)
-  ce, hit = cross_entropy(logits, targets)
+  if chunk:
+    ce, hit = chunked_cross_entropy(params, out, targets, chunk)
+  else:
+    ce, hit = cross_entropy(out.astype(jnp.promote_types(out.dtype, jnp.float32)), targets)
+  weights = mask[:, 1:].astype(ce.dtype)
   n = jnp.maximum(jnp.sum(weights), 1.0)
   ce_mean = jnp.sum(ce * weights) / n
   correct = hit.astype(weights.dtype)

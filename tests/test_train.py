@@ -137,6 +137,44 @@ def test_cross_entropy_against_log_softmax_and_argmax():
   assert not bool(train.cross_entropy(tie, jnp.asarray([0]))[1][0])
 
 
+@pytest.mark.parametrize("chunk", [4, 5])
+def test_loss_chunk_gives_the_same_loss_and_gradients(chunk):
+  """PLDRConfig.loss_chunk: the LM head and cross-entropy over chunks of positions
+  (chunks of 4 over the 15 targets, the last one padded; chunks of 5, even) give the
+  whole-sequence loss, metrics and gradients (float64)."""
+  c = cfg.tiny(param_dtype="float64", compute_dtype="float64")
+  p = model.init_params(c, jax.random.key(0))
+  rng = np.random.default_rng(2)
+  toks = rng.integers(4, c.vocab_size, (3, 16)).astype(np.int32)
+  toks[1, 11:] = 0
+  batch = {"tokens": jnp.asarray(toks), "mask": jnp.asarray((toks != 0).astype(np.int32))}
+  grad = lambda cc: jax.value_and_grad(
+      lambda q: train.loss_fn(q, batch, config=cc), has_aux=True)(p)
+  (loss, m), g = grad(c)
+  (loss_c, m_c), g_c = grad(c.replace(loss_chunk=chunk))
+  np.testing.assert_allclose(float(loss_c), float(loss), rtol=1e-12)
+  for k in m:
+    np.testing.assert_allclose(float(m_c[k]), float(m[k]), rtol=1e-12)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b),
+                                                       rtol=1e-9, atol=1e-12), g_c, g)
+
+
+def test_loss_chunk_never_stores_the_whole_logits():
+  """With loss_chunk the compiled gradient of the loss needs less temporary memory than
+  the whole-sequence loss, by more than the [B, S, V] fp32 logits (XLA's own memory
+  analysis, CPU: here 41.6 MB against 17.0 MB, the logits 16.6 MB)."""
+  c = cfg.tiny(vocab_size=4096, max_len=128)
+  p = jax.eval_shape(lambda: model.init_params(c, jax.random.key(0)))
+  batch = {k: jax.ShapeDtypeStruct((8, 128), jnp.int32) for k in ("tokens", "mask")}
+  logits_bytes = 8 * 127 * c.vocab_size * 4
+
+  def temps(cc):
+    f = jax.jit(jax.grad(lambda q, b: train.loss_fn(q, b, config=cc)[0]))
+    return f.lower(p, batch).compile().memory_analysis().temp_size_in_bytes
+
+  assert temps(c) - temps(c.replace(loss_chunk=32)) > logits_bytes
+
+
 def test_weight_decay_on_every_parameter_by_default():
   """AdamW decays biases, LayerNorms and the embedding too (the authors' torch AdamW);
   decay_all_params=False decays matrices only."""
