@@ -14,7 +14,13 @@ generated from the saved checkpoint with the KV-cache and G-cache.
 Several processes (one per host, or several on one machine):
   python experiments/pretrain.py ... --coordinator_address HOST:PORT \
       --num_processes N --process_id I        (or JAX_COORDINATOR_ADDRESS, ...)
-Process 0 builds the dataset and tokenizer; the others wait for it.
+Process 0 builds the dataset and tokenizer; the others wait for it. Only process 0
+writes to the console (`--verbose`: every process); errors of any process still go
+to its stderr as one line. A process that is lost (killed, crashed, its host gone)
+ends the others with one line each, within about a second (a host: within
+`--peer_timeout` seconds, default 30) and exit status 75: which process is gone, the
+last intact checkpoint and the command that resumes (start every process again with
+the command it was started with; see pldr_jax.peers).
 
 Ctrl-C or SIGTERM says so at once, saves a checkpoint at the end of the current
 step and exits 0; a second one aborts without saving (the checkpoints already
@@ -86,6 +92,18 @@ def python_command() -> str:
   return rel if not rel.startswith("..") else exe
 
 
+def lost_peer_hint(workdir, argv: list[str]) -> str:
+  """The lost-peer line's second half: the newest finished checkpoint (written whole by
+  Orbax, so it restores) and the command that resumes."""
+  from pldr_jax.trainer import newest_step
+  ckdir = paths.as_path(workdir) / "checkpoints"
+  saved = newest_step(ckdir)
+  kept = (f"The last intact checkpoint is step {saved} in {ckdir}" if saved is not None
+          else f"No checkpoint was saved yet in {ckdir}")
+  return (f"{kept}. To resume, start every process again, on every host, with the command "
+          f"it was started with (this one: {resume_command(argv)}).")
+
+
 def print_samples(run: dict, data: DataConfig) -> None:
   import jax
   from pldr_jax import generate
@@ -114,8 +132,11 @@ def main(argv=None) -> int:
   parser.add_argument("--no_progress", action="store_true")
   parser.add_argument("--restore_step", type=int, default=None,
                       help="resume from this checkpoint step (default: the newest good one)")
+  parser.add_argument("--verbose", action="store_true",
+                      help="every process writes to the console (default: process 0 only)")
   distributed.add_arguments(parser)
   args = parser.parse_args(argv)
+  argv = sys.argv if argv is None else [sys.argv[0]] + list(argv)
   cli.parse_gin(args.gin_file, args.gin_param)  # a typo: the closest valid name
   run = experiment()
   if args.workdir:
@@ -124,7 +145,22 @@ def main(argv=None) -> int:
   cli.check_run_folder(run["workdir"], "--workdir" if args.workdir else "experiment.workdir")
   if run["data_workdir"]:
     cli.check_run_folder(run["data_workdir"], "experiment.data_workdir")
+  launch = distributed.resolve(args.coordinator_address, args.num_processes, args.process_id)
+  if distributed.launch_index(launch) != 0 and not args.verbose:
+    distributed.quiet_stdout()  # process 0 speaks for the run
+  from pldr_jax import peers
+  peers.set_resume_hint(lambda: lost_peer_hint(run["workdir"], argv))
   distributed.initialize(args)
+  try:
+    code = _train(run, args, argv)
+  except BaseException as e:
+    distributed.failing(e)  # a lost peer's symptom: the watch names the peer and ends this
+    raise
+  distributed.leaving()
+  return code
+
+
+def _train(run: dict, args: argparse.Namespace, argv: list[str]) -> int:
   from pldr_jax.trainer import newest_step, run_pretraining
   data = resolve_data(run)
   result = run_pretraining(run["model"], run["train"], data, run["workdir"],
@@ -132,7 +168,6 @@ def main(argv=None) -> int:
                            restore_step=args.restore_step)
   wd = paths.as_path(run["workdir"])  # local or gs://...
   if result.interrupted:
-    argv = sys.argv if argv is None else [sys.argv[0]] + list(argv)
     saved = newest_step(wd / "checkpoints")
     kept = (f"checkpoint of step {saved} in {wd / 'checkpoints'}" if saved is not None
             else "nothing saved yet")

@@ -13,6 +13,14 @@ On CPU the cross-process collectives go through gloo (set before initialising);
 on a TPU pod or GPUs nothing is forced (`expected_platform`, `jax_settings`).
 Everything here is a no-op (or the obvious single-process answer) when
 `jax.process_count() == 1`.
+
+A process that is lost (killed, crashed, its host gone) does not take the others
+down with a C++ abort: `initialize` starts `pldr_jax.peers.Watch`, and every
+survivor prints one line (which process, and what the entry point's
+`peers.set_resume_hint` says: the last intact checkpoint and the command that
+resumes) and exits with status 75 within about a second of a process's death, or
+within --peer_timeout seconds (default 30) of a host's. Entry points call
+`leaving()` before a normal exit and `failing(exc)` on an error.
 """
 
 from __future__ import annotations
@@ -21,15 +29,21 @@ import argparse
 import json
 import os
 import secrets
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple
 
+from pldr_jax import errors
+
 __all__ = ["Launch", "add_arguments", "resolve", "launch_flags", "launch_index", "initialize",
+           "peer_timeout", "leaving", "failing", "quiet_stdout",
            "expected_platform", "jax_settings",
            "barrier", "any_process", "gather_json", "run_once"]
 
 ENV_ADDRESS, ENV_COUNT, ENV_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
+ENV_PEER_TIMEOUT = "PLDR_PEER_TIMEOUT"
+JAX_HEARTBEAT_TIMEOUT_S = 100  # jax.distributed's default: the C++ abort's own bound
 
 
 class Launch(NamedTuple):
@@ -49,6 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                  help=f"number of processes (env {ENV_COUNT})")
   g.add_argument("--process_id", type=int, default=None,
                  help=f"this process's index in [0, num_processes) (env {ENV_ID})")
+  g.add_argument("--peer_timeout", type=float, default=None, metavar="SECONDS",
+                 help="a lost process ends the others within about a second, one whose "
+                      "host or network is gone within this many seconds (default "
+                      f"{_default_peer_timeout():g}; env {ENV_PEER_TIMEOUT}; 0: jax's own "
+                      "abort instead of one line)")
 
 
 def _auto_detectable(environ: Mapping[str, str], dev: str | os.PathLike = "/dev") -> bool:
@@ -125,22 +144,121 @@ def launch_index(launch: Launch, environ: Mapping[str, str] | None = None) -> in
   return 0
 
 
+def _default_peer_timeout() -> float:
+  from pldr_jax import peers
+  return peers.DEFAULT_TIMEOUT_S
+
+
+def peer_timeout(args: argparse.Namespace | None = None,
+                 environ: Mapping[str, str] | None = None) -> float:
+  """--peer_timeout, else PLDR_PEER_TIMEOUT, else the default (seconds; 0: no watch)."""
+  environ = os.environ if environ is None else environ
+  value = getattr(args, "peer_timeout", None)
+  if value is None:
+    raw = environ.get(ENV_PEER_TIMEOUT, "").strip()
+    try:
+      value = float(raw) if raw else _default_peer_timeout()
+    except ValueError:
+      raise errors.ConfigError(f"{ENV_PEER_TIMEOUT}={raw!r} is not a number of seconds") from None
+  if not value >= 0:
+    raise errors.ConfigError(f"--peer_timeout must be >= 0 seconds, got {value:g}")
+  return float(value)
+
+
 def initialize(args: argparse.Namespace | None = None) -> Launch:
-  """Start jax.distributed as `resolve` decides (idempotent); returns the decision."""
+  """Start jax.distributed as `resolve` decides (idempotent); returns the decision.
+
+  With several processes, also the lost-peer watch (`pldr_jax.peers`) unless
+  --peer_timeout is 0: processes other than 0 reach the coordinator through its
+  relay (explicit launches), and jax's heartbeat timeout is kept above the watch's.
+  """
   import jax
   launch = resolve(getattr(args, "coordinator_address", None),
                    getattr(args, "num_processes", None), getattr(args, "process_id", None))
   if launch.mode == "single" or _already_initialized():
     return launch
+  timeout = peer_timeout(args)
   for name, value in jax_settings(expected_platform()).items():
     if not getattr(jax.config, name):
       jax.config.update(name, value)
+  from pldr_jax import peers
+  kwargs = {}
+  if timeout and 2 * timeout > JAX_HEARTBEAT_TIMEOUT_S and _accepts(
+      jax.distributed.initialize, "heartbeat_timeout_seconds"):
+    kwargs["heartbeat_timeout_seconds"] = int(2 * timeout) + 1
+  relay = None
   if launch.mode == "explicit":
-    jax.distributed.initialize(coordinator_address=launch.address,
-                               num_processes=launch.count, process_id=launch.index)
+    address = launch.address
+    if timeout and launch.index != 0:
+      relay = peers.Relay(launch.address, on_lost=lambda: peers.current().coordinator_lost())
+      address = relay.address
+    jax.distributed.initialize(coordinator_address=address, num_processes=launch.count,
+                               process_id=launch.index, **kwargs)
   else:
-    jax.distributed.initialize()
+    jax.distributed.initialize(**kwargs)
+  if timeout:
+    _start_watch(launch, timeout, relay)
   return launch
+
+
+def _accepts(fn, name: str) -> bool:
+  import inspect
+  try:
+    return name in inspect.signature(fn).parameters
+  except (TypeError, ValueError):
+    return False
+
+
+def _start_watch(launch: Launch, timeout: float, relay) -> None:
+  """The lost-peer watch over jax.distributed's client (private API: without it, or if
+  the liveness port cannot be reached, the run goes on with jax's own behaviour)."""
+  from pldr_jax import peers
+  try:
+    from jax._src import distributed as jd
+    state = jd.global_state
+    client, index, count = state.client, state.process_id, state.num_processes
+    coordinator = launch.address or state.coordinator_address
+  except (ImportError, AttributeError):
+    return
+  if client is None or coordinator is None:
+    return
+  try:
+    peers.Watch(index, count, coordinator, timeout_s=timeout, client=client,
+                relay=relay).start()
+  except Exception as e:  # noqa: BLE001 - the run can go on without the watch
+    print(f"warning: process {index}: the lost-peer watch did not start ({type(e).__name__}: "
+          f"{e}); a lost process will end this one with jax's own abort", file=sys.stderr,
+          flush=True)
+
+
+def leaving() -> None:
+  """Call before a normal exit: the other processes do not report this one as lost."""
+  from pldr_jax import peers
+  if peers.current() is not None:
+    peers.current().leaving()
+
+
+def failing(exc: BaseException | None = None) -> None:
+  """Call when this process stops on an error, before its one line: the others report
+  'process I stopped on an error' (and stop) instead of a lost process. An error that
+  a lost peer may have caused (a failed collective) first waits, up to the watch's
+  bound, for the watch to name the lost process and end this one."""
+  from pldr_jax import peers
+  if peers.current() is not None:
+    peers.current().failing(exc)
+
+
+def quiet_stdout() -> None:
+  """Send this process's stdout (Python's and the C++ libraries') to /dev/null: the
+  processes other than 0 of a run, so only process 0 writes to the console. stderr,
+  where errors go, stays."""
+  try:
+    sys.stdout.flush()
+  except Exception:  # noqa: BLE001
+    pass
+  null = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(null, 1)
+  os.close(null)
 
 
 def expected_platform(environ: Mapping[str, str] | None = None,

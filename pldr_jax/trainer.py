@@ -328,9 +328,11 @@ def _write_now(text: str) -> None:
 
 
 def newest_step(ckdir) -> int | None:
-  """The newest finished checkpoint step in `ckdir` (a listing, no Orbax); None if none."""
+  """The newest finished checkpoint step in `ckdir` (a listing, no Orbax; local or
+  object storage); None if none. Orbax gives a step its plain number only once every
+  process's part of it is written, so the step this names restores."""
   try:
-    steps = [int(n) for n in os.listdir(os.fspath(ckdir)) if n.isdigit()]
+    steps = [int(p.name) for p in paths.as_path(ckdir).iterdir() if p.name.isdigit()]
   except (OSError, ValueError):
     return None
   return max(steps) if steps else None

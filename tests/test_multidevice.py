@@ -5,10 +5,14 @@
 (identity G, to 1e-5). Two processes (jax.distributed over localhost, gloo CPU
 collectives): a run trains and checkpoints, is killed, resumes on two processes
 with the losses of an uninterrupted two-process run, samples on both, and its
-checkpoint restores to the same parameters on one process and on two.
+checkpoint restores to the same parameters on one process and on two. One of two
+processes killed: the other exits at once with one line (which process, the last
+intact checkpoint, the command that resumes), and that command resumes both.
 """
 
 import os
+import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -141,8 +145,11 @@ def _two_processes(cmd_for, env=None) -> list[subprocess.Popen]:
           for i in range(2)]
 
 
-def _pretrain2(workdir, data_workdir, steps, extra=()):
+def _pretrain2(workdir, data_workdir, steps, extra=(), verbose=True):
+  """Both processes' commands; verbose: each writes to the console (by default only
+  process 0 does)."""
   base = _cmd(workdir, data_workdir, steps, ["DataConfig.batch_size=4", *extra])
+  base += ["--verbose"] if verbose else []
   return lambda address, i: base + ["--coordinator_address", address, "--num_processes", "2",
                                     "--process_id", str(i)]
 
@@ -178,6 +185,56 @@ def test_two_processes_kill_resume_sample_and_restore_on_one(tmp_path, data_work
                                   stderr=subprocess.PIPE, text=True)])
   digests = {out.strip().splitlines()[-1] for out in two + one}
   assert digests == {f"STEP {steps} DIGEST {one[0].split()[-1]}"}, digests
+
+
+# What may reach a survivor's stderr besides its one line: nothing from the C++ runtime
+# (absl log lines, a check failure's stack trace), no traceback, no gloo error.
+_SPEW = re.compile(r"^[IWEF]\d{4} |Check failure|Traceback|^\s+@\s+0x|[Gg]loo|"
+                   r"coordination_service|terminate called", re.M)
+
+
+def test_a_lost_process_ends_the_other_with_one_line_and_both_resume(tmp_path, data_workdir):
+  """SIGKILL process 0 (the coordinator) once a checkpoint is saved: process 1 exits 75
+  at once (a dead process closes its connections; the bound for a vanished host is
+  --peer_timeout) with one line naming the lost process, the last intact checkpoint and
+  the command that resumes; that command, run for both processes, continues there.
+  Process 1 writes nothing to stdout (no --verbose). tests/test_peers.py covers the
+  other direction and the watch's messages without JAX."""
+  steps = 12
+  wd = tmp_path / "run"
+  procs = _two_processes(_pretrain2(wd, data_workdir, steps, ["TrainConfig.checkpoint_every=2"],
+                                    verbose=False))
+  _wait_for(lambda: _steps_saved(wd), procs, "the first checkpoint")
+  procs[0].kill()
+  t_kill = time.monotonic()
+  out, err = procs[1].communicate(timeout=120)
+  waited = time.monotonic() - t_kill
+  procs[0].wait()
+  kept = max(_steps_saved(wd))
+  assert kept < steps
+  assert procs[1].returncode == 75, err[-3000:]
+  assert waited < 10, f"the survivor took {waited:.1f} s"  # ~0.1 s here; CI may be loaded
+  lines = [l for l in err.splitlines() if l.strip()]
+  assert len(lines) == 1 and not _SPEW.search(err), err[-3000:]
+  line = lines[0]
+  assert line.startswith("error: process 0 of 2 is gone ("), line
+  assert f"The last intact checkpoint is step {kept} in {wd / 'checkpoints'}." in line, line
+  assert "start every process again, on every host" in line, line
+  assert out == "", out[-2000:]  # only process 0 writes to the console
+
+  # Resume: the printed command, with each process's own --process_id.
+  cmd = shlex.split(re.search(r"\(this one: (.+)\)\.$", line).group(1))
+  assert cmd[cmd.index("--process_id") + 1] == "1"
+
+  def resume(i):
+    c = list(cmd)
+    c[c.index("--process_id") + 1] = str(i)
+    return subprocess.Popen(c, env=_env(1), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+  outs = _finish([resume(0), resume(1)])
+  assert f"resumed from {wd / 'checkpoints'} at step {kept}" in outs[0], outs[0][-2000:]
+  assert f"finished at step {steps}" in outs[0] and outs[1] == ""
+  _assert_no_duplicates(wd, steps)
 
 
 def test_launch_resolution_flags_env_and_auto():
