@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -44,8 +45,21 @@ def parse_case(text: str) -> dict:
           "remat": parts[6] if len(parts) == 7 else "none", "key": text.replace(":", "_")}
 
 
+def _megacore_devices(name: str) -> list:
+  """A v4 topology's devices in megacore mode: one device per chip (32 GiB), as
+  JAX runs a v4 (jax.make_mesh refuses a v4 core per device: 'Creating meshes
+  for TPU >v3 requires one device per chip'). libtpu's default lists each
+  TensorCore as a device; chip_config_name='megacore' lists chips."""
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  from jax.experimental import topologies
+  return list(topologies.get_topology_desc(platform="tpu", topology_name=name,
+                                           chip_config_name="megacore").devices)
+
+
 def run_case(case: dict) -> dict:
   from pldr_jax import aot, gin_configs
+  if case["topology"].startswith("v4:"):
+    aot.topology_devices = _megacore_devices  # aot.run looks it up at call time
   run = gin_configs.parse([GIN[case["model"]]],
                           [f"PLDRConfig.attention='{case['attention']}'",
                            f"PLDRConfig.remat='{case['remat']}'"])
@@ -57,10 +71,11 @@ def run_case(case: dict) -> dict:
   return result
 
 
-# The pods of the plan: name -> (chip, JAX devices). v4 topologies list each
-# TensorCore as a device (v4-128 = v4:4x4x4 = 64 chips, 128 devices of 16 GiB);
-# v5e and v5p show one device per chip (v5p-128 = v5p:4x4x4 = 64 chips).
-PODS = {"v5e-8": ("v5e", 8), "v5e-256": ("v5e", 256), "v4-128": ("v4", 128),
+# The pods of the plan: name -> (chip, JAX devices). v4 and v5p names count
+# TensorCores: v4-128 = v4:4x4x4 and v5p-128 = v5p:4x4x4 are 64 chips each. v4
+# cases are compiled in megacore mode (one 32 GiB device per chip, how JAX runs
+# a v4; `_megacore_devices`); v5e and v5p have one device per chip anyway.
+PODS = {"v5e-8": ("v5e", 8), "v5e-256": ("v5e", 256), "v4-128": ("v4", 64),
         "v5p-128": ("v5p", 64)}
 
 
