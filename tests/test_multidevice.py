@@ -3,11 +3,11 @@
 8 devices (one process): data-parallel and data x FSDP runs save, are killed
 (SIGKILL) or stopped (SIGTERM), resume, and reproduce the 1-device losses
 (identity G, to 1e-5). Two processes (jax.distributed over localhost, gloo CPU
-collectives): a run trains and checkpoints, is killed, resumes on two processes
-with the losses of an uninterrupted two-process run, samples on both, and its
-checkpoint restores to the same parameters on one process and on two. One of two
-processes killed: the other exits at once with one line (which process, the last
-intact checkpoint, the command that resumes), and that command resumes both.
+collectives): a run trains and checkpoints, and one of its processes is killed; the
+other exits at once with one line (which process, the last intact checkpoint, the
+command that resumes), and that command resumes both with the losses of an
+uninterrupted two-process run; they sample the same tokens, and the checkpoint
+restores to the same parameters on one process and on two.
 """
 
 import os
@@ -154,56 +154,30 @@ def _pretrain2(workdir, data_workdir, steps, extra=(), verbose=True):
                                     "--process_id", str(i)]
 
 
-def test_two_processes_kill_resume_sample_and_restore_on_one(tmp_path, data_workdir):
-  steps = 12
-  full = _finish(_two_processes(_pretrain2(tmp_path / "full", data_workdir, steps)))
-  assert all(f"finished at step {steps}" in out for out in full)
-  wd = tmp_path / "killed"
-  procs = _two_processes(_pretrain2(wd, data_workdir, steps))
-  _wait_for(lambda: any(s >= 4 for s in _steps_saved(wd)), procs, "the first checkpoint")
-  for p in procs:
-    p.kill()
-  for p in procs:
-    p.wait()
-  kept = max(_steps_saved(wd))
-  assert kept < steps
-  outs = _finish(_two_processes(_pretrain2(wd, data_workdir, steps, ["experiment.samples=1",
-                                                                     "experiment.sample_tokens=6"])))
-  for out in outs:
-    assert f"resumed from {wd / 'checkpoints'} at step {kept}" in out
-    assert f"finished at step {steps}" in out and "samples from" in out
-  samples = [out[out.index("samples from"):] for out in outs]
-  assert samples[0] == samples[1]  # the same parameters on both processes
-  _assert_no_duplicates(wd, steps)
-  assert _losses(wd) == _losses(tmp_path / "full")  # each process resumed its own data shard
-
-  ckdir = str(wd / "checkpoints")
-  two = _finish(_two_processes(
-      lambda address, i: [sys.executable, "-c", _RESTORE, ckdir, address, "2", str(i)]))
-  one = _finish([subprocess.Popen([sys.executable, "-c", _RESTORE, ckdir, "", "1", "0"],
-                                  env=_env(1), cwd=REPO, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)])
-  digests = {out.strip().splitlines()[-1] for out in two + one}
-  assert digests == {f"STEP {steps} DIGEST {one[0].split()[-1]}"}, digests
-
-
 # What may reach a survivor's stderr besides its one line: nothing from the C++ runtime
 # (absl log lines, a check failure's stack trace), no traceback, no gloo error.
 _SPEW = re.compile(r"^[IWEF]\d{4} |Check failure|Traceback|^\s+@\s+0x|[Gg]loo|"
                    r"coordination_service|terminate called", re.M)
 
 
-def test_a_lost_process_ends_the_other_with_one_line_and_both_resume(tmp_path, data_workdir):
-  """SIGKILL process 0 (the coordinator) once a checkpoint is saved: process 1 exits 75
-  at once (a dead process closes its connections; the bound for a vanished host is
-  --peer_timeout) with one line naming the lost process, the last intact checkpoint and
-  the command that resumes; that command, run for both processes, continues there.
-  Process 1 writes nothing to stdout (no --verbose). tests/test_peers.py covers the
-  other direction and the watch's messages without JAX."""
+def test_a_lost_process_ends_the_other_with_one_line_both_resume_sample_and_restore(
+    tmp_path, data_workdir):
+  """Two processes, one killed. SIGKILL process 0 (the coordinator) once a checkpoint is
+  saved: process 1 exits 75 at once (a dead process closes its connections; the bound for
+  a vanished host is --peer_timeout) with one line naming the lost process, the last
+  intact checkpoint and the command that resumes, and writes nothing to stdout (no
+  --verbose). That command, run for both processes, continues there with the losses of
+  an uninterrupted two-process run (each process resumes its own data shard), samples
+  the same tokens on both, and the checkpoint restores to the same parameters on one
+  process and on two. tests/test_peers.py covers the other direction and the watch's
+  messages without JAX."""
   steps = 12
+  extra = ["TrainConfig.checkpoint_every=2"]
+  full = _finish(_two_processes(_pretrain2(tmp_path / "full", data_workdir, steps, extra)))
+  assert all(f"finished at step {steps}" in out for out in full)
+
   wd = tmp_path / "run"
-  procs = _two_processes(_pretrain2(wd, data_workdir, steps, ["TrainConfig.checkpoint_every=2"],
-                                    verbose=False))
+  procs = _two_processes(_pretrain2(wd, data_workdir, steps, extra, verbose=False))
   _wait_for(lambda: _steps_saved(wd), procs, "the first checkpoint")
   procs[0].kill()
   t_kill = time.monotonic()
@@ -222,19 +196,34 @@ def test_a_lost_process_ends_the_other_with_one_line_and_both_resume(tmp_path, d
   assert "start every process again, on every host" in line, line
   assert out == "", out[-2000:]  # only process 0 writes to the console
 
-  # Resume: the printed command, with each process's own --process_id.
+  # Resume: the printed command, with each process's own --process_id (and, to compare
+  # the two processes' samples, both writing to the console).
   cmd = shlex.split(re.search(r"\(this one: (.+)\)\.$", line).group(1))
   assert cmd[cmd.index("--process_id") + 1] == "1"
 
   def resume(i):
     c = list(cmd)
     c[c.index("--process_id") + 1] = str(i)
+    c += ["--verbose", "--gin_param=experiment.samples=1", "--gin_param=experiment.sample_tokens=6"]
     return subprocess.Popen(c, env=_env(1), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
   outs = _finish([resume(0), resume(1)])
-  assert f"resumed from {wd / 'checkpoints'} at step {kept}" in outs[0], outs[0][-2000:]
-  assert f"finished at step {steps}" in outs[0] and outs[1] == ""
+  for o in outs:
+    assert f"resumed from {wd / 'checkpoints'} at step {kept}" in o, o[-2000:]
+    assert f"finished at step {steps}" in o and "samples from" in o
+  samples = [o[o.index("samples from"):] for o in outs]
+  assert samples[0] == samples[1]  # the same parameters on both processes
   _assert_no_duplicates(wd, steps)
+  assert _losses(wd) == _losses(tmp_path / "full")
+
+  ckdir = str(wd / "checkpoints")
+  two = _finish(_two_processes(
+      lambda address, i: [sys.executable, "-c", _RESTORE, ckdir, address, "2", str(i)]))
+  one = _finish([subprocess.Popen([sys.executable, "-c", _RESTORE, ckdir, "", "1", "0"],
+                                  env=_env(1), cwd=REPO, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)])
+  digests = {o.strip().splitlines()[-1] for o in two + one}
+  assert digests == {f"STEP {steps} DIGEST {one[0].split()[-1]}"}, digests
 
 
 def test_launch_resolution_flags_env_and_auto():
