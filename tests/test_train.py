@@ -58,8 +58,10 @@ def _run_sharded(devices: int, *cases: dict) -> list[dict]:
   `devices` forced CPU devices, in one process; one result per case."""
   defaults = dict(steps=20, dtype="float64", lr=3e-3, g_mode="learned")
   args = [[c["data"], c["fsdp"], *({**defaults, **c}[k] for k in defaults)] for c in cases]
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_PLATFORMS="cpu")
+  # Backend optimisations off, as for the suite (tests/conftest.py): a few tiny steps.
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
+                       "--xla_backend_optimization_level=0")
   out = subprocess.run([sys.executable, "-c", _SHARDED_RUN, json.dumps(args)],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
