@@ -37,8 +37,9 @@ def _check_tree(actual_tree, abstract_tree, what):
   assert not bad, f"{what}: compiled shardings differ from the declared ones: {bad[:3]}"
 
 
-def _compile_all(topology: str, data: int, fsdp: int, batch: int, decode_batch: int):
-  config = tiny(compute_dtype="bfloat16")
+def _compile_all(topology: str, data: int, fsdp: int, batch: int, decode_batch: int,
+                 attention: str = "plain"):
+  config = tiny(compute_dtype="bfloat16", attention=attention)
   tc = TrainConfig(num_steps=10, warmup_steps=2, mesh_data=data, mesh_fsdp=fsdp)
   devices = aot.topology_devices(topology)
   mesh = train.make_mesh(tc, devices)
@@ -53,13 +54,21 @@ def _compile_all(topology: str, data: int, fsdp: int, batch: int, decode_batch: 
   return config, mesh, out
 
 
-@pytest.mark.parametrize("topology, data, fsdp, batch", [
-    ("v5e:2x2", 2, 2, 8),
-    ("v5e:16x16", 256, 1, 256),
+@pytest.mark.parametrize("topology, data, fsdp, batch, attention", [
+    ("v5e:2x2", 2, 2, 8, "flash"),
+    ("v5e:16x16", 256, 1, 256, "plain"),
 ])
-def test_tiny_steps_compile_for_tpu(topology, data, fsdp, batch):
-  config, mesh, out = _compile_all(topology, data, fsdp, batch, decode_batch=batch)
+def test_tiny_steps_compile_for_tpu(topology, data, fsdp, batch, attention):
+  """Train, prefill and the three decode steps compile for a 4-chip data x fsdp mesh
+  and a 256-chip one, with the declared shardings, no f64 and no host callback. The
+  4-chip case takes attention='flash': the Pallas kernel (a Mosaic custom call, which
+  XLA cannot partition) runs per batch shard inside the sharded train step and the
+  prefill `generate` runs; decode always attends plainly."""
+  config, mesh, out = _compile_all(topology, data, fsdp, batch, decode_batch=batch,
+                                   attention=attention)
   assert set(out) == {"train", "prefill", *DECODE}
+  for name in ("train", "prefill"):
+    assert ("tpu_custom_call" in out[name][1].as_text()) == (attention == "flash"), name
   declared = params_lib.param_shardings(config, mesh)
   for name, (prog, compiled, row) in out.items():
     assert row["checks"] == {"f64": False, "host_callback": False}, name
@@ -134,19 +143,3 @@ def test_scanned_layers_are_counted_through_their_twins():
   assert est["bytes_accessed"] == pytest.approx(unrolled["bytes_accessed"], rel=0.15)
   # What the twins correct: the one-layer count is well below three layers'.
   assert c1["flops"] < 0.8 * unrolled["flops"]
-
-
-def test_flash_attention_train_step_compiles_for_tpu():
-  """attention='flash': the Pallas kernel (a Mosaic custom call, which XLA cannot
-  partition) runs per batch shard inside the sharded train step and the prefill
-  `generate` runs, and both compile for the TPU."""
-  config = tiny(compute_dtype="bfloat16", attention="flash")
-  tc = TrainConfig(num_steps=10, warmup_steps=2, mesh_data=2, mesh_fsdp=2)
-  mesh = train.make_mesh(tc, aot.topology_devices("v5e:2x2"))
-  with jax.enable_x64(False), backend.target("tpu"):
-    progs = aot.build(config, tc, mesh, batch=8, seq_len=32, programs=("train", "prefill"),
-                      decode_batch=4)
-    compiled = {p.name: (p, aot.compile_program(p)[0]) for p in progs}
-  for name, (prog, c) in compiled.items():
-    assert "tpu_custom_call" in c.as_text(), name
-    _check_tree(c.input_shardings[0][0], prog.args[0], f"flash {name}")
