@@ -261,6 +261,9 @@ def test_generate_greedy_matches_forward_and_stream():
 def test_generate_no_recompile_within_bucket():
   c = cfg.tiny()
   p = _params(c)
+  # From a cold cache: a test that ran before in this process may have compiled the
+  # same config's next bucket already (the jit cache is per process).
+  gen.generate_tokens.clear_cache()
   gen.generate(p, [[4, 5, 6]], config=c, max_new_tokens=4)  # warm the 16-bucket
   before = gen.generate_tokens._cache_size()
   rng = np.random.default_rng(0)
