@@ -129,6 +129,10 @@ def render(results: list[dict], errors: dict[str, str] | None = None) -> str:
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   best = {}
   pods = {}
+  order = {m: i for i, m in enumerate(GIN)}
+  results = sorted(results, key=lambda r: (order[r["case"]["model"]], r["case"]["topology"],
+                                           r["case"]["batch"], r["case"]["attention"],
+                                           r["case"]["remat"]))
   for r in results:
     c, row, h = r["case"], r["programs"][0], r["header"]
     lead = (f"| {c['model']} | {c['topology']} | {c['mesh'][0]}x{c['mesh'][1]} | {c['batch']} "
@@ -159,7 +163,6 @@ def render(results: list[dict], errors: dict[str, str] | None = None) -> str:
   for (model, topo), (c, tps, mfu, days) in sorted(best.items()):
     lines.append(f"| {model} | {topo} | {c['mesh'][0]}x{c['mesh'][1]} | {c['batch']} | "
                  f"{c['attention']} | {c['remat']} | {100 * mfu:.1f}% | {_days(days)} |")
-  order = {m: i for i, m in enumerate(GIN)}
   lines += ["", "Per pod: the fastest fitting case, projected at the same per-device batch and "
             "fsdp size (ESTIMATES; see `project`):", "",
             "| model | pod | mesh data x fsdp | global batch (per device) | attention | remat | "
