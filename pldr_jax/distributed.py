@@ -275,8 +275,9 @@ def expected_platform(environ: Mapping[str, str] | None = None,
   first = environ.get("JAX_PLATFORMS", "").split(",")[0].strip().lower()
   if first:
     return {"cuda": "gpu", "rocm": "gpu"}.get(first, first)
+  # (Not TPU_SKIP_MDS_QUERY: `import jax` sets it to 1 where there is NO TPU chip.)
   if any(environ.get(v) for v in ("TPU_WORKER_ID", "TPU_ACCELERATOR_TYPE",
-                                  "TPU_WORKER_HOSTNAMES", "TPU_SKIP_MDS_QUERY")):
+                                  "TPU_WORKER_HOSTNAMES")):
     return "tpu"
   if any(dev.glob("accel*")) or any(p.name.isdigit() for p in dev.glob("vfio/*")):
     return "tpu"

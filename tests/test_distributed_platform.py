@@ -1,5 +1,9 @@
 """Start-up settings per platform: gloo only on the CPU, TPU VMs auto-detected."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from pldr_jax import distributed
@@ -22,6 +26,7 @@ def _dev(tmp_path, *files):
     ({}, ("vfio/0",), "tpu"),                                  # v6e TPU VM
     ({"TPU_WORKER_ID": "3"}, (), "tpu"),
     ({"TPU_ACCELERATOR_TYPE": "v5litepod-256"}, (), "tpu"),
+    ({"TPU_SKIP_MDS_QUERY": "1"}, (), "cpu"),                 # what `import jax` sets on a CPU
     ({}, ("nvidia0",), "gpu"),
     ({"CUDA_VISIBLE_DEVICES": "-1"}, ("nvidia0",), "cpu"),
 ])
@@ -44,3 +49,19 @@ def test_tpu_vm_starts_jax_distributed_by_itself(tmp_path):
                              dev=_dev(tmp_path / "tpu2", "accel0")).mode == "single"
   explicit = distributed.resolve("h:1", 2, 1, environ={}, dev=_dev(tmp_path / "tpu3", "accel0"))
   assert explicit == distributed.Launch("explicit", "h:1", 2, 1)
+
+
+def test_a_plain_machine_after_import_jax_is_single(tmp_path):
+  """What a user's `python experiments/pretrain.py` meets: no JAX_PLATFORMS, jax (and,
+  with the tpu extra, libtpu) imported before the launch is resolved. On a machine with
+  no TPU chip `import jax` sets TPU_SKIP_MDS_QUERY=1; the launch must stay single (it
+  once read that as a TPU VM and started jax.distributed, which failed)."""
+  env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS",)}
+  env = {k: v for k, v in env.items() if not k.startswith("TPU_")}
+  code = ("import jax, os\n"
+          "from pldr_jax import distributed\n"
+          "print(os.environ.get('TPU_SKIP_MDS_QUERY'), distributed.resolve().mode)")
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split()[-1] == "single", out.stdout
