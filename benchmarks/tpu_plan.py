@@ -86,6 +86,20 @@ def _days(d: float) -> str:
   return f"{d:.2f} ({24 * d:.1f} h)" if d >= 1 / 24 else f"{d:.4f} ({1440 * d:.0f} min)"
 
 
+def _bad_collectives(row: dict) -> bool:
+  """Collective counts extrapolated from the twins came out negative: the 1- and
+  2-layer twins were partitioned differently, so their difference is not one
+  layer's collectives, and the ICI term of the estimate is unusable."""
+  return any(v["count"] < 0 or v["bytes"] < 0 for v in row["collectives"].values())
+
+
+def _mfu_text(row: dict) -> str:
+  e = row["estimate"]
+  if _bad_collectives(row):
+    return f"{100 * e['mfu']:.1f}% (n/a) †"
+  return f"{100 * e['mfu']:.1f}% ({100 * _mfu_serial(e):.0f}%)"
+
+
 def _mfu_serial(e: dict) -> float:
   """MFU if FLOPs, HBM traffic and collectives did not overlap at all (their
   times summed): the pessimistic end of the same roofline."""
@@ -145,8 +159,7 @@ def render(results: list[dict], errors: dict[str, str] | None = None) -> str:
     lines.append(
         f"{lead} {m['total'] / 2**30:.2f} ({m['capacity'] / 2**30:.1f}) | "
         f"{'yes' if m['fits'] else 'NO'} | {1e3 * e['step_s']:.1f} ({e['bound']}) | "
-        f"{e['tokens_per_s']:,.0f} | {100 * e['mfu']:.1f}% ({100 * _mfu_serial(e):.0f}%) | "
-        f"{_days(days)} | {row['compile_s']:.0f} |")
+        f"{e['tokens_per_s']:,.0f} | {_mfu_text(row)} | {_days(days)} | {row['compile_s']:.0f} |")
     key = (c["model"], c["topology"])
     if m["fits"] and (key not in best or e["tokens_per_s"] > best[key][1]):
       best[key] = (c, e["tokens_per_s"], e["mfu"], days)
@@ -177,8 +190,12 @@ def render(results: list[dict], errors: dict[str, str] | None = None) -> str:
     lines.append(f"| {model} | {pod} | {p['mesh'][0]}x{p['mesh'][1]} | {p['batch']} "
                  f"({_per_device(c, h):g}) | {c['attention']} | {c['remat']} | "
                  f"{m['total'] / 2**30:.2f} / {m['capacity'] / 2**30:.1f} | "
-                 f"{p['tokens_per_s']:,.0f} | {100 * p['mfu']:.1f}% ({100 * p['mfu_serial']:.0f}%) | "
+                 f"{p['tokens_per_s']:,.0f} | {_mfu_text(r['programs'][0])} | "
                  f"{_days(p['days'])} | {src} |")
+  if any(_bad_collectives(r["programs"][0]) for r in results if "error" not in r["programs"][0]):
+    lines += ["", "† the collectives extrapolated from the 1- and 2-layer twins came out "
+              "negative (the twins were partitioned differently): the ICI term is left out, "
+              "so that row's estimate is HBM- or FLOP-bound only and may be optimistic."]
   return "\n".join(lines) + "\n"
 
 
