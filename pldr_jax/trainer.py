@@ -413,7 +413,7 @@ def _pretrain(config: PLDRConfig, tc: train.TrainConfig, data: DataConfig,
     probe = np.asarray([2] + tokenizer.encode(PROBE_TEXT), np.int32)[:config.max_len]
 
     writer = _summary_writer(workdir / "tensorboard") if main else _NoWriter()
-    metrics_file = open_metrics(workdir / "metrics.jsonl") if main else _NoWriter()
+    metrics_file = _NoWriter()  # opened right before the loop (below)
     bar = _progress(progress, start, tc.num_steps)
     losses: dict[int, float] = {}
     last: dict[str, float] | None = None
@@ -434,6 +434,8 @@ def _pretrain(config: PLDRConfig, tc: train.TrainConfig, data: DataConfig,
         step = start
         if distributed.any_process(stop.received is not None):  # stopped during start-up
           interrupted = stop.received or "a signal to another process"
+        # Opened now: once the log exists, a signal means "save at the end of this step".
+        metrics_file = open_metrics(workdir / "metrics.jsonl") if main else _NoWriter()
         while interrupted is None and step < tc.num_steps:
           batch = train.global_batch(next(it), mesh)
           state, metrics = train_step(state, batch)
