@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pldr_jax import host
+from pldr_jax.training import host
 
 
 def cpu_model() -> str:
@@ -53,7 +53,7 @@ def environment() -> dict:
       "jaxlib": getattr(jax.lib, "__version__", None) or _jaxlib_version(),
       "python": platform.python_version(),
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "retain_freed_memory": host.retained(),  # pldr_jax.host: freed heap kept for reuse
+      "retain_freed_memory": host.retained(),  # pldr_jax.training.host: freed heap kept for reuse
   }
 
 

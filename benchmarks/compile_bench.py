@@ -1,8 +1,8 @@
 """Compilation counts and compile times of the decode path.
 
 `generate_counts` decodes prompts of assorted lengths with
-pldr_jax.generate.generate and counts how many times the one-program
-generate function was compiled (the jit cache of pldr_jax.generate.generate_tokens): prompts are
+pldr_jax.inference.generate.generate and counts how many times the one-program
+generate function was compiled (the jit cache of pldr_jax.inference.generate.generate_tokens): prompts are
 right-padded to power-of-two length buckets, so the count must equal the
 number of distinct buckets the prompts fall in, not the number of prompts.
 """
@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from pldr_jax import config as cfg
-from pldr_jax import generate as gen
+from pldr_jax.inference import generate as gen
 from pldr_jax import model
 
 

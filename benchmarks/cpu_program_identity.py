@@ -24,7 +24,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from less_jax import kernels as kernels_lib, policies  # noqa: E402
-from pldr_jax import generate, train  # noqa: E402
+from pldr_jax.inference import generate  # noqa: E402
+from pldr_jax.training import train
 from pldr_jax import params as params_lib  # noqa: E402
 from pldr_jax.config import TrainConfig, pldrv51_110m, tiny  # noqa: E402
 

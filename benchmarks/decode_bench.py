@@ -5,7 +5,7 @@ Modes (each on the same weights; `sdpa` is the same-size model with G = I):
   recompute  no cache: every new token runs the full forward over the prefix
              (per-token latency = one forward over `length` tokens);
   kv         KV-cache, G_LM recomputed from the cached A each step (power-law
-             step per layer per token; pldr_jax.decode g_cache=False);
+             step per layer per token; pldr_jax.inference.decode g_cache=False);
   kv+g       KV-cache + G-cache (G_LM read from the cache);
   sdpa       the same-size SDPA model (g_mode identity), KV-cache;
   h2o        H2O sparse cache (heavy = recent = budget / 2), no kernels;
@@ -42,9 +42,10 @@ from benchmarks import common
 from less_jax import kernels as kernels_lib
 from less_jax import model as less_model
 from less_jax import policies as policies_lib
-from pldr_jax.kv_cache import GCache, KVCache, zeros_like_abstract
+from pldr_jax.inference.kv_cache import GCache, KVCache, zeros_like_abstract
 from pldr_jax import config as cfg
-from pldr_jax import decode, model
+from pldr_jax.inference import decode
+from pldr_jax import model
 
 MODES = ("recompute", "kv", "kv+g", "sdpa", "h2o", "lambda", "less")
 FULL_MODES = ("kv", "kv+g", "sdpa")
@@ -96,7 +97,7 @@ def _kernels(c, rank: int, hidden: int):
 
 def read_param_bytes(params: dict, c, mode: str, batch: int) -> int:
   """Bytes of the parameters a decode step reads (see the module docstring):
-  pldr_jax.decode.decode_params (the G network only without a G-cache), with
+  pldr_jax.inference.decode.decode_params (the G network only without a G-cache), with
   B rows of the embedding table instead of all of it."""
   read = decode.decode_params(params, c, g_cache=mode not in ("kv", "recompute"))
   emb = read["embed"]

@@ -29,7 +29,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import common, decode_bench  # noqa: E402
-from pldr_jax import config as cfg, decode, model, nn  # noqa: E402
+from pldr_jax import config as cfg, model, nn  # noqa: E402
+from pldr_jax.inference import decode
 
 
 def _median_ms(f, *args, n: int = 40) -> float:

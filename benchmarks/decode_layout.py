@@ -23,7 +23,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import decode_bench  # noqa: E402
-from pldr_jax import config as cfg, decode, model  # noqa: E402
+from pldr_jax import config as cfg, model  # noqa: E402
+from pldr_jax.inference import decode
 
 
 def run(batch: int, length: int, rounds: int) -> dict:

@@ -19,7 +19,8 @@ jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp
 import numpy as np
 
-from pldr_jax import config as cfg, decode, model
+from pldr_jax import config as cfg, model
+from pldr_jax.inference import decode
 
 
 def main():

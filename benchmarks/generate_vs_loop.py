@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pldr_jax import config, decode, generate, model
+from pldr_jax import config, model
+from pldr_jax.inference import decode, generate
 
 c = config.pldrv51_110m()
 p = model.init_params(c, jax.random.key(0))

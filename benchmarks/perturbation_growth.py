@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pldr_jax import config as config_lib
-from pldr_jax import train
+from pldr_jax.training import train
 from pldr_jax.data import load_tokenizer, make_train_iterator, prepare_default_data
 
 EPS = 1e-15

@@ -178,7 +178,7 @@ def write_report(path, out_dir=RESULTS) -> list[Path]:
   if "retain_freed_memory" in env:
     lines.append("- host memory: freed heap " + ("kept for reuse" if env["retain_freed_memory"]
                  else "returned to the OS (system allocator)") +
-                 " in the suite's process (pldr_jax.host.retain_freed_memory)")
+                 " in the suite's process (pldr_jax.training.host.retain_freed_memory)")
   if rec.get("budget_s") is not None:
     lines.append(f"- time budget {rec['budget_s']:.0f} s: {len(rec.get('skipped', []))} "
                  "case(s) not started: " + (", ".join(rec["skipped"]) or "none"))
@@ -265,13 +265,13 @@ def write_report(path, out_dir=RESULTS) -> list[Path]:
   tr = rec.get("train", [])
   if tr:
     lines += ["## Training", "",
-              "Model FLOPs from the config (pldr_jax.train.flops_per_token, metric learner "
+              "Model FLOPs from the config (pldr_jax.training.train.flops_per_token, metric learner "
               "and power-law step included; remat's recomputation not counted); MFU = model "
               "FLOP/s / the matmul rate measured above (fp32; bf16 for bf16 on a GPU). "
               "`attention`, `remat`: PLDRConfig.attention / .remat. `peak MiB`: the device's "
               "peak where it reports one (GPU), else the process's peak RSS. "
               "`faults` = MiB of host pages faulted in per timed step, `kept` = freed host "
-              "memory kept for reuse (pldr_jax.host.retain_freed_memory).",
+              "memory kept for reuse (pldr_jax.training.host.retain_freed_memory).",
               ""]
     lines += _table(["config", "dtype", "attention", "remat", "devices", "batch x seq",
                      "step s", "tokens/s", "GFLOP/s", "MFU", "compile s", "peak MiB", "faults",

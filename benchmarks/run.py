@@ -50,7 +50,8 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax  # noqa: E402
 
 from benchmarks import common, compile_bench, decode_bench, report  # noqa: E402
-from pldr_jax import cli, host  # noqa: E402
+from pldr_jax import cli  # noqa: E402
+from pldr_jax.training import host
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -493,7 +494,7 @@ def main(argv=None) -> int:
                   help="start no case after this many seconds (the rest are listed as "
                        "skipped); the record is saved after every case either way")
   a = ap.parse_args(argv)
-  # As a decoding or training process should run on a CPU (pldr_jax.host): the decode
+  # As a decoding or training process should run on a CPU (pldr_jax.training.host): the decode
   # steps' temporaries (the fp32 copies of bf16 weights above all) are not page-faulted
   # in anew at every step. Before JAX starts; PLDR_JAX_SYSTEM_MALLOC=1 turns it off.
   host.retain_freed_memory()

@@ -8,7 +8,7 @@ Each measurement runs in a fresh process (compile times without a warm cache):
   * prefill of 128 tokens into a 1024-slot cache, scan / unrolled;
   * one decode step (batch 1 and 8, 1024-slot cache, G-cache) on the stacked
     weights (every layer's weights sliced inside the step) and on per-layer
-    weights (pldr_jax.decode.decode_params, taken apart once).
+    weights (pldr_jax.inference.decode.decode_params, taken apart once).
 Prints one JSON record (and writes it to --out).
 """
 
@@ -29,7 +29,8 @@ def _decode_part(preset: str, variant: str, batch: int, steps: int = 30) -> dict
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from pldr_jax import config as cfg, decode, model
+  from pldr_jax import config as cfg, model
+  from pldr_jax.inference import decode
 
   c = cfg.preset(preset, scan_layers=variant != "unrolled")
   p = jax.jit(model.init_params, static_argnums=0)(c, jax.random.key(0))

@@ -27,7 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pldr_jax import aot, backend, train  # noqa: E402
+from pldr_jax import aot, backend  # noqa: E402
+from pldr_jax.training import train
 from pldr_jax.config import TrainConfig, pldrv51_110m  # noqa: E402
 
 # (choice, program, decode batch, devices used) -> the rows compared

@@ -9,7 +9,7 @@ It prints one JSON row. benchmarks/run.py runs it in a subprocess per
 (config, device count) and divides model FLOP/s by the matmul ceiling it
 measured in the same run (model FLOPs utilisation).
 
-Model FLOPs per token come from the config (pldr_jax.train.flops_per_token:
+Model FLOPs per token come from the config (pldr_jax.training.train.flops_per_token:
 dense layers, attention scores and values, q G_LM, LM head, and the metric
 learner + power-law step amortised over the sequence; forward + backward =
 3x forward). The mesh is ('data', 'fsdp') with every device on 'data' unless
@@ -32,8 +32,8 @@ import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from pldr_jax import config as cfg  # noqa: E402
-from pldr_jax import train  # noqa: E402
-from pldr_jax import host  # noqa: E402
+from pldr_jax.training import train  # noqa: E402
+from pldr_jax.training import host  # noqa: E402
 
 
 def setup(vocab_size: int, batch: int, seq: int, fsdp: int = 1):
@@ -88,7 +88,7 @@ def run(preset: str, batch: int, seq: int | None, steps: int, compute_dtype: str
   if "peak_bytes_in_use" in stats:
     peak["peak_device_mib"] = stats["peak_bytes_in_use"] / 2 ** 20
   peak["peak_rss_mib"] = _peak_rss_mib(r1)
-  # host memory: pages faulted in and kernel seconds per timed step (pldr_jax.host)
+  # host memory: pages faulted in and kernel seconds per timed step (pldr_jax.training.host)
   peak["page_fault_mib_per_step"] = ((r1.ru_minflt - r0.ru_minflt) * resource.getpagesize()
                                      / 2 ** 20 / steps)
   peak["sys_s_per_step"] = (r1.ru_stime - r0.ru_stime) / steps
@@ -118,7 +118,7 @@ def _peak_rss_mib(usage) -> float:
 
 
 def main(argv=None) -> int:
-  host.retain_freed_memory()  # before the first JAX computation (pldr_jax.host)
+  host.retain_freed_memory()  # before the first JAX computation (pldr_jax.training.host)
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--preset", default="tiny")
   ap.add_argument("--batch", type=int, default=16)

@@ -26,8 +26,8 @@ import numpy as np  # noqa: E402
 
 from benchmarks import common, train_bench  # noqa: E402
 from pldr_jax import config as cfg  # noqa: E402
-from pldr_jax import host  # noqa: E402
-from pldr_jax import train  # noqa: E402
+from pldr_jax.training import host  # noqa: E402
+from pldr_jax.training import train  # noqa: E402
 
 
 def _variant(spec: str) -> dict:
@@ -81,7 +81,7 @@ def run(preset: str, batch: int, seq: int, rounds: int, variants: list[str],
 
 
 def main(argv=None) -> int:
-  host.retain_freed_memory()  # as the training entry points (pldr_jax.host)
+  host.retain_freed_memory()  # as the training entry points (pldr_jax.training.host)
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--preset", default="tiny")
   ap.add_argument("--batch", type=int, default=8)

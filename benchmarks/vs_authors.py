@@ -61,7 +61,9 @@ import numpy as np  # noqa: E402
 
 from benchmarks import common, train_bench  # noqa: E402
 from pldr_jax import config as cfg  # noqa: E402
-from pldr_jax import convert, decode, generate, host, model, train  # noqa: E402
+from pldr_jax import convert, model  # noqa: E402
+from pldr_jax.inference import decode, generate
+from pldr_jax.training import host, train
 
 AUTHORS_FILES = ("pldr_model_v510.py", "power_law_attention_layer_v510.py")
 SECTIONS = ("train", "decode", "prefill", "generate")
@@ -296,7 +298,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-  host.retain_freed_memory()  # as the suite and a decoding process do (pldr_jax.host)
+  host.retain_freed_memory()  # as the suite and a decoding process do (pldr_jax.training.host)
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--authors_src", required=True,
                   help="folder with pldr_model_v510.py and power_law_attention_layer_v510.py")

@@ -51,8 +51,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from pldr_jax import cli, distributed, errors  # noqa: E402
-from pldr_jax.metrics_file import read_metrics  # noqa: E402
+from pldr_jax import cli, errors  # noqa: E402
+from pldr_jax.training import distributed
+from pldr_jax.training.metrics_file import read_metrics  # noqa: E402
 
 PRETRAIN = REPO / "experiments" / "pretrain.py"
 
@@ -197,10 +198,11 @@ def inference_only(run: dict, data, learned: Path, wd: Path, prompt=(START_ID,))
   import jax
   import numpy as np
 
-  from pldr_jax import checkpoint as ckpt_lib, g_modes, train as train_lib
+  from pldr_jax.training import checkpoint as ckpt_lib, train as train_lib
+  from pldr_jax import g_modes
   from pldr_jax.config import PLDRConfig
   from pldr_jax.data import load_tokenizer, make_eval_batches
-  from pldr_jax.trainer import probe_g_lm, restore_for_inference
+  from pldr_jax.training.trainer import probe_g_lm, restore_for_inference
 
   ckdir = learned / "checkpoints"
   meta = ckpt_lib.load_meta(ckdir)

@@ -16,7 +16,7 @@ eval split of the model's own data config (`pldr_jax.data.make_eval_batches`) wi
 (sparse/LESS rows through less_jax.model.less_forward_jit: the parallel scoring form,
 position t's logits are what step-by-step sparse/LESS decoding gives at t).
 Perplexity = exp(token-weighted mean next-token NLL over all batches, [PAD] ignored),
-the same weighting as pldr_jax.train.loss_fn.
+the same weighting as pldr_jax.training.train.loss_fn.
 
 --g_prompt P (learned-G models): the G-cache on, as at inference: every row holds
 G_LM at that of each sequence's first P tokens and scores only the targets after
@@ -78,7 +78,7 @@ from less_jax import policies as policies_lib  # noqa: E402
 from less_jax import train_kernels as tk  # noqa: E402
 from pldr_jax import cli  # noqa: E402
 from pldr_jax import model as pmodel  # noqa: E402
-from pldr_jax import train as ptrain  # noqa: E402
+from pldr_jax.training import train as ptrain  # noqa: E402
 
 DEFAULT_RANK = 8
 FIELDS = ["method", "policy", "budget", "slots", "perplexity", "nll", "tokens", "gap_closed",
@@ -177,7 +177,7 @@ def run_eval(model_workdir, budgets, *, kernels_root=None, max_batches=None, bat
   ({'tokens', 'mask'}) instead of the model's eval split.
 
   g_prompt=P (learned-G models): every method runs with the G-cache on, G_LM
-  held at that of each sequence's first P tokens (pldr_jax.decode.prompt_g; the
+  held at that of each sequence's first P tokens (pldr_jax.inference.decode.prompt_g; the
   parallel form then equals prefill of the prompt + cached decode), and only
   the targets after the prompt count. Default: G_LM from the whole scored
   sequence, as the model's own validation loss."""
@@ -202,7 +202,7 @@ def run_eval(model_workdir, budgets, *, kernels_root=None, max_batches=None, bat
       raise ValueError(f"g_prompt needs a learned-G model; this one has g_mode {config.g_mode!r}")
     if not 1 <= g_prompt < n_inputs:
       raise ValueError(f"g_prompt={g_prompt} must be in [1, {n_inputs})")
-    from pldr_jax import decode
+    from pldr_jax.inference import decode
     gfn = jax.jit(functools.partial(decode.prompt_g, config=config), static_argnums=(3,))
     batches = [{**b, "g_lm": gfn(params, jnp.asarray(b["tokens"], jnp.int32),
                                  jnp.asarray(b["mask"], jnp.int32), g_prompt)}

@@ -33,8 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def _nll_after(params, tokens, mask, g_lm, prompt_len, *, config):
   """(sum NLL, count) of the targets at index >= prompt_len, the model reading
   tokens[:, :-1]. tokens, mask: [B, S]; g_lm: None (computed from the input) or a
-  prompt's G_LM (pldr_jax.decode.prompt_g)."""
-  from pldr_jax import model, train
+  prompt's G_LM (pldr_jax.inference.decode.prompt_g)."""
+  from pldr_jax import model
+  from pldr_jax.training import train
   inputs, lengths = train.model_inputs(tokens, mask)
   logits, _ = model.forward(params, inputs, lengths, config=config, g_lm=g_lm)
   return train.target_nll(logits, tokens, mask, prompt_len)
@@ -47,7 +48,7 @@ def prompt_g_eval(params, config, batches, prompt_lens) -> list[dict]:
   import jax
   import jax.numpy as jnp
   nll = jax.jit(functools.partial(_nll_after, config=config), static_argnums=(4,))
-  from pldr_jax import decode
+  from pldr_jax.inference import decode
   gfn = jax.jit(functools.partial(decode.prompt_g, config=config), static_argnums=(3,))
   rows = []
   for p in prompt_lens:
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
     cli.check_output_file(a.out)  # now, not after the evaluation
 
   import pldr_jax
-  from pldr_jax import train
+  from pldr_jax.training import train
   from pldr_jax.data import make_eval_batches
 
   m = pldr_jax.load(a.checkpoint, step=a.step, tokenizer=a.tokenizer)

@@ -17,7 +17,7 @@ import math
 import sys
 from pathlib import Path
 
-from pldr_jax.metrics_file import read_metrics
+from pldr_jax.training.metrics_file import read_metrics
 
 
 def read(workdir: Path) -> tuple[dict[int, dict], dict[int, dict]]:

@@ -20,7 +20,7 @@ to its stderr as one line. A process that is lost (killed, crashed, its host gon
 ends the others with one line each, within about a second (a host: within
 `--peer_timeout` seconds, default 30) and exit status 75: which process is gone, the
 last intact checkpoint and the command that resumes (start every process again with
-the command it was started with; see pldr_jax.peers).
+the command it was started with; see pldr_jax.training.peers).
 
 Ctrl-C or SIGTERM says so at once, saves a checkpoint at the end of the current
 step and exits 0; a second one aborts without saving (the checkpoints already
@@ -42,11 +42,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import gin  # noqa: E402
 
-from pldr_jax import cli, distributed, paths  # noqa: E402
+from pldr_jax import cli, paths  # noqa: E402
+from pldr_jax.training import distributed
 from pldr_jax.config import PLDRConfig  # noqa: E402
 from pldr_jax.data import DataConfig, prepare_default_data  # noqa: E402
-from pldr_jax.train import TrainConfig  # noqa: E402
-from pldr_jax import host  # noqa: E402
+from pldr_jax.training.train import TrainConfig  # noqa: E402
+from pldr_jax.training import host  # noqa: E402
 
 from pldr_jax.gin_configs import experiment  # noqa: E402,F401 (gin configurables)
 
@@ -95,7 +96,7 @@ def python_command() -> str:
 def lost_peer_hint(workdir, argv: list[str]) -> str:
   """The lost-peer line's second half: the newest finished checkpoint (written whole by
   Orbax, so it restores) and the command that resumes."""
-  from pldr_jax.trainer import newest_step
+  from pldr_jax.training.trainer import newest_step
   ckdir = paths.as_path(workdir) / "checkpoints"
   saved = newest_step(ckdir)
   kept = (f"The last intact checkpoint is step {saved} in {ckdir}" if saved is not None
@@ -106,9 +107,9 @@ def lost_peer_hint(workdir, argv: list[str]) -> str:
 
 def print_samples(run: dict, data: DataConfig) -> None:
   import jax
-  from pldr_jax import generate
+  from pldr_jax.inference import generate
   from pldr_jax.data import load_tokenizer
-  from pldr_jax.trainer import restore_for_inference
+  from pldr_jax.training.trainer import restore_for_inference
   config = run["model"]
   ckdir = paths.as_path(run["workdir"]) / "checkpoints"
   params, g_lm, step = restore_for_inference(ckdir, config)
@@ -124,7 +125,7 @@ def print_samples(run: dict, data: DataConfig) -> None:
 
 
 def main(argv=None) -> int:
-  host.retain_freed_memory()  # before the first JAX computation (pldr_jax.host)
+  host.retain_freed_memory()  # before the first JAX computation (pldr_jax.training.host)
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--gin_file", action="append", required=True)
   parser.add_argument("--gin_param", action="append", default=[])
@@ -148,7 +149,7 @@ def main(argv=None) -> int:
   launch = distributed.resolve(args.coordinator_address, args.num_processes, args.process_id)
   if distributed.launch_index(launch) != 0 and not args.verbose:
     distributed.quiet_stdout()  # process 0 speaks for the run
-  from pldr_jax import peers
+  from pldr_jax.training import peers
   peers.set_resume_hint(lambda: lost_peer_hint(run["workdir"], argv))
   distributed.initialize(args)
   try:
@@ -161,7 +162,7 @@ def main(argv=None) -> int:
 
 
 def _train(run: dict, args: argparse.Namespace, argv: list[str]) -> int:
-  from pldr_jax.trainer import newest_step, run_pretraining
+  from pldr_jax.training.trainer import newest_step, run_pretraining
   data = resolve_data(run)
   result = run_pretraining(run["model"], run["train"], data, run["workdir"],
                            g_source=run["g_source"], progress=not args.no_progress,

@@ -32,8 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gin  # noqa: E402
 
 from less_jax.train_kernels import LessTrainConfig  # noqa: E402
-from pldr_jax import cli, distributed  # noqa: E402
-from pldr_jax import host  # noqa: E402
+from pldr_jax import cli  # noqa: E402
+from pldr_jax.training import distributed
+from pldr_jax.training import host  # noqa: E402
 
 gin.external_configurable(LessTrainConfig, "LessTrainConfig")
 
@@ -48,7 +49,7 @@ def less_experiment(train: LessTrainConfig = gin.REQUIRED, model_workdir: str = 
 
 
 def main(argv=None) -> int:
-  host.retain_freed_memory()  # before the first JAX computation (pldr_jax.host)
+  host.retain_freed_memory()  # before the first JAX computation (pldr_jax.training.host)
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--gin_file", action="append", required=True)
   parser.add_argument("--gin_param", action="append", default=[])

@@ -58,7 +58,7 @@ from less_jax import parallel as parallel_lib
 from less_jax import policies as policies_lib
 from less_jax import state as state_lib
 from pldr_jax import backend, nn
-from pldr_jax.kv_cache import ArrayInfo
+from pldr_jax.inference.kv_cache import ArrayInfo
 
 __all__ = [
     "SparseKVCache",
@@ -97,7 +97,7 @@ class SparseKVCache:
   @classmethod
   def abstract(cls, batch: int, num_heads: int, head_dim: int, budget: int, rank: int = 0,
                dtype=jnp.float32) -> "SparseKVCache":
-    """Shapes, dtypes and logical axes of each field (pldr_jax.kv_cache.ArrayInfo)."""
+    """Shapes, dtypes and logical axes of each field (pldr_jax.inference.kv_cache.ArrayInfo)."""
     slots = ("batch", "heads", "cache_seq")
     return cls(k=ArrayInfo((batch, num_heads, budget, head_dim), jnp.dtype(dtype),
                            slots + ("head_dim",)),

@@ -32,8 +32,8 @@ the kernel rank R only, never on the sequence length or the context):
                 layers=(SparseKVCache(k, v [B, H, T, dk], pos, score [B, H, T],
                                       h [B, H, R, dk], z [B, H, R]) per layer))
 
-G-cache (constant, never donated), exactly what pldr_jax.decode.prefill builds
-with g_cache=True: a pldr_jax.kv_cache.GCache with g_lm, a, a_lm [L, B, H, dk, dk]
+G-cache (constant, never donated), exactly what pldr_jax.inference.decode.prefill builds
+with g_cache=True: a pldr_jax.inference.kv_cache.GCache with g_lm, a, a_lm [L, B, H, dk, dk]
 (learned), g_lm only (a given/fixed G) or empty (identity). Decode reads only
 g_lm from it, so decode costs the sparse attention over T slots, one q @ G_LM
 per head and the low-rank part.
@@ -71,11 +71,11 @@ from less_jax import cache as cache_lib
 from less_jax import kernels as kernels_lib
 from less_jax import parallel as parallel_lib
 from less_jax import policies as policies_lib
-from pldr_jax import decode as pdecode
+from pldr_jax.inference import decode as pdecode
 from pldr_jax import model as pmodel
 from pldr_jax import plga
 from pldr_jax.config import PLDRConfig
-from pldr_jax.kv_cache import GCache
+from pldr_jax.inference.kv_cache import GCache
 from less_jax.cache import SparseState
 
 __all__ = [
@@ -227,7 +227,7 @@ def less_prefill(params: dict, tokens, lengths=None, *, config: PLDRConfig,
       config.max_len): prompts must fit in it and the policy budget must not
       exceed it. It does not size anything.
     all_logits: False runs the LM head at each prompt's last token only
-      (pldr_jax.decode.prefill's option): logits [B, V].
+      (pldr_jax.inference.decode.prefill's option): logits [B, V].
 
   Returns:
     (logits [B, S, V], state, gcache); state = SparseState(lengths int32 [B],

@@ -49,7 +49,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pldr_jax import backend, errors, g_modes, generate, kv_cache, train
+from pldr_jax import backend, errors, g_modes
+from pldr_jax.inference import generate, kv_cache
+from pldr_jax.training import train
 from pldr_jax import params as params_lib
 from pldr_jax import sharding as sharding_lib
 from pldr_jax.config import PLDRConfig, TrainConfig

@@ -1,12 +1,12 @@
 """Every configuration dataclass of pldr-jax and less_jax, in one place.
 
 `PLDRConfig` (the model), `TrainConfig` (optimisation and schedule, used by
-`pldr_jax.train`), `DataConfig` (the input pipeline, `pldr_jax.data`) and
+`pldr_jax.training.train`), `DataConfig` (the input pipeline, `pldr_jax.data`) and
 `LessTrainConfig` (LESS kernel training, `less_jax.train_kernels`),
-`SamplingConfig` / `SamplingPath` (generation, `pldr_jax.generate`). They are
+`SamplingConfig` / `SamplingPath` (generation, `pldr_jax.inference.generate`). They are
 frozen (hashable) dataclasses, so a `PLDRConfig` can be passed to `jax.jit` as
 a static argument. Gin binds them only at the entry points in `experiments/`;
-the modules that use them re-export them (`from pldr_jax.train import
+the modules that use them re-export them (`from pldr_jax.training.train import
 TrainConfig` keeps working). This module imports nothing of pldr_jax but
 `errors`, and no less_jax at import time.
 """
@@ -98,7 +98,7 @@ class PLDRConfig:
     scan_layers: run the stacked layers of a whole-sequence pass (training,
       scoring, prefill) with one `lax.scan` (True: one layer compiled) or
       unrolled (False). Same numbers; decode always runs unrolled on
-      per-layer weights (pldr_jax.decode.decode_params).
+      per-layer weights (pldr_jax.inference.decode.decode_params).
     attention: how a whole-sequence pass (training, scoring, prefill) computes
       softmax((q G_LM) k^T / sqrt(dk)) v. "plain": the formula as written, the
       [B, H, S, S] scores materialised in fp32 (pldr_jax.plga.plga_attention).
@@ -116,7 +116,7 @@ class PLDRConfig:
       only the layer's input, the whole layer recomputed. Same numbers, less
       memory for more compute (MaxText's `remat_policy`).
     loss_chunk: positions per chunk of the LM head and the cross-entropy in
-      training and evaluation (pldr_jax.train.chunked_cross_entropy): the
+      training and evaluation (pldr_jax.training.train.chunked_cross_entropy): the
       [B, S, V] logits are never stored whole, each chunk's are recomputed in
       the backward pass. 0: the whole sequence at once. Same numbers, less
       memory and HBM traffic for one more LM-head matmul (MaxText's vocab

@@ -167,9 +167,9 @@ def load(path: str | os.PathLike, *, step: int | None = None, tokenizer=None,
   ckdir = checkpoints_dir(path)
   path = Path(path)
   if ckdir is not None:
-    from pldr_jax import checkpoint as ckpt_lib
+    from pldr_jax.training import checkpoint as ckpt_lib
     from pldr_jax.data import DataConfig
-    from pldr_jax.trainer import restore_for_inference
+    from pldr_jax.training.trainer import restore_for_inference
     meta = ckpt_lib.load_meta(ckdir, step)
     if "model" not in meta:
       raise ckpt_lib.CheckpointError(ckdir, f"its meta has no model config (keys: {sorted(meta)})")

@@ -2,7 +2,7 @@
 
 Every array the library places on a mesh is described by logical axis names
 (parameters: pldr_jax.params.ParamSpec; decode caches: the `abstract()` of
-pldr_jax.kv_cache.KVCache / GCache and less_jax.cache.SparseCache). One table,
+pldr_jax.inference.kv_cache.KVCache / GCache and less_jax.cache.SparseCache). One table,
 `LOGICAL_RULES`, maps those names onto the mesh ('data', 'fsdp'):
 
   batch     -> ('data', 'fsdp')   sequences of a batch (training and decode)

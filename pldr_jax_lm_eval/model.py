@@ -16,7 +16,7 @@ Scoring semantics (what the G-cache means here):
   generation uses: `decode.prefill` over the context, then one
   `decode.decode_step` per continuation token (teacher forcing). The
   deductive G_LM is therefore the one built from the *context* at prefill and
-  held fixed over the continuation, exactly as in `pldr_jax.generate`. With the
+  held fixed over the continuation, exactly as in `pldr_jax.inference.generate`. With the
   default (non-causal) metric, g_cache on and off give the same scores (off
   recomputes G_LM from the cached A each step). This equals
   `model.forward(context + continuation, g_lm=<G_LM of the context>)`.
@@ -26,7 +26,7 @@ Scoring semantics (what the G-cache means here):
 * `loglikelihood_rolling(text)` is training-style perplexity: lm-eval's
   disjoint rolling windows of `max_length` tokens (the first one conditioned
   on [END]), each scored with one full `model.forward` (G_LM from the window).
-* `generate_until` is greedy `pldr_jax.generate.generate` (stop token [END]),
+* `generate_until` is greedy `pldr_jax.inference.generate.generate` (stop token [END]),
   `max_gen_toks` new tokens (default 256, capped by the window), the decoded
   text cut at the first `until` string.
 
@@ -49,10 +49,12 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from pldr_jax import decode, model, train
+from pldr_jax.inference import decode
+from pldr_jax import model
+from pldr_jax.training import train
 from pldr_jax.config import PLDRConfig
 from pldr_jax.data.tokenizer import END_ID, PAD_ID
-from pldr_jax.generate import SamplingConfig, bucket_length, default_buckets, generate
+from pldr_jax.inference.generate import SamplingConfig, bucket_length, default_buckets, generate
 
 DEFAULT_MAX_GEN_TOKS = 256
 

@@ -58,7 +58,8 @@ def write_tiny_run(root, *, g_mode: str = "learned", recorded: str = "run"):
   import os
   import shutil
   from pathlib import Path
-  from pldr_jax import checkpoint, config, params, paths
+  from pldr_jax.training import checkpoint
+  from pldr_jax import config, params, paths
   from pldr_jax.data import DataConfig
   root = Path(root)
   published = Path(__file__).resolve().parents[1] / "data" / "published" / "pldr-refinedweb-32k.model"

@@ -18,7 +18,7 @@ import pytest
 
 from pldr_jax import config as config_lib
 from pldr_jax import model
-from pldr_jax.checkpoint import (CheckpointError, Checkpointer, abstract_like, load_g_lm,
+from pldr_jax.training.checkpoint import (CheckpointError, Checkpointer, abstract_like, load_g_lm,
                                  load_meta)
 from pldr_jax.g_modes import random_g
 from pldr_jax.params import param_shardings, unstack_layers
@@ -494,7 +494,7 @@ _SHARDED_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np, optax
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from pldr_jax import config, model
-    from pldr_jax.checkpoint import Checkpointer, abstract_like, load_g_lm
+    from pldr_jax.training.checkpoint import Checkpointer, abstract_like, load_g_lm
     from pldr_jax.params import param_shardings, unstack_layers
     assert jax.device_count() == 4, jax.devices()
     directory, params_file = sys.argv[1:]

@@ -303,7 +303,8 @@ def test_save_hf_publishes_the_tokenizer(tmp_path):
 
 def test_float_token_ids_are_rejected():
   import jax
-  from pldr_jax import config, generate, params
+  from pldr_jax import config, params
+  from pldr_jax.inference import generate
   c = config.tiny()
   p = params.init_params(c, jax.random.key(0))
   with pytest.raises(errors.InputError, match="prompt 0 holds float64 values"):

@@ -7,9 +7,10 @@ import pytest
 
 from helpers import perturbed_params, random_tokens
 from pldr_jax import config as cfg
-from pldr_jax import decode, g_modes, model, params as params_lib
-from pldr_jax import generate as gen
-from pldr_jax.kv_cache import GCache
+from pldr_jax.inference import decode
+from pldr_jax import g_modes, model, params as params_lib
+from pldr_jax.inference import generate as gen
+from pldr_jax.inference.kv_cache import GCache
 
 F64 = dict(param_dtype="float64", compute_dtype="float64")
 

@@ -20,7 +20,9 @@ _SCRIPT = textwrap.dedent("""
     import json, re
     import jax, jax.numpy as jnp, numpy as np
     import less_jax
-    from pldr_jax import config as cfg, generate as gen, model, train
+    from pldr_jax import config as cfg, model
+    from pldr_jax.inference import generate as gen
+    from pldr_jax.training import train
 
     c = cfg.tiny(max_len=64)
     p = model.init_params(c, jax.random.key(0))

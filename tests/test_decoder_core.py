@@ -17,9 +17,10 @@ import less_jax
 from helpers import perturbed_params, random_tokens
 from less_jax import model as less_model
 from pldr_jax import config as cfg
-from pldr_jax import decode, g_modes, generate as gen, model
+from pldr_jax.inference import decode, generate as gen
+from pldr_jax import g_modes, model
 from pldr_jax import params as params_lib
-from pldr_jax.kv_cache import GCache, KVCache, zeros_like_abstract
+from pldr_jax.inference.kv_cache import GCache, KVCache, zeros_like_abstract
 
 F64 = dict(param_dtype="float64", compute_dtype="float64")
 MODES = [dict(), dict(causal_metric=True), dict(g_mode="identity"), dict(g_mode="random")]

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from pldr_jax import distributed
+from pldr_jax.training import distributed
 
 
 def _dev(tmp_path, *files):

@@ -1,4 +1,4 @@
-"""pldr_jax.host.retain_freed_memory: a steady-state XLA:CPU call faults no fresh pages."""
+"""pldr_jax.training.host.retain_freed_memory: a steady-state XLA:CPU call faults no fresh pages."""
 
 import json
 import os
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # a short inner dimension (64): the temporaries are as large, the arithmetic is cheap.
 PROBE = r"""
 import functools, json, resource, time
-from pldr_jax import host
+from pldr_jax.training import host
 applied = host.retain_freed_memory()
 import jax, jax.numpy as jnp
 
@@ -60,7 +60,7 @@ def test_too_late_is_reported_not_applied():
   import jax
   import jax.numpy as jnp
 
-  from pldr_jax import host
+  from pldr_jax.training import host
   jnp.ones(2).block_until_ready()  # the backend exists now
   assert jax.devices()
   if host.retained():  # an entry point run in this process applied it before JAX started

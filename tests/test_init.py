@@ -126,7 +126,7 @@ def test_learned_g_tiny_run_has_bounded_gradients(tmp_path):
   """experiments/configs/tiny.gin's model (learned G, lr 2e-3) on the embedded
   corpus: the gradient norm stays below 100 over the first 100 steps (with
   per-head Xavier fans it reached 1e5)."""
-  from pldr_jax import train
+  from pldr_jax.training import train
   from pldr_jax.data import load_tokenizer, make_train_iterator, prepare_default_data
   data = prepare_default_data(tmp_path / "data", vocab_size=2048, seq_len=128, batch_size=16,
                               max_tokenizer_documents=40, num_threads=0)

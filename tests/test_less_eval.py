@@ -13,7 +13,7 @@ import optax
 import pytest
 
 from less_jax import train_kernels as tk
-from pldr_jax import checkpoint as ckpt_lib
+from pldr_jax.training import checkpoint as ckpt_lib
 from pldr_jax import config as config_lib
 from pldr_jax import model as pmodel
 from pldr_jax import params as params_lib
@@ -31,7 +31,7 @@ le = load_script("experiments/less_eval.py")
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-  """A pretraining workdir as pldr_jax.trainer writes it (random-init params)."""
+  """A pretraining workdir as pldr_jax.training.trainer writes it (random-init params)."""
   from pldr_jax.data import prepare_default_data
   root = tmp_path_factory.mktemp("less_eval")
   data = prepare_default_data(root / "data", vocab_size=512, seq_len=SEQ, batch_size=2,
@@ -116,7 +116,7 @@ def test_g_cache_on_scores_like_prompt_g_forward(workdir):
   after the prompt; a budget holding every position equals it; the rows differ
   from whole-sequence A."""
   wd, config, params, data = workdir
-  from pldr_jax import decode
+  from pldr_jax.inference import decode
   from pldr_jax.data import load_tokenizer, make_eval_batches
   batches = make_eval_batches(data.replace(max_eval_batches=1),
                               load_tokenizer(data.tokenizer_path))

@@ -22,8 +22,9 @@ import less_jax as lj
 from less_jax import model as lm
 from helpers import perturbed_params, random_tokens
 from pldr_jax import config as cfg
-from pldr_jax import decode, g_modes, model
-from pldr_jax.kv_cache import GCache
+from pldr_jax.inference import decode
+from pldr_jax import g_modes, model
+from pldr_jax.inference.kv_cache import GCache
 
 # pldr_jax's whole-sequence references run their layers unrolled, op by op like
 # less_jax.model (whose layers may each have their own kernels): the same eager

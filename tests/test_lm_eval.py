@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from lm_eval.api.instance import Instance
 
-from pldr_jax import checkpoint as ckpt_lib
+from pldr_jax.training import checkpoint as ckpt_lib
 from pldr_jax import config as config_lib
 from pldr_jax import model as pmodel
 from pldr_jax import params as params_lib

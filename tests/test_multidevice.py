@@ -112,8 +112,8 @@ def test_8_devices_save_kill_resume_match_1_device(tmp_path, data_workdir):
 _RESTORE = textwrap.dedent("""
     import argparse, hashlib, sys
     import jax, numpy as np
-    from pldr_jax import distributed, train
-    from pldr_jax.checkpoint import Checkpointer, load_meta
+    from pldr_jax.training import distributed, train
+    from pldr_jax.training.checkpoint import Checkpointer, load_meta
     from pldr_jax.config import PLDRConfig
     ckdir, address, n, i = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     distributed.initialize(argparse.Namespace(coordinator_address=address, num_processes=n,
@@ -227,7 +227,7 @@ def test_a_lost_process_ends_the_other_with_one_line_both_resume_sample_and_rest
 
 
 def test_launch_resolution_flags_env_and_auto():
-  from pldr_jax.distributed import Launch, launch_flags, launch_index, resolve
+  from pldr_jax.training.distributed import Launch, launch_flags, launch_index, resolve
   assert resolve(environ={}) == Launch("single")
   assert resolve("h:1", 2, 1, environ={}) == Launch("explicit", "h:1", 2, 1)
   env = {"JAX_COORDINATOR_ADDRESS": "h:2", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}

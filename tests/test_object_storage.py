@@ -175,7 +175,7 @@ def test_a_2_process_run_on_gcs_stops_falls_back_resumes_and_loads(gcs):
   # 4. Opened from the bucket: configs, weights, tokenizer; it generates.
   import jax
   import pldr_jax
-  from pldr_jax import generate
+  from pldr_jax.inference import generate
   m = pldr_jax.load(RUN)
   assert m.step == stopped + 2 and m.tokenizer is not None
   assert m.data.tokenizer_path.startswith(DATA) and m.data.data_dir.startswith(DATA)

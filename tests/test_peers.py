@@ -1,4 +1,4 @@
-"""pldr_jax.peers without JAX: two real processes, each with a Watch over a key-value
+"""pldr_jax.training.peers without JAX: two real processes, each with a Watch over a key-value
 store in files, process 1 reaching a stand-in coordination service (a TCP echo server in
 process 0) through its Relay. A killed process ends the other with one line and status
 75 (both directions), "bye" is not reported, "fail" is (after the grace), and the relay
@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 _PROCESS = textwrap.dedent("""
     import os, socket, sys, threading, time
     sys.path.insert(0, sys.argv[4])
-    from pldr_jax import peers
+    from pldr_jax.training import peers
     kv_dir, index, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     coordinator = f"127.0.0.1:{port}"
 
@@ -121,7 +121,7 @@ def test_the_relay_holds_the_clients_connection_once_the_coordinator_is_gone(tmp
   """Process 1's watch reports; before it does (the watch is told only after a grace),
   its client's connection through the relay neither answers nor closes."""
   port = _free_port()
-  from pldr_jax import peers
+  from pldr_jax.training import peers
   lost = []
   server = socket.create_server(("127.0.0.1", port))
   relay = peers.Relay(f"127.0.0.1:{port}", on_lost=lambda: lost.append(time.monotonic()))
@@ -153,7 +153,7 @@ def test_bye_is_not_reported_fail_is(pair):
 
 
 def test_a_peer_that_stops_on_its_error_is_reported_after_the_grace(pair):
-  from pldr_jax import peers
+  from pldr_jax.training import peers
   t = time.monotonic()
   pair[0].stdin.write("fail\n")
   pair[0].stdin.flush()
@@ -167,7 +167,8 @@ def test_a_peer_that_stops_on_its_error_is_reported_after_the_grace(pair):
 
 def test_looks_like_lost_peer_and_peer_timeout(monkeypatch):
   import argparse
-  from pldr_jax import distributed, errors, peers
+  from pldr_jax.training import distributed, peers
+  from pldr_jax import errors
   gloo = RuntimeError("UNKNOWN: Gloo all-reduce failed: [pair.cc:538] Read error: Connection "
                       "reset by peer")
   assert peers.looks_like_lost_peer(gloo)

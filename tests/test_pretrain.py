@@ -223,7 +223,7 @@ def test_sigterm_saves_the_current_step_and_resumes(tmp_path, data_workdir):
 
 def test_disk_full_is_one_line(monkeypatch, capsys, tmp_path):
   import errno
-  from pldr_jax import checkpoint, trainer
+  from pldr_jax.training import checkpoint, trainer
   pretrain = pretrain_module()
 
   def full(*_, **__):

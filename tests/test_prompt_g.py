@@ -10,7 +10,7 @@ import pytest
 
 from helpers import perturbed_params, random_tokens, load_script
 from pldr_jax import config as cfg
-from pldr_jax import decode
+from pldr_jax.inference import decode
 
 pytestmark = pytest.mark.slow  # `pytest -m 'not slow'` skips it
 

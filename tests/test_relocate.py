@@ -54,7 +54,7 @@ def other_cwd(tmp_path, monkeypatch):
 
 def test_a_moved_run_works_from_another_directory(moved, other_cwd):
   """One test, so that the run is trained once (xdist spreads a module's tests)."""
-  from pldr_jax import checkpoint as ckpt_lib
+  from pldr_jax.training import checkpoint as ckpt_lib
   run, last_eval = moved
   data = ckpt_lib.load_meta(run / "checkpoints")["data"]  # what pretrain.py records
   assert data["tokenizer_path"].startswith("data/tokenizer/") and data["data_dir"] == "data/tfds"

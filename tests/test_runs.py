@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import pldr_jax
-from pldr_jax import checkpoint as ckpt_lib
+from pldr_jax.training import checkpoint as ckpt_lib
 from pldr_jax import config as config_lib
 from pldr_jax import convert, g_modes, params as params_lib
 from pldr_jax.data import DataConfig
@@ -75,7 +75,8 @@ def test_one_error_hierarchy():
   """Every error the library raises on purpose is a PldrError (and the builtin it was)."""
   from less_jax import policies
   from less_jax.train_kernels import KernelLoadError
-  from pldr_jax import errors, model, trainer
+  from pldr_jax import errors, model
+  from pldr_jax.training import trainer
   from pldr_jax.config import ConfigError
   from pldr_jax.data import DataError
   assert ckpt_lib.CheckpointError is convert.CheckpointError is errors.CheckpointError

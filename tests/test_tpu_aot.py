@@ -19,7 +19,9 @@ import pytest
 pytest.importorskip("libtpu", reason="the TPU compiler: pip install -e '.[tpu]'")
 pytestmark = pytest.mark.slow  # whole-program compiles; `pytest -m 'not slow'` skips them
 
-from pldr_jax import aot, backend, kv_cache, train  # noqa: E402
+from pldr_jax import aot, backend  # noqa: E402
+from pldr_jax.inference import kv_cache
+from pldr_jax.training import train
 from pldr_jax import params as params_lib  # noqa: E402
 from pldr_jax.config import TrainConfig, tiny  # noqa: E402
 

@@ -14,7 +14,8 @@ import optax
 import pytest
 
 from pldr_jax import config as cfg
-from pldr_jax import model, train
+from pldr_jax import model
+from pldr_jax.training import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,7 +27,8 @@ _SHARDED_RUN = textwrap.dedent("""
     import json, sys
     import numpy as np, jax
     jax.config.update("jax_enable_x64", True)
-    from pldr_jax import config, train
+    from pldr_jax import config
+    from pldr_jax.training import train
     for data, fsdp, steps, dtype, lr, g_mode in json.loads(sys.argv[1]):
       c = config.tiny(vocab_size=96, max_len=24, param_dtype=dtype, compute_dtype=dtype,
                       g_mode=g_mode)
@@ -249,7 +251,7 @@ def test_flops_per_token_counts_the_metric_learner():
 @pytest.mark.slow
 def test_bf16_compute_with_fp32_params_trains_and_decodes():
   """bf16 matmuls (fp32 params, fp32 softmax/loss) run on CPU and stay close to fp32."""
-  from pldr_jax import generate
+  from pldr_jax.inference import generate
   c32 = cfg.tiny(vocab_size=96, max_len=24, g_mode="identity")
   c16 = c32.replace(compute_dtype="bfloat16")
   tc = train.TrainConfig(num_steps=4, warmup_steps=1, learning_rate=3e-3)

@@ -1,6 +1,7 @@
 import json, sys, time
 import jax, jax.numpy as jnp, numpy as np
-from pldr_jax import config as cfg, decode, model, params as params_lib
+from pldr_jax import config as cfg, model, params as params_lib
+from pldr_jax.inference import decode
 c = cfg.pldrv51_110m()
 p = jax.jit(model.init_params, static_argnums=0)(c, jax.random.key(0))
 fused = jax.block_until_ready(jax.jit(decode.decode_params, static_argnums=1)(p, c))

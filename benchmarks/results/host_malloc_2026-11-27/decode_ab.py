@@ -1,5 +1,5 @@
 """fp32 and bf16-weights 110M decode steps (KV+G, 1024 tokens) in alternation, in a
-process with or without pldr_jax.host.retain_freed_memory():
+process with or without pldr_jax.training.host.retain_freed_memory():
 
   python benchmarks/results/host_malloc_2026-11-27/decode_ab.py BATCH [WEIGHTS]  # kept
   PLDR_JAX_SYSTEM_MALLOC=1 python benchmarks/results/host_malloc_2026-11-27/decode_ab.py BATCH
@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-from pldr_jax import host  # noqa: E402
+from pldr_jax.training import host  # noqa: E402
 
 kept = host.retain_freed_memory()  # before JAX starts
 

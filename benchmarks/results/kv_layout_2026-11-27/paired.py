@@ -13,8 +13,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 import jax, jax.numpy as jnp, numpy as np
 from benchmarks import decode_bench
-from pldr_jax import config as cfg, decode, model, nn, plga
-from pldr_jax.kv_cache import KVCache
+from pldr_jax import config as cfg, model, nn, plga
+from pldr_jax.inference import decode
+from pldr_jax.inference.kv_cache import KVCache
 
 
 def old_write_one(buf, new, pos):  # eef0a38: buf [B, H, T, dk]

@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pldr_jax import config as cfg, decode, model
+from pldr_jax import config as cfg, model
+from pldr_jax.inference import decode
 
 S = int(sys.argv[1])
 B = int(sys.argv[2]) if len(sys.argv) > 2 else 1

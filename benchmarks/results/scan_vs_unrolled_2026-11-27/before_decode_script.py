@@ -1,7 +1,8 @@
 """110M decode-step: compile time and step time (old list layout vs new stacked + decode_params)."""
 import json, sys, time
 import jax, jax.numpy as jnp, numpy as np
-from pldr_jax import config as cfg, decode, model
+from pldr_jax import config as cfg, model
+from pldr_jax.inference import decode
 variant = sys.argv[1]; batch = int(sys.argv[2]) if len(sys.argv) > 2 else 1
 c = cfg.pldrv51_110m()
 p = jax.jit(model.init_params, static_argnums=0)(c, jax.random.key(0))

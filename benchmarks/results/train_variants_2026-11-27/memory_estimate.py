@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pldr_jax import config as cfg, train  # noqa: E402
+from pldr_jax import config as cfg  # noqa: E402
+from pldr_jax.training import train
 
 ap = argparse.ArgumentParser()
 ap.add_argument("batches", type=int, nargs="+")

@@ -19,7 +19,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 from benchmarks import decode_bench  # noqa: E402
-from pldr_jax import config as cfg, decode, model, nn, plga  # noqa: E402
+from pldr_jax import config as cfg, model, nn, plga  # noqa: E402
+from pldr_jax.inference import decode
 
 B, L = int(sys.argv[1]), int(sys.argv[2])
 ROUNDS = int(sys.argv[3]) if len(sys.argv) > 3 else 40

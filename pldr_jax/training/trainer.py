@@ -2,7 +2,7 @@
 
 `run_pretraining` is what `experiments/pretrain.py` calls once gin has built
 the three frozen configs. The same code runs on 1 device, N local devices and
-N processes (every process calls it; see `pldr_jax.distributed`). It
+N processes (every process calls it; see `pldr_jax.training.distributed`). It
 
 * resumes from the newest checkpoint in `<workdir>/checkpoints` that restores
   (params, optimizer state, step, each process's data position); a corrupt or
@@ -35,9 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from pldr_jax import cli, errors
-from pldr_jax import checkpoint as ckpt_lib
-from pldr_jax import distributed, g_modes, model, paths, train
-from pldr_jax.metrics_file import open_metrics, trim_metrics
+from pldr_jax.training import checkpoint as ckpt_lib
+from pldr_jax.training import distributed, train
+from pldr_jax import g_modes, model, paths
+from pldr_jax.training.metrics_file import open_metrics, trim_metrics
 from pldr_jax import params as params_lib
 from pldr_jax.config import ConfigError, PLDRConfig
 from pldr_jax.data import DataConfig, load_tokenizer, make_eval_batches, make_train_iterator
@@ -387,12 +388,12 @@ def _pretrain(config: PLDRConfig, tc: train.TrainConfig, data: DataConfig,
                                              warn=print if main else lambda _: None)
       start = 0 if restored is None else restored["step"]
       newer = [st for st in reader.all_steps() if st > start and st not in failed]
-    distributed.barrier("pldr_jax.trainer.restored")  # nobody reads what is renamed next
+    distributed.barrier("pldr_jax.training.trainer.restored")  # nobody reads what is renamed next
     if main:
       for path in set_aside(ckdir, failed, "corrupt") + set_aside(ckdir, newer, "replaced"):
         print(f"set aside {path.name}: the run continues from step {start}")
       trim_metrics(workdir / "metrics.jsonl", start)
-    distributed.barrier("pldr_jax.trainer.resume")
+    distributed.barrier("pldr_jax.training.trainer.resume")
     if restored is None:
       state = train.init_train_state(config, tc, tx, mesh)
       data_state = None
@@ -494,7 +495,7 @@ def _pretrain(config: PLDRConfig, tc: train.TrainConfig, data: DataConfig,
       bar.close()
       metrics_file.close()
       writer.close()
-    distributed.barrier("pldr_jax.trainer.saved")  # every process's files are final
+    distributed.barrier("pldr_jax.training.trainer.saved")  # every process's files are final
 
   elapsed = time.perf_counter() - t_first if t_first else 0.0
   tps = n_timed * tokens_per_step / elapsed if n_timed and elapsed > 0 else None

@@ -76,7 +76,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from pldr_jax import distributed, errors, paths
+from pldr_jax.training import distributed
+from pldr_jax import errors, paths
 
 __all__ = ["CheckpointError", "Checkpointer", "abstract_like", "load_g_lm", "load_meta"]
 
@@ -84,7 +85,7 @@ log = logging.getLogger(__name__)
 
 PARAMS, OPT_STATE, DATA_STATE, META, G_LM = "params", "opt_state", "data_state", "meta", "g_lm"
 CHECKSUMS = "checksums.json"  # a file beside the items, not an Orbax item
-_FORMAT = "pldr_jax.checkpoint/2"
+_FORMAT = "pldr_jax.training.checkpoint/2"
 _CHECKSUM = "crc32-per-file"
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's marker of an unfinished save
 _PER_PROCESS = "per_process"  # data_state item: {"per_process": [state of process 0, ...]}

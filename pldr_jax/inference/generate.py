@@ -20,11 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from pldr_jax import decode, kv_cache, model
+from pldr_jax.inference import decode, kv_cache
+from pldr_jax import model
 from pldr_jax import params as params_lib
 from pldr_jax import sharding as sharding_lib
 from pldr_jax.config import PLDRConfig, SamplingConfig, SamplingPath
-from pldr_jax.kv_cache import GCache, KVCache
+from pldr_jax.inference.kv_cache import GCache, KVCache
 
 PAD_ID = 0
 
@@ -297,7 +298,7 @@ def generate(params, prompts, *, config: PLDRConfig, max_new_tokens: int,
   cache: None / FullCache() (the KV-cache and, unless g_cache=False, the
   G-cache) or SparseCache(policy, kernels) (H2O, Λ-masking, sliding window,
   LESS), the way a kvpress user passes a press: no model change.
-  mesh: decode sharded like training (pldr_jax.train.make_mesh): weights by
+  mesh: decode sharded like training (pldr_jax.training.train.make_mesh): weights by
   their logical axes, prompts and caches split over the batch axes by the same
   Flax logical-axis rules (pldr_jax.sharding); the tokens equal one device's.
   Returns one list of new token ids per prompt (ending at the stop token, if

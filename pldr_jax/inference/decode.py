@@ -1,6 +1,6 @@
 """KV-cache and G-cache decoding: prefill a prompt, then one token per step.
 
-Two typed values travel between steps (pldr_jax.kv_cache):
+Two typed values travel between steps (pldr_jax.inference.kv_cache):
   * the `KVCache` (donated each step): k (after rotary) and v, one fixed
     buffer [B, H, dk, T] of T = cache_len slots per layer (time-minor: the
     step's two matrix products read each head's [dk, T] block as dk rows of
@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from pldr_jax import backend, metric, model, nn, plga, power_law
 from pldr_jax import params as params_lib
 from pldr_jax.config import PLDRConfig
-from pldr_jax.kv_cache import GCache, KVCache
+from pldr_jax.inference.kv_cache import GCache, KVCache
 
 
 def _write_one(buf: jax.Array, new: jax.Array, pos: jax.Array) -> jax.Array:

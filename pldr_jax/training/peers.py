@@ -4,7 +4,7 @@ Left to itself, jax.distributed meets a lost process with an abort: a process wh
 coordinator (process 0) dies aborts at once (its error-polling RPC fails), process 0
 when gloo's next collective fails or after the coordination service's heartbeat
 timeout (100 s), each with a screenful of gRPC lines and a stack trace and nothing
-about what to do. `Watch` (started by `pldr_jax.distributed.initialize`) replaces
+about what to do. `Watch` (started by `pldr_jax.training.distributed.initialize`) replaces
 that with one line on stderr and exit status 75 (`LOST_PEER_STATUS`, EX_TEMPFAIL):
 
     error: process 1 of 2 is gone (its connection closed: killed, crashed, or its host
@@ -100,7 +100,7 @@ def looks_like_lost_peer(exc: BaseException) -> bool:
 
 
 def _thread(target, *args, name: str) -> threading.Thread:
-  t = threading.Thread(target=target, args=args, daemon=True, name=f"pldr_jax.peers.{name}")
+  t = threading.Thread(target=target, args=args, daemon=True, name=f"pldr_jax.training.peers.{name}")
   t.start()
   return t
 

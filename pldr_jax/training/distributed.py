@@ -15,7 +15,7 @@ Everything here is a no-op (or the obvious single-process answer) when
 `jax.process_count() == 1`.
 
 A process that is lost (killed, crashed, its host gone) does not take the others
-down with a C++ abort: `initialize` starts `pldr_jax.peers.Watch`, and every
+down with a C++ abort: `initialize` starts `pldr_jax.training.peers.Watch`, and every
 survivor prints one line (which process, and what the entry point's
 `peers.set_resume_hint` says: the last intact checkpoint and the command that
 resumes) and exits with status 75 within about a second of a process's death, or
@@ -145,7 +145,7 @@ def launch_index(launch: Launch, environ: Mapping[str, str] | None = None) -> in
 
 
 def _default_peer_timeout() -> float:
-  from pldr_jax import peers
+  from pldr_jax.training import peers
   return peers.DEFAULT_TIMEOUT_S
 
 
@@ -168,7 +168,7 @@ def peer_timeout(args: argparse.Namespace | None = None,
 def initialize(args: argparse.Namespace | None = None) -> Launch:
   """Start jax.distributed as `resolve` decides (idempotent); returns the decision.
 
-  With several processes, also the lost-peer watch (`pldr_jax.peers`) unless
+  With several processes, also the lost-peer watch (`pldr_jax.training.peers`) unless
   --peer_timeout is 0: processes other than 0 reach the coordinator through its
   relay (explicit launches), and jax's heartbeat timeout is kept above the watch's.
   """
@@ -181,7 +181,7 @@ def initialize(args: argparse.Namespace | None = None) -> Launch:
   for name, value in jax_settings(expected_platform()).items():
     if not getattr(jax.config, name):
       jax.config.update(name, value)
-  from pldr_jax import peers
+  from pldr_jax.training import peers
   kwargs = {}
   if timeout and 2 * timeout > JAX_HEARTBEAT_TIMEOUT_S and _accepts(
       jax.distributed.initialize, "heartbeat_timeout_seconds"):
@@ -212,7 +212,7 @@ def _accepts(fn, name: str) -> bool:
 def _start_watch(launch: Launch, timeout: float, relay) -> None:
   """The lost-peer watch over jax.distributed's client (private API: without it, or if
   the liveness port cannot be reached, the run goes on with jax's own behaviour)."""
-  from pldr_jax import peers
+  from pldr_jax.training import peers
   try:
     from jax._src import distributed as jd
     state = jd.global_state
@@ -233,7 +233,7 @@ def _start_watch(launch: Launch, timeout: float, relay) -> None:
 
 def leaving() -> None:
   """Call before a normal exit: the other processes do not report this one as lost."""
-  from pldr_jax import peers
+  from pldr_jax.training import peers
   if peers.current() is not None:
     peers.current().leaving()
 
@@ -243,7 +243,7 @@ def failing(exc: BaseException | None = None) -> None:
   'process I stopped on an error' (and stop) instead of a lost process. An error that
   a lost peer may have caused (a failed collective) first waits, up to the watch's
   bound, for the watch to name the lost process and end this one."""
-  from pldr_jax import peers
+  from pldr_jax.training import peers
   if peers.current() is not None:
     peers.current().failing(exc)
 
