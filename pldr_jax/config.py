@@ -30,6 +30,8 @@ _DTYPES = ("float32", "bfloat16", "float16", "float64")
 ATTENTION_IMPLS = ("plain", "xla", "cudnn", "flash")
 # What the backward pass keeps of a layer's forward (PLDRConfig.remat).
 REMAT_POLICIES = ("none", "minimal", "full")
+# Which of the authors' initialisations init_params draws (PLDRConfig.init_recipe).
+INIT_RECIPES = ("kvg", "soc")
 
 
 ConfigError = errors.ConfigError  # the one error hierarchy: pldr_jax.errors
@@ -115,6 +117,13 @@ class PLDRConfig:
       dimensions), the attention and elementwise work recomputed; "full":
       only the layer's input, the whole layer recomputed. Same numbers, less
       memory for more compute (MaxText's `remat_policy`).
+    init_recipe: which of the authors' initialisations `init_params` draws.
+      "kvg" (default): their PLDR-LLM-with-KV-G-cache code (the published
+      PLDRv51 models), whose init call targets wk twice and never wv, so wv
+      keeps torch's default Linear init, U(+-1/sqrt(d)) for weight and bias.
+      "soc": their self-organized-criticality repository (pldr_model_v510.py),
+      which gives wv the Xavier-uniform weight and zero bias of every other
+      Linear layer. Only wv differs.
     loss_chunk: positions per chunk of the LM head and the cross-entropy in
       training and evaluation (pldr_jax.training.train.chunked_cross_entropy): the
       [B, S, V] logits are never stored whole, each chunk's are recomputed in
@@ -142,6 +151,7 @@ class PLDRConfig:
   attention: str = "plain"
   remat: str = "none"
   loss_chunk: int = 0
+  init_recipe: str = "kvg"
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff",
@@ -178,6 +188,10 @@ class PLDRConfig:
       raise ConfigError(
           f"PLDRConfig.attention='cudnn' needs compute_dtype bfloat16 or float16 (cuDNN's "
           f"fused attention), got {self.compute_dtype!r}")
+    if self.init_recipe not in INIT_RECIPES:
+      raise ConfigError(
+          f"PLDRConfig.init_recipe={self.init_recipe!r} is not one of {INIT_RECIPES} ('kvg': "
+          "the KV-G-cache code's init, wv at torch's default; 'soc': wv Xavier uniform)")
     if self.remat not in REMAT_POLICIES:
       raise ConfigError(f"PLDRConfig.remat={self.remat!r} is not one of {REMAT_POLICIES}")
     if (not isinstance(self.loss_chunk, int) or isinstance(self.loss_chunk, bool)

@@ -105,9 +105,11 @@ def layer_specs(c: PLDRConfig) -> dict:
   layer = {
       "wq": _dense(d, d, "embed", "qkv"),
       "wk": _dense(d, d, "embed", "qkv"),
-      # The authors' code applies its init to wk twice and never to wv, so wv
-      # keeps torch's default Linear init (weight and bias U(+-1/sqrt(d))).
-      "wv": _dense(d, d, "embed", "qkv", torch_default=True),
+      # init_recipe 'kvg': the authors' KV-G-cache code applies its init to wk
+      # twice and never to wv, so wv keeps torch's default Linear init (weight
+      # and bias U(+-1/sqrt(d))); 'soc' (their SOC repository's
+      # pldr_model_v510.py): wv Xavier uniform with zero bias, like wq and wk.
+      "wv": _dense(d, d, "embed", "qkv", torch_default=c.init_recipe == "kvg"),
       "wo": _dense(d, d, "qkv", "embed"),
       "ffn": _glu(d, c.d_ff, "embed", "mlp"),
       "ln1": _ln(d, None),

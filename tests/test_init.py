@@ -17,12 +17,15 @@ torch = pytest.importorskip("torch")
 MIN_SAMPLES = 40_000  # pooled draws per tensor: std known to ~0.5%
 
 
-def torch_reference(path: tuple[str, ...], shape: tuple[int, ...], d_model: int):
+def torch_reference(path: tuple[str, ...], shape: tuple[int, ...], d_model: int,
+                    recipe: str = "kvg"):
   """The authors' PyTorch init of the tensor at `path`, as a function of a torch tensor.
 
   Written from their model code: Linear layers get weights_init (Xavier uniform
-  weight, zero bias) except wv (its init call targets wk a second time, so wv
-  keeps nn.Linear's own reset_parameters); the power-law tensors W, P, a are
+  weight, zero bias) except wv in the KV-G-cache code (recipe 'kvg': its init
+  call targets wk a second time, so wv keeps nn.Linear's own reset_parameters;
+  the SOC repository's code, recipe 'soc', gives wv weights_init too); the
+  power-law tensors W, P, a are
   xavier_normal_ of the whole [H, dk, dk] tensor, b and b_a zeros; LayerNorm 1/0;
   nn.Embedding's N(0, 1). Returns (torch shape, fn(empty torch tensor) -> tensor).
   """
@@ -36,7 +39,7 @@ def torch_reference(path: tuple[str, ...], shape: tuple[int, ...], d_model: int)
                    else torch.nn.init.zeros_)
   if leaf in ("kernel", "bias"):
     torch_shape = tuple(reversed(shape))  # torch Linear.weight is [out, in]
-    if name == "wv":  # a fresh nn.Linear(d, d): its own default init
+    if name == "wv" and recipe == "kvg":  # a fresh nn.Linear(d, d): its own default init
       return torch_shape, lambda t: getattr(torch.nn.Linear(d_model, d_model),
                                             "weight" if leaf == "kernel" else "bias").detach()
     return torch_shape, (torch.nn.init.xavier_uniform_ if leaf == "kernel"
@@ -66,9 +69,12 @@ def _leaves(config):
   return out
 
 
-@pytest.mark.parametrize("preset", ["tiny", pytest.param("pldrv51_110m", marks=pytest.mark.slow)])
-def test_init_spread_matches_torch(preset):
-  config = config_lib.preset(preset)
+@pytest.mark.parametrize("preset,recipe", [
+    ("tiny", "kvg"), ("tiny", "soc"),
+    pytest.param("pldrv51_110m", "kvg", marks=pytest.mark.slow),
+    pytest.param("pldrv51_110m", "soc", marks=pytest.mark.slow)])
+def test_init_spread_matches_torch(preset, recipe):
+  config = config_lib.preset(preset, init_recipe=recipe)
   key = jax.random.key(0)
   checked = 0
   for (role, shape), (path, spec) in _leaves(config).items():
@@ -81,7 +87,7 @@ def test_init_spread_matches_torch(preset):
     keys = jax.random.split(key, reps)
     drawn = np.asarray(jax.vmap(lambda k: spec.draw(k, jnp.float32))(keys))  # [reps, *shape]
     ours = drawn.ravel()
-    torch_shape, fn = torch_reference(role, layer_shape, config.d_model)
+    torch_shape, fn = torch_reference(role, layer_shape, config.d_model, recipe)
     torch.manual_seed(0)
 
     def draw_torch(i):
@@ -106,6 +112,41 @@ def test_init_spread_matches_torch(preset):
         assert not np.array_equal(drawn[0, 0], drawn[0, 1]), where
     checked += 1
   assert checked >= 15
+
+
+def test_init_recipes_differ_in_wv_only():
+  """'kvg' (default): wv at torch's default Linear init, U(+-1/sqrt(d)) with a
+  non-zero bias; 'soc': wv Xavier uniform, zero bias. Every other tensor is drawn
+  identically from the same key."""
+  kvg = config_lib.tiny(d_model=64, num_heads=4)
+  assert kvg.init_recipe == "kvg"
+  soc = kvg.replace(init_recipe="soc")
+  pk = params_lib.init_params(kvg, jax.random.key(3))
+  ps = params_lib.init_params(soc, jax.random.key(3))
+  flat_k = jax.tree_util.tree_flatten_with_path(pk)[0]
+  flat_s = dict(jax.tree_util.tree_flatten_with_path(ps)[0])
+  differ = {jax.tree_util.keystr(kp) for kp, v in flat_k if not np.array_equal(v, flat_s[kp])}
+  assert differ == {"['layers']['wv']['kernel']", "['layers']['wv']['bias']"}
+  d = kvg.d_model
+  wk, ws = np.asarray(pk["layers"]["wv"]["kernel"]), np.asarray(ps["layers"]["wv"]["kernel"])
+  assert np.abs(wk).max() <= 1 / math.sqrt(d) and np.abs(wk).max() > 0.9 / math.sqrt(d)
+  assert np.abs(ws).max() <= math.sqrt(6 / (2 * d)) and np.abs(ws).max() > 0.9 * math.sqrt(3 / d)
+  assert np.all(np.asarray(ps["layers"]["wv"]["bias"]) == 0)
+  assert np.any(np.asarray(pk["layers"]["wv"]["bias"]) != 0)
+
+
+def test_init_recipe_is_validated_and_gin_bindable():
+  with pytest.raises(config_lib.ConfigError, match="init_recipe='xavier'"):
+    config_lib.tiny(init_recipe="xavier")
+  import gin
+
+  from pldr_jax import gin_configs
+  try:
+    run = gin_configs.parse([str(gin_configs.REPO / "experiments" / "configs" / "tiny.gin")],
+                            ["PLDRConfig.init_recipe = 'soc'"])
+    assert run["model"].init_recipe == "soc"
+  finally:
+    gin.clear_config()
 
 
 def test_power_law_std_is_the_whole_tensor_rule():
