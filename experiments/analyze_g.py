@@ -1,8 +1,10 @@
 #!/usr/bin/env python
-"""Analyse G_LM (and A_LM): spectra, numerical rank, sigma2/sigma1, log|det|, norms.
+"""Analyse G_LM (and A_LM): spectra, numerical rank, sigma2/sigma1, log|det|, norms, collapse.
 
   python experiments/analyze_g.py SOURCE [--step N] [--out DIR] [--tol 1e-3]
                                   [--compare OTHER] [--compare_step N]
+                                  [--rope_layout interleaved|half]
+                                  [--suffix_tokens N [--num_prompts 8 --prompt_len 64]]
 
 SOURCE / OTHER: a .npy [L, H, dk, dk] (taken as G_LM), a .npz, a checkpoint
 directory (<workdir>/checkpoints; its g_lm item, latest step unless --step) or
@@ -12,6 +14,17 @@ checkpoints, <folder>/analysis_<name> beside a .npy/.npz; never the working dire
   g_metrics.json    the same, plus per-layer summaries and all singular values
   spectra_<T>.png   singular values per layer (one line per head), log scale
   rank_<T>.png      numerical rank per layer x head heatmap
+  collapse.json     the rank-one collapse statistics (pldr_jax.analysis.collapse_statistics):
+                    for A and A_LM (when the source has them) and G_LM, sigma2/sigma1,
+                    numerical rank, row-variance ratio, cross-head spread; for G_LM also
+                    the off-commutant residual ||G - Pi_comm G||/||G|| w.r.t. the RoPE
+                    rotation planes (--rope_layout; default: the run's
+                    PLDRConfig.rope_interleaved, else the authors' interleaved pairs)
+With --suffix_tokens N (a run with its data), also whether G_LM is invariant to
+the suffix: --num_prompts held-out prompts of --prompt_len tokens, N tokens
+sampled after each without a cache (top-p 0.8, temperature 1), and the relative
+change ||G(prompt + suffix) - G(prompt)|| / ||G(prompt)|| per (prompt, layer,
+head); the collapse statistics are then those of the prompts' own A, A_LM, G_LM.
 With --compare, also compare.csv, and prints per layer/head the RMSE and
 log|det| of both and their differences to 15 decimals.
 """
@@ -29,12 +42,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from pldr_jax import analysis, cli  # noqa: E402
+from pldr_jax import analysis, cli, errors  # noqa: E402
 
 
 def _json_float(x):
   x = float(x)
   return x if math.isfinite(x) else str(x)  # JSON has no inf/nan: "-inf", "nan"
+
+
+def _finite(x):
+  """x with every float that JSON cannot hold (inf, nan) as a string."""
+  if isinstance(x, dict):
+    return {k: _finite(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_finite(v) for v in x]
+  return _json_float(x) if isinstance(x, float) else x
 
 
 def write_csv(path: Path, table: list[dict]) -> None:
@@ -129,6 +151,49 @@ def print_compare(table: list[dict]) -> None:
   print(f"max |diff|: {max(diffs):.15f}")
 
 
+def run_rope_layout(src: Path) -> bool | None:
+  """PLDRConfig.rope_interleaved of the run a checkpoint source belongs to (None: not a run)."""
+  if not src.is_dir():
+    return None
+  from pldr_jax import runs
+  ckdir = runs.checkpoints_dir(src)
+  if ckdir is None:
+    return None
+  from pldr_jax.training import checkpoint as ckpt_lib
+  return bool(ckpt_lib.load_meta(ckdir).get("model", {}).get("rope_interleaved", True))
+
+
+def suffix_collapse(src: Path, step, suffix_tokens: int, num_prompts: int, prompt_len: int,
+                    tol: float) -> dict:
+  """Collapse statistics of held-out prompts' A, A_LM, G_LM with G_LM's change when
+  suffix_tokens sampled tokens are appended (no cache)."""
+  import jax
+
+  import pldr_jax
+  m = pldr_jax.load(str(src), step=step)
+  if m.data is None or m.tokenizer is None:
+    raise errors.ConfigError(f"--suffix_tokens needs a training run with its data and "
+                             f"tokenizer; {src} has none")
+  if prompt_len + suffix_tokens > m.config.max_len:
+    raise errors.ConfigError(f"--prompt_len {prompt_len} + --suffix_tokens {suffix_tokens} "
+                             f"exceeds the context length {m.config.max_len}")
+  prompts = analysis.held_out_prompts(m.data, m.tokenizer, prompt_len, num_prompts)
+  toks = analysis.sample_uncached(m.params, m.config, prompts, suffix_tokens, jax.random.key(0),
+                                  g_lm=m.g_lm)
+  base = analysis.cached_tensors(m.params, m.config, prompts, m.g_lm)
+  suffixed = analysis.deductive_tensors(m.params, m.config, toks, m.g_lm)
+  return analysis.collapse_statistics(base, tol, interleaved=m.config.rope_interleaved,
+                                      base=m.config.rope_base, suffixed=suffixed)
+
+
+def print_collapse(collapse: dict, title: str) -> None:
+  print(f"\ncollapse statistics ({title}): median [per-layer medians]")
+  for name, st in collapse.items():
+    for k, v in st.items():
+      per = ", ".join(f"{x:.3g}" for x in v["per_layer_median"])
+      print(f"  {name:<5} {k:<24} {v['median']:.4g}  [{per}]")
+
+
 def default_out(src: Path) -> Path:
   """Where the analysis of `src` goes without --out: inside the run it came from."""
   src = src.resolve()
@@ -148,7 +213,16 @@ def main(argv=None) -> int:
   parser.add_argument("--compare", default=None, help="another source to compare with")
   parser.add_argument("--compare_step", type=int, default=None)
   parser.add_argument("--no_plots", action="store_true")
+  parser.add_argument("--rope_layout", choices=("interleaved", "half"), default=None,
+                      help="RoPE planes for G_LM's off-commutant residual (default: the run's, "
+                           "else interleaved)")
+  parser.add_argument("--suffix_tokens", type=int, default=0,
+                      help="also test G_LM's invariance to a sampled suffix of N tokens (a run)")
+  parser.add_argument("--num_prompts", type=int, default=8)
+  parser.add_argument("--prompt_len", type=int, default=64)
   args = parser.parse_args(argv)
+  if args.suffix_tokens < 0 or args.num_prompts < 1 or args.prompt_len < 1:
+    raise errors.ConfigError("--suffix_tokens must be >= 0, --num_prompts and --prompt_len >= 1")
 
   src = Path(args.source)
   tensors = analysis.load_tensors(src, args.step)  # a bad source fails before any folder
@@ -161,6 +235,21 @@ def main(argv=None) -> int:
   if not args.no_plots:
     for name, m in results.items():
       written += plot(out, name, m, src.name)
+  layout = run_rope_layout(src) if args.rope_layout is None else args.rope_layout == "interleaved"
+  interleaved = True if layout is None else layout
+  collapse = {"source": analysis.collapse_statistics(tensors, args.tol, interleaved=interleaved)}
+  print_collapse(collapse["source"], f"{src.name}, RoPE "
+                 f"{'interleaved' if interleaved else 'half'}")
+  if args.suffix_tokens:
+    collapse["held_out_prompts"] = suffix_collapse(src, args.step, args.suffix_tokens,
+                                                   args.num_prompts, args.prompt_len, args.tol)
+    collapse["suffix"] = {"num_prompts": args.num_prompts, "prompt_len": args.prompt_len,
+                          "suffix_tokens": args.suffix_tokens}
+    print_collapse(collapse["held_out_prompts"],
+                   f"{args.num_prompts} held-out prompts, suffix of {args.suffix_tokens} tokens")
+  (out / "collapse.json").write_text(json.dumps(
+      _finite({"rope_interleaved": interleaved, "rank_tol": args.tol, **collapse}), indent=1))
+  written.append(out / "collapse.json")
   if args.compare:
     other = analysis.analyze(analysis.load_tensors(args.compare, args.compare_step), args.tol)
     try:
