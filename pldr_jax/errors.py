@@ -13,7 +13,8 @@ from __future__ import annotations
 import os
 
 __all__ = ["PldrError", "ConfigError", "InputError", "DataError", "GShapeError",
-           "CheckpointError", "TrainingError", "PolicyError", "KernelLoadError"]
+           "CheckpointError", "CheckpointCorrupt", "CheckpointMismatch", "TrainingError",
+           "PolicyError", "KernelLoadError"]
 
 
 class PldrError(Exception):
@@ -61,6 +62,16 @@ class CheckpointError(PldrError, ValueError, RuntimeError):
       self.path = None
       self.reason = str(args[0]) if args else ""
       super().__init__(*args)
+
+
+class CheckpointCorrupt(CheckpointError):
+  """A damaged checkpoint: files missing, corrupt, incomplete or unreadable (a
+  resuming run falls back to an older step)."""
+
+
+class CheckpointMismatch(CheckpointError):
+  """A sound checkpoint that does not fit what was asked of it: another tree
+  structure, shape or dtype, or an item the step was saved without."""
 
 
 class TrainingError(PldrError, RuntimeError):

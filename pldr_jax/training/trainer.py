@@ -169,10 +169,8 @@ def restore_newest_good(checkpointer: ckpt_lib.Checkpointer, abstract: dict,
   for step in reversed(checkpointer.all_steps()):
     try:
       restored = restore(step)
-    except ckpt_lib.CheckpointError as e:
-      if not _is_damage(e):
-        raise  # e.g. a model config that does not match the checkpoint: not a reason to skip
-      failed.append((step, e.reason))
+    except ckpt_lib.CheckpointCorrupt as e:  # damaged; a CheckpointMismatch (another
+      failed.append((step, e.reason))  # model config, say) is no reason to skip: it propagates
       continue
     for bad, reason in failed:
       warn(f"WARNING: checkpoint step {bad} in {checkpointer.directory} cannot be restored "
@@ -183,11 +181,6 @@ def restore_newest_good(checkpointer: ckpt_lib.Checkpointer, abstract: dict,
         checkpointer.directory, "no checkpoint can be restored: " +
         "; ".join(f"step {st}: {reason}" for st, reason in failed))
   return None, []
-
-
-def _is_damage(e: ckpt_lib.CheckpointError) -> bool:
-  """A corrupt, partial or unreadable checkpoint (as opposed to a mismatch with the run)."""
-  return any(w in e.reason for w in ("corrupt", "incomplete", "unreadable"))
 
 
 def set_aside(directory: Path, steps, suffix: str) -> list[Path]:
