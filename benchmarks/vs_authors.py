@@ -15,7 +15,7 @@ power_law_attention_layer_v510.py (a folder on sys.path that provides
 --extra_path).
 
 The published 110M configuration, float32 on the CPU, the weights drawn by
-pldr-jax's init and exported with `convert.params_to_state_dict` (the authors'
+pldr-jax's init and exported with `compat.keys.params_to_state_dict` (the authors'
 model loads them with strict=True). Issue 13's table, each section in one
 process, the two implementations alternating round by round (their order
 swapped every round) with the median of each side reported:
@@ -61,7 +61,8 @@ import numpy as np  # noqa: E402
 
 from benchmarks import common, train_bench  # noqa: E402
 from pldr_jax import config as cfg  # noqa: E402
-from pldr_jax import convert, model  # noqa: E402
+from pldr_jax import model  # noqa: E402
+from pldr_jax.compat import keys as compat_keys  # noqa: E402
 from pldr_jax.inference import decode, generate
 from pldr_jax.training import host, train
 
@@ -138,7 +139,8 @@ def bench_train(mod, c, rounds: int, batch: int = 4, seq: int = 256) -> dict:
   tc, tx, mesh, toks, data = train_bench.setup(c.vocab_size, batch, seq)
   with jax.set_mesh(mesh):
     state = train.init_train_state(c, tc, tx, mesh)
-    m = authors_model(mod, c, convert.params_to_state_dict(jax.device_get(state["params"]), c))
+    sd = compat_keys.params_to_state_dict(jax.device_get(state["params"]), c)
+    m = authors_model(mod, c, sd)
     step = train.make_train_step(c, tc, tx, mesh)
     opt = torch.optim.AdamW(m.parameters(), lr=tc.learning_rate, betas=(tc.beta1, tc.beta2),
                             eps=tc.eps, weight_decay=tc.weight_decay)
@@ -328,7 +330,7 @@ def main(argv=None) -> int:
     print(json.dumps({k: v for k, v in rows[-1].items() if not k.endswith("_times")}), flush=True)
   if set(sections) & {"decode", "prefill", "generate"}:
     p = model.init_params(c, jax.random.key(0))
-    m = authors_model(mod, c, convert.params_to_state_dict(p, c))
+    m = authors_model(mod, c, compat_keys.params_to_state_dict(p, c))
     todo = ([("decode", lambda b=b: bench_decode(m, p, c, a.rounds, b))
              for b in map(int, a.decode_batches.split(","))]
             + [("prefill", lambda: bench_prefill(m, p, c, a.rounds)),

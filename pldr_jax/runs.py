@@ -14,7 +14,7 @@
   * a Hugging Face folder of the PLDR-LLM port (config.json +
     model.safetensors), a torch distributed-checkpoint folder, or a `.pth` /
     `.pt` / `.bin` / `.safetensors` file in the authors' layout
-    (`pldr_jax.convert.load_checkpoint`); the tokenizer is `tokenizer=` or a
+    (`pldr_jax.compat.hf.load_checkpoint`); the tokenizer is `tokenizer=` or a
     `tokenizer.model` beside the weights, else None;
   * `hf:<org>/<model>` (or `hf:<org>/<model>@<revision>`): a PLDR-LLM on the
     Hugging Face Hub in the port's layout, fetched with
@@ -150,12 +150,12 @@ def load(path: str | os.PathLike, *, step: int | None = None, tokenizer=None,
   """
   if isinstance(path, str) and path.startswith(HUB_PREFIX):
     folder = hub_snapshot(path)
-    from pldr_jax import convert
+    from pldr_jax.compat import hf
     if not os.path.isfile(os.path.join(folder, "config.json")):
       raise CheckpointError(f"{path}: the repository has no config.json: not a PLDR-LLM in "
                             "the Hugging Face port's layout (PldrllmForCausalLM)")
     try:
-      config, params, g_lm = convert.load_hf(folder, **overrides)
+      config, params, g_lm = hf.load_hf(folder, **overrides)
     except CheckpointError as e:
       raise CheckpointError(f"{path}: {e}") from None
     beside = os.path.join(folder, "tokenizer.model")
@@ -184,8 +184,8 @@ def load(path: str | os.PathLike, *, step: int | None = None, tokenizer=None,
     if tok_path is not None and not paths.as_path(tok_path).is_file():
       tok_path = None  # the run's tokenizer was moved or deleted: load without it
     return LoadedModel(config, params, g_lm, _tokenizer(tok_path), data, step, str(ckdir))
-  from pldr_jax import convert
-  config, params, g_lm = convert.load_checkpoint(path, **overrides)
+  from pldr_jax.compat import hf
+  config, params, g_lm = hf.load_checkpoint(path, **overrides)
   beside = (path if path.is_dir() else path.parent) / "tokenizer.model"
   tok_path = tokenizer or (beside if beside.is_file() else None)
   return LoadedModel(config, params, g_lm, _tokenizer(tok_path), None, None, str(path))

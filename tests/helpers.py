@@ -77,7 +77,7 @@ def write_tiny_run(root, *, g_mode: str = "learned", recorded: str = "run"):
 
 
 def write_hf_cache(cache, repo_id: str, folder, *, revision: str = "main"):
-  """Put the files of `folder` (a Hugging Face folder, e.g. written by convert.save_hf)
+  """Put the files of `folder` (a Hugging Face folder, e.g. written by compat.hf.save_hf)
   into a Hugging Face hub cache at `cache` as model `repo_id`, the way huggingface_hub
   leaves a download (and reads it back in offline mode):
 

@@ -289,16 +289,17 @@ def test_analyze_g_writes_beside_its_source(tmp_path, monkeypatch, capsys):
 def test_save_hf_publishes_the_tokenizer(tmp_path):
   import jax
   import pldr_jax
-  from pldr_jax import config, convert, params
+  from pldr_jax import config, params
+  from pldr_jax.compat import hf
   from pldr_jax.data import load_tokenizer
   c = config.tiny(vocab_size=32000, max_len=64)
   p = params.init_params(c, jax.random.key(0))
-  convert.save_hf(tmp_path / "hf", p, c, tokenizer=load_tokenizer(TOKENIZER))
+  hf.save_hf(tmp_path / "hf", p, c, tokenizer=load_tokenizer(TOKENIZER))
   loaded = pldr_jax.load(tmp_path / "hf")
   assert loaded.tokenizer is not None and loaded.tokenizer.encode("It is") == \
       load_tokenizer(TOKENIZER).encode("It is")
   with pytest.raises(errors.CheckpointError, match="tokenizer file not found"):
-    convert.save_hf(tmp_path / "hf2", p, c, tokenizer=tmp_path / "none.model")
+    hf.save_hf(tmp_path / "hf2", p, c, tokenizer=tmp_path / "none.model")
 
 
 def test_float_token_ids_are_rejected():

@@ -15,7 +15,8 @@ from helpers import write_hf_cache
 huggingface_hub = pytest.importorskip("huggingface_hub")
 
 import pldr_jax  # noqa: E402
-from pldr_jax import config, convert, errors, params  # noqa: E402
+from pldr_jax import config, errors, params  # noqa: E402
+from pldr_jax.compat import hf  # noqa: E402
 from pldr_jax.data import load_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +47,7 @@ def published(tmp_path_factory):
   c = config.tiny(vocab_size=32000, max_len=64)
   p = params.init_params(c, jax.random.key(0))
   folder = tmp_path_factory.mktemp("published") / "pldr-tiny"
-  convert.save_hf(folder, p, c, tokenizer=TOKENIZER)
+  hf.save_hf(folder, p, c, tokenizer=TOKENIZER)
   return folder, c, p
 
 

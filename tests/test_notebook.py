@@ -1,7 +1,7 @@
 """notebooks/quickstart.ipynb runs top to bottom (nbclient), as shipped.
 
 The Hub is simulated: the notebook's own default model id is put, as a tiny model in
-the Hugging Face port's layout written by `convert.save_hf`, into a Hugging Face cache
+the Hugging Face port's layout written by `compat.hf.save_hf`, into a Hugging Face cache
 laid out as huggingface_hub leaves it (tests/helpers.write_hf_cache), and the kernel
 runs with HF_HOME / HF_HUB_CACHE on it and HF_HUB_OFFLINE=1, so `pldr_jax.load("hf:...")`
 goes through the real `snapshot_download`. Two runs, each varying everything at once to
@@ -53,10 +53,11 @@ def test_notebook_is_colab_ready():
 
 def _hub_cache(tmp_path, monkeypatch, repo_id, g_mode):
   import jax
-  from pldr_jax import config, convert, params
+  from pldr_jax import config, params
+  from pldr_jax.compat import hf
   c = config.tiny(vocab_size=32000, max_len=64, g_mode=g_mode)
   folder = tmp_path / "published"
-  convert.save_hf(folder, params.init_params(c, jax.random.key(0)), c, tokenizer=TOKENIZER)
+  hf.save_hf(folder, params.init_params(c, jax.random.key(0)), c, tokenizer=TOKENIZER)
   home = tmp_path / "hf_home"
   snapshot = write_hf_cache(home / "hub", repo_id, folder)
   monkeypatch.setenv("HF_HOME", str(home))

@@ -10,7 +10,8 @@ import pytest
 import pldr_jax
 from pldr_jax.training import checkpoint as ckpt_lib
 from pldr_jax import config as config_lib
-from pldr_jax import convert, g_modes, params as params_lib
+from pldr_jax import g_modes, params as params_lib
+from pldr_jax.compat import hf, torch_files
 from pldr_jax.data import DataConfig
 
 from conftest import PUBLISHED_DATA
@@ -58,12 +59,12 @@ def test_load_a_fixed_g_run_keeps_its_g(tmp_path):
 def test_load_published_layouts(tmp_path):
   c = config_lib.tiny()
   p = params_lib.init_params(c, jax.random.key(4))
-  convert.save_hf(tmp_path / "hub", p, c)
+  hf.save_hf(tmp_path / "hub", p, c)
   shutil.copy(TOKENIZER, tmp_path / "hub" / "tokenizer.model")
   m = pldr_jax.load(tmp_path / "hub", max_len=c.max_len)
   assert m.config.num_layers == c.num_layers and m.step is None and m.tokenizer is not None
   _assert_same(m.params, p)
-  convert.save_state_dict(p, c, tmp_path / "m.safetensors")
+  torch_files.save_state_dict(p, c, tmp_path / "m.safetensors")
   config, params, g_lm, tok = pldr_jax.load(tmp_path / "m.safetensors", max_len=c.max_len)
   assert config.d_model == c.d_model and g_lm is None and tok is None
   _assert_same(params, p)
@@ -79,7 +80,7 @@ def test_one_error_hierarchy():
   from pldr_jax.training import trainer
   from pldr_jax.config import ConfigError
   from pldr_jax.data import DataError
-  assert ckpt_lib.CheckpointError is convert.CheckpointError is errors.CheckpointError
+  assert ckpt_lib.CheckpointError is errors.CheckpointError
   for cls in (ConfigError, model.InputError, DataError, g_modes.GShapeError,
               ckpt_lib.CheckpointError, trainer.TrainingError, policies.PolicyError,
               KernelLoadError):

@@ -1,10 +1,10 @@
-"""PyTorch state dict <-> our parameter pytree (pldr_jax.convert).
+"""PyTorch state dict <-> our parameter pytree (pldr_jax.compat).
 
 The state dicts here are built from the published layout table
 (docs/checkpoints.md) written out by hand, and the placement of
 every tensor is checked by a plain NumPy float64 forward pass that reads the raw
 state dict in the PyTorch convention (y = x W^T + b), independent of both
-pldr_jax.convert and pldr_jax.model.
+pldr_jax.compat and pldr_jax.model.
 
 The containers: .safetensors through the `safetensors` package (bfloat16
 included, checked against safetensors.torch), the authors' .pth training dict
@@ -29,7 +29,13 @@ import numpy as np
 import pytest
 
 from pldr_jax import config as config_lib
-from pldr_jax import convert
+from pldr_jax.compat.hf import load_checkpoint, load_hf, save_hf
+from pldr_jax.compat.infer import config_from_state_dict
+from pldr_jax.compat.keys import (is_learned_g_key, key_map, params_to_state_dict,
+                                  state_dict_shapes, state_dict_to_params)
+from pldr_jax.compat.safetensors_io import read_safetensors, write_safetensors
+from pldr_jax.compat.torch_files import load_state_dict, save_state_dict, torch_tensors
+from pldr_jax.errors import CheckpointError
 from pldr_jax.model import forward
 from pldr_jax.params import count_params, init_params, unstack_layers
 
@@ -184,11 +190,11 @@ def tiny64():
 @pytest.mark.parametrize("learned", [True, False], ids=["learned_g", "identity_g"])
 def test_import_matches_reference_forward(learned):
   sd = random_state_dict(tiny_layout(learned), seed=1 if learned else 2)
-  cfg = convert.config_from_state_dict(sd, max_len=32, num_heads=2, **F64)
+  cfg = config_from_state_dict(sd, max_len=32, num_heads=2, **F64)
   if not learned:  # a_dff / num_res_units mean nothing without a metric learner
     cfg = cfg.replace(a_dff=12, num_res_units=2)
   assert cfg == config_lib.tiny(g_mode="learned" if learned else "identity", **F64)
-  params = convert.state_dict_to_params(sd, cfg)
+  params = state_dict_to_params(sd, cfg)
   assert all(x.dtype == jnp.float64 for x in jax.tree.leaves(params))
   tokens = np.random.default_rng(3).integers(0, cfg.vocab_size, size=(2, 12))
   logits, _ = forward(params, jnp.asarray(tokens), config=cfg)
@@ -201,7 +207,7 @@ def test_import_matches_reference_forward(learned):
 
 def test_config_inferred_from_tiny_state_dict():
   sd = random_state_dict(tiny_layout(), seed=0, dtype=np.float32)
-  cfg = convert.config_from_state_dict(sd, max_len=32)
+  cfg = config_from_state_dict(sd, max_len=32)
   assert cfg == config_lib.tiny()
   assert cfg.num_heads == 2 and cfg.head_dim == 8 and cfg.num_res_units == 2 and cfg.a_dff == 12
 
@@ -214,23 +220,23 @@ def test_round_trip_is_exact(dtype, param_dtype, learned):
   sd = random_state_dict(layout, seed=4, dtype=dtype)
   cfg = config_lib.tiny(param_dtype=param_dtype,
                         g_mode="learned" if learned else "identity")
-  params = convert.state_dict_to_params(sd, cfg)
-  back = convert.params_to_state_dict(params, cfg)
+  params = state_dict_to_params(sd, cfg)
+  back = params_to_state_dict(params, cfg)
   assert list(back) == list(layout)  # the spec's key order, nothing more, nothing less
   for key, want in sd.items():
     assert back[key].dtype == want.dtype, key
     assert back[key].shape == want.shape, key
     np.testing.assert_array_equal(back[key].view(np.uint8), want.view(np.uint8), err_msg=key)
   # NumPy params too, and an explicit dtype override.
-  params_np = convert.state_dict_to_params(sd, cfg, to_jax=False)
+  params_np = state_dict_to_params(sd, cfg, to_jax=False)
   assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(params_np))
-  back32 = convert.params_to_state_dict(params_np, cfg, dtype="float32")
+  back32 = params_to_state_dict(params_np, cfg, dtype="float32")
   assert all(v.dtype == np.float32 for v in back32.values())
 
 
 def test_kernels_are_transposed_weights(tiny64):
   sd = random_state_dict(tiny_layout(), seed=5)
-  p = convert.state_dict_to_params(sd, tiny64, to_jax=False)
+  p = state_dict_to_params(sd, tiny64, to_jax=False)
   np.testing.assert_array_equal(p["layers"]["wo"]["kernel"][1],
                                 sd["decoder.dec_layers.1.mha1.dense.weight"].T)
   np.testing.assert_array_equal(p["head"]["kernel"], sd["final_layer.weight"].T)
@@ -246,19 +252,19 @@ def test_kernels_are_transposed_weights(tiny64):
 
 def test_wrapped_and_prefixed_state_dicts(tiny64):
   sd = random_state_dict(tiny_layout(), seed=6)
-  ref = convert.state_dict_to_params(sd, tiny64, to_jax=False)
+  ref = state_dict_to_params(sd, tiny64, to_jax=False)
   for wrapped in ({"model": sd}, {"state_dict": {"module." + k: v for k, v in sd.items()},
                                   "epoch": 3}):
-    got = convert.state_dict_to_params(wrapped, tiny64, to_jax=False)
+    got = state_dict_to_params(wrapped, tiny64, to_jax=False)
     jax.tree.map(np.testing.assert_array_equal, got, ref)
-  assert convert.config_from_state_dict({"model": sd}, max_len=32, **F64) == tiny64
+  assert config_from_state_dict({"model": sd}, max_len=32, **F64) == tiny64
 
 
 def test_export_of_initialised_params(tiny64):
   params = jax.jit(init_params, static_argnums=0)(tiny64, jax.random.key(0))
-  sd = convert.params_to_state_dict(params, tiny64)
+  sd = params_to_state_dict(params, tiny64)
   assert {k: v.shape for k, v in sd.items()} == tiny_layout()
-  again = convert.state_dict_to_params(sd, tiny64)
+  again = state_dict_to_params(sd, tiny64)
   jax.tree.map(np.testing.assert_array_equal, again, params)
 
 
@@ -271,23 +277,23 @@ def test_pldrv51_110m_layout_matches_spec():
   # key_map's paths are the published per-layer ones: (layers, i, ...) of the list layout.
   abstract = jax.eval_shape(lambda: unstack_layers(init_params(cfg, jax.random.key(0))))
   got = {}
-  for key, path, transpose in convert.key_map(cfg):
+  for key, path, transpose in key_map(cfg):
     leaf = abstract
     for part in path:
       leaf = leaf[part]
     got[key] = tuple(reversed(leaf.shape)) if transpose else tuple(leaf.shape)
   assert list(got) == list(want)
   assert got == want
-  assert convert.state_dict_shapes(cfg) == want
-  assert len(convert.key_map(cfg)) == len(jax.tree.leaves(abstract))  # a bijection
-  assert len({tuple(p) for _, p, _ in convert.key_map(cfg)}) == len(want)
+  assert state_dict_shapes(cfg) == want
+  assert len(key_map(cfg)) == len(jax.tree.leaves(abstract))  # a bijection
+  assert len({tuple(p) for _, p, _ in key_map(cfg)}) == len(want)
   total = sum(math.prod(s) for s in want.values())
   assert total == 109_689_362 == count_params(cfg)
   # The config comes back from names and shapes alone (no arrays).
   abstract_sd = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in want.items()}
-  assert convert.config_from_state_dict(abstract_sd) == cfg
-  fixed = {k: v for k, v in abstract_sd.items() if not convert.is_learned_g_key(k)}
-  fixed_cfg = convert.config_from_state_dict(fixed, num_heads=14, g_mode="random")
+  assert config_from_state_dict(abstract_sd) == cfg
+  fixed = {k: v for k, v in abstract_sd.items() if not is_learned_g_key(k)}
+  fixed_cfg = config_from_state_dict(fixed, num_heads=14, g_mode="random")
   assert fixed_cfg == config_lib.pldrv51_110m(g_mode="random")
   assert sum(math.prod(v.shape) for v in fixed.values()) == count_params(fixed_cfg) == 105_606_482
 
@@ -298,7 +304,7 @@ def test_missing_key_error(tiny64):
   sd = random_state_dict(tiny_layout(), seed=7)
   del sd["decoder.dec_layers.1.ffn.gluw2.bias"]
   with pytest.raises(ValueError, match=r"missing key.*decoder\.dec_layers\.1\.ffn\.gluw2\.bias"):
-    convert.state_dict_to_params(sd, tiny64)
+    state_dict_to_params(sd, tiny64)
 
 
 def test_unexpected_key_error(tiny64):
@@ -306,7 +312,7 @@ def test_unexpected_key_error(tiny64):
   sd["decoder.dec_layers.2.ffn.gluw1.weight"] = np.zeros((24, 16))
   with pytest.raises(ValueError,
                      match=r"unexpected key.*decoder\.dec_layers\.2\.ffn\.gluw1\.weight"):
-    convert.state_dict_to_params(sd, tiny64)
+    state_dict_to_params(sd, tiny64)
 
 
 def test_shape_mismatch_error(tiny64):
@@ -314,7 +320,7 @@ def test_shape_mismatch_error(tiny64):
   sd["decoder.dec_layers.0.mha1.wq.weight"] = np.zeros((16, 12))
   sd["decoder.dec_layers.1.mha1.plgatt_layer.alst"] = np.zeros((3, 8, 8))
   with pytest.raises(ValueError) as e:
-    convert.state_dict_to_params(sd, tiny64)
+    state_dict_to_params(sd, tiny64)
   msg = str(e.value)
   assert "decoder.dec_layers.0.mha1.wq.weight: expected shape (16, 16), got (16, 12)" in msg
   assert ("decoder.dec_layers.1.mha1.plgatt_layer.alst: expected shape (2, 8, 8), "
@@ -322,15 +328,15 @@ def test_shape_mismatch_error(tiny64):
 
 
 def test_export_shape_error(tiny64):
-  params = convert.state_dict_to_params(random_state_dict(tiny_layout(), seed=7), tiny64,
-                                        to_jax=False)
+  params = state_dict_to_params(random_state_dict(tiny_layout(), seed=7), tiny64,
+                                to_jax=False)
   params["layers"]["ffn"]["w1"]["kernel"] = np.zeros((tiny64.num_layers, 16, 25))  # stacked
   with pytest.raises(ValueError, match=r"layers/0/ffn/w1/kernel.*expected shape \(16, 24\), "
                                        r"got \(16, 25\)"):
-    convert.params_to_state_dict(params, tiny64)
+    params_to_state_dict(params, tiny64)
   with pytest.raises(ValueError, match="extra parameters"):  # learned params, fixed config
-    convert.params_to_state_dict(
-        convert.state_dict_to_params(random_state_dict(tiny_layout()), tiny64),
+    params_to_state_dict(
+        state_dict_to_params(random_state_dict(tiny_layout()), tiny64),
         tiny64.replace(g_mode="identity"))
 
 
@@ -338,34 +344,34 @@ def test_learned_checkpoint_into_fixed_g_config():
   sd = random_state_dict(tiny_layout(), seed=8)
   cfg = config_lib.tiny(g_mode="identity", **F64)
   with pytest.raises(ValueError, match="drop_learned_g=True"):
-    convert.state_dict_to_params(sd, cfg)
-  params = convert.state_dict_to_params(sd, cfg, drop_learned_g=True, to_jax=False)
-  fixed = {k: v for k, v in sd.items() if not convert.is_learned_g_key(k)}
+    state_dict_to_params(sd, cfg)
+  params = state_dict_to_params(sd, cfg, drop_learned_g=True, to_jax=False)
+  fixed = {k: v for k, v in sd.items() if not is_learned_g_key(k)}
   assert len(fixed) == len(tiny_layout(learned=False))
   jax.tree.map(np.testing.assert_array_equal, params,
-               convert.state_dict_to_params(fixed, cfg, to_jax=False))
+               state_dict_to_params(fixed, cfg, to_jax=False))
   # Inference-only ablation: the learned model's weights, G given from outside.
-  assert convert.config_from_state_dict(sd, max_len=32, g_mode="transferred", **F64) == \
+  assert config_from_state_dict(sd, max_len=32, g_mode="transferred", **F64) == \
       config_lib.tiny(g_mode="transferred", **F64)
 
 
 def test_fixed_g_checkpoint_into_learned_config(tiny64):
   fixed = random_state_dict(tiny_layout(learned=False), seed=9)
   with pytest.raises(ValueError, match="fixed-G"):
-    convert.state_dict_to_params(fixed, tiny64)
+    state_dict_to_params(fixed, tiny64)
 
 
 def test_config_inference_errors():
   fixed = random_state_dict(tiny_layout(learned=False), seed=9)
   with pytest.raises(ValueError, match="num_heads"):
-    convert.config_from_state_dict(fixed)
+    config_from_state_dict(fixed)
   with pytest.raises(ValueError, match="no metric-learner"):
-    convert.config_from_state_dict(fixed, num_heads=2, g_mode="learned")
+    config_from_state_dict(fixed, num_heads=2, g_mode="learned")
   learned = random_state_dict(tiny_layout(), seed=9)
   with pytest.raises(ValueError, match=r"num_heads=4 contradicts.*num_heads=2"):
-    convert.config_from_state_dict(learned, num_heads=4)
+    config_from_state_dict(learned, num_heads=4)
   with pytest.raises(ValueError, match="decoder.embedding.weight"):
-    convert.config_from_state_dict({"final_layer.bias": np.zeros(3)})
+    config_from_state_dict({"final_layer.bias": np.zeros(3)})
 
 
 # -------------------------------------------------------------------- files
@@ -392,26 +398,26 @@ def test_safetensors_round_trip(tmp_path, dtype, name):
   sd = random_state_dict(tiny_layout(), seed=10, dtype=dtype)
   sd["decoder.embedding.weight"] = sd["decoder.embedding.weight"][:, ::-1]  # not contiguous
   path = tmp_path / "m.safetensors"
-  convert.write_safetensors(sd, path, metadata={"format": "pt"})
+  write_safetensors(sd, path, metadata={"format": "pt"})
   header, _ = _header(path)
   assert header["__metadata__"] == {"format": "pt"}
   entry = header["final_layer.weight"]
   assert entry["dtype"] == name and entry["shape"] == [64, 16]
-  back = convert.read_safetensors(path)
+  back = read_safetensors(path)
   assert back.keys() == sd.keys()
   for k in sd:
     assert back[k].dtype == sd[k].dtype and back[k].shape == sd[k].shape, k
     np.testing.assert_array_equal(back[k], sd[k], err_msg=k)
-  assert convert.load_state_dict(path).keys() == sd.keys()
+  assert load_state_dict(path).keys() == sd.keys()
 
 
 def test_safetensors_mixed_bf16_and_float64(tmp_path, no_x64):
   sd = {"a": np.ones((2, 3), ml_dtypes.bfloat16), "b": np.arange(3.0), "c": np.zeros(2, np.float32)}
   with pytest.raises(ValueError, match="jax_enable_x64"):
-    convert.write_safetensors(sd, tmp_path / "x.safetensors")
+    write_safetensors(sd, tmp_path / "x.safetensors")
   jax.config.update("jax_enable_x64", True)
-  convert.write_safetensors(sd, tmp_path / "x.safetensors")
-  back = convert.read_safetensors(tmp_path / "x.safetensors")
+  write_safetensors(sd, tmp_path / "x.safetensors")
+  back = read_safetensors(tmp_path / "x.safetensors")
   for k in sd:
     assert back[k].dtype == sd[k].dtype
     np.testing.assert_array_equal(back[k], sd[k])
@@ -420,20 +426,20 @@ def test_safetensors_mixed_bf16_and_float64(tmp_path, no_x64):
 def test_safetensors_bad_files(tmp_path):
   bad = tmp_path / "bad.safetensors"
   bad.write_bytes(b"\x05\x00")
-  with pytest.raises(convert.CheckpointError, match=f"not a safetensors file: {bad}"):
-    convert.read_safetensors(bad)
+  with pytest.raises(CheckpointError, match=f"not a safetensors file: {bad}"):
+    read_safetensors(bad)
   header = json.dumps({"x": {"dtype": "F32", "shape": [4], "data_offsets": [0, 12]}}).encode()
   bad.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 12)
-  with pytest.raises(convert.CheckpointError, match="not a safetensors file"):
-    convert.load_state_dict(bad)
+  with pytest.raises(CheckpointError, match="not a safetensors file"):
+    load_state_dict(bad)
   with pytest.raises(ValueError, match="unknown checkpoint format"):
     (tmp_path / "m.npz").write_bytes(b"")
-    convert.load_state_dict(tmp_path / "m.npz")
+    load_state_dict(tmp_path / "m.npz")
   with pytest.raises(ValueError, match="tokenizer"):
     (tmp_path / "sp.model").write_bytes(b"\n\x05hello")
-    convert.load_state_dict(tmp_path / "sp.model")
+    load_state_dict(tmp_path / "sp.model")
   with pytest.raises(FileNotFoundError):
-    convert.load_state_dict(tmp_path / "absent.safetensors")
+    load_state_dict(tmp_path / "absent.safetensors")
 
 
 @pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
@@ -441,18 +447,18 @@ def test_save_load_safetensors(tmp_path, param_dtype):
   cfg = config_lib.tiny(param_dtype=param_dtype)
   sd = random_state_dict(tiny_layout(), seed=11, dtype=np.dtype(ml_dtypes.bfloat16)
                          if param_dtype == "bfloat16" else np.float32)
-  params = convert.state_dict_to_params(sd, cfg)
+  params = state_dict_to_params(sd, cfg)
   path = tmp_path / "model.safetensors"
-  convert.save_state_dict(params, cfg, path)
-  loaded = convert.load_state_dict(path)
+  save_state_dict(params, cfg, path)
+  loaded = load_state_dict(path)
   assert sorted(loaded) == sorted(sd)
   for k in sd:
     np.testing.assert_array_equal(loaded[k], sd[k], err_msg=k)
     assert loaded[k].dtype == sd[k].dtype
   jax.tree.map(np.testing.assert_array_equal,
-               convert.state_dict_to_params(loaded, cfg), params)
+               state_dict_to_params(loaded, cfg), params)
   # One call: the file's dtype comes back in the config.
-  got_cfg, got, g = convert.load_checkpoint(path, max_len=32)
+  got_cfg, got, g = load_checkpoint(path, max_len=32)
   assert got_cfg == cfg and g is None
   jax.tree.map(np.testing.assert_array_equal, got, params)
 
@@ -463,14 +469,14 @@ def test_bf16_safetensors_interoperate_with_torch(tmp_path):
   import torch
   sd = random_state_dict(tiny_layout(), seed=13, dtype=ml_dtypes.bfloat16)
   path = tmp_path / "bf16.safetensors"
-  convert.write_safetensors(sd, path)
+  write_safetensors(sd, path)
   for k, t in stt.load_file(str(path)).items():
     assert t.dtype == torch.bfloat16
     np.testing.assert_array_equal(t.float().numpy(), sd[k].astype(np.float32), err_msg=k)
   theirs = tmp_path / "theirs.safetensors"
   stt.save_file({k: torch.from_numpy(v.astype(np.float32)).bfloat16() for k, v in sd.items()},
                 str(theirs))
-  back = convert.load_state_dict(theirs)
+  back = load_state_dict(theirs)
   for k in sd:
     assert back[k].dtype == ml_dtypes.bfloat16
     np.testing.assert_array_equal(back[k], sd[k], err_msg=k)
@@ -482,25 +488,25 @@ def test_bf16_safetensors_interoperate_with_torch(tmp_path):
 def test_param_dtype_inferred_from_tensors(dtype):
   sd = random_state_dict(tiny_layout(), seed=15, dtype=dtype)
   name = np.dtype(dtype).name
-  cfg = convert.config_from_state_dict(sd, max_len=32)
+  cfg = config_from_state_dict(sd, max_len=32)
   assert cfg.param_dtype == name
   assert cfg.compute_dtype == ("float64" if name == "float64" else "float32")
-  params = convert.state_dict_to_params(sd, cfg)
+  params = state_dict_to_params(sd, cfg)
   assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype(dtype)}
   # Asking for another dtype: an override, or an explicit config.
-  asked = convert.config_from_state_dict(sd, max_len=32, param_dtype="float32")
+  asked = config_from_state_dict(sd, max_len=32, param_dtype="float32")
   assert asked.param_dtype == "float32"
-  params32 = convert.state_dict_to_params(sd, config_lib.tiny())
+  params32 = state_dict_to_params(sd, config_lib.tiny())
   assert {x.dtype for x in jax.tree.leaves(params32)} == {np.dtype(np.float32)}
 
 
 def test_float64_without_x64_says_what_to_do(tmp_path, no_x64):
   sd = random_state_dict(tiny_layout(), seed=16, dtype=np.float64)
   path = tmp_path / "f64.safetensors"
-  convert.write_safetensors(sd, path)
-  with pytest.raises(convert.CheckpointError, match=r"jax_enable_x64.*param_dtype='float32'"):
-    convert.load_checkpoint(path, max_len=32)
-  cfg, params, _ = convert.load_checkpoint(path, max_len=32, param_dtype="float32")
+  write_safetensors(sd, path)
+  with pytest.raises(CheckpointError, match=r"jax_enable_x64.*param_dtype='float32'"):
+    load_checkpoint(path, max_len=32)
+  cfg, params, _ = load_checkpoint(path, max_len=32, param_dtype="float32")
   assert cfg.param_dtype == "float32"
   assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype(np.float32)}
 
@@ -510,7 +516,7 @@ def test_float64_without_x64_says_what_to_do(tmp_path, no_x64):
 def _hf_params(cfg, seed):
   layout = tiny_layout(cfg.learned_g)
   dt = np.dtype(ml_dtypes.bfloat16) if cfg.param_dtype == "bfloat16" else np.dtype(cfg.param_dtype)
-  return convert.state_dict_to_params(random_state_dict(layout, seed=seed, dtype=dt), cfg)
+  return state_dict_to_params(random_state_dict(layout, seed=seed, dtype=dt), cfg)
 
 
 @pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
@@ -519,7 +525,7 @@ def test_hf_folder_round_trip(tmp_path, g_mode, param_dtype):
   cfg = config_lib.tiny(g_mode=g_mode, param_dtype=param_dtype)
   params = _hf_params(cfg, 17)
   folder = tmp_path / "hub"
-  convert.save_hf(folder, params, cfg)
+  save_hf(folder, params, cfg)
   assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
   hf = json.loads((folder / "config.json").read_text())
   assert hf["architectures"] == ["PldrllmForCausalLM"] and hf["model_type"] == "pldrllm"
@@ -537,18 +543,18 @@ def test_hf_folder_round_trip(tmp_path, g_mode, param_dtype):
   if g_mode != "learned":
     want = {**want, "decoder.past_G_values": (2, 3, 1, 2, 8, 8),
             "decoder.past_G_values_status": (2,)}
-    g_buf = convert.read_safetensors(folder / "model.safetensors")["decoder.past_G_values"]
+    g_buf = read_safetensors(folder / "model.safetensors")["decoder.past_G_values"]
     np.testing.assert_array_equal(g_buf[:, 2, 0], np.broadcast_to(np.eye(8), (2, 2, 8, 8)))
     assert not g_buf[:, :2].any()
   assert shapes == want
   assert {v["dtype"] for k, v in header.items()
           if k not in ("__metadata__", "decoder.past_G_values_status")} == {
               "BF16" if param_dtype == "bfloat16" else "F32"}
-  got_cfg, got, g = convert.load_hf(folder)
+  got_cfg, got, g = load_hf(folder)
   assert got_cfg == cfg and g is None
   jax.tree.map(np.testing.assert_array_equal, got, params)
   assert {x.dtype for x in jax.tree.leaves(got)} == {x.dtype for x in jax.tree.leaves(params)}
-  assert convert.load_checkpoint(folder)[0] == cfg  # the same one call for every format
+  assert load_checkpoint(folder)[0] == cfg  # the same one call for every format
 
 
 def test_hf_fixed_g_and_half_rotation_round_trip(tmp_path):
@@ -556,17 +562,17 @@ def test_hf_fixed_g_and_half_rotation_round_trip(tmp_path):
   params = _hf_params(cfg, 18)
   g = np.random.default_rng(19).normal(size=(2, 2, 8, 8))
   with pytest.raises(ValueError, match="g_lm"):
-    convert.save_hf(tmp_path / "no_g", params, cfg)
-  convert.save_hf(tmp_path / "hub", params, cfg, g_lm=g)
+    save_hf(tmp_path / "no_g", params, cfg)
+  save_hf(tmp_path / "hub", params, cfg, g_lm=g)
   hf = json.loads((tmp_path / "hub" / "config.json").read_text())
   assert hf["custom_G_type"] == "external" and hf["reference_rope"] is False
-  got_cfg, got, got_g = convert.load_hf(tmp_path / "hub")
+  got_cfg, got, got_g = load_hf(tmp_path / "hub")
   assert got_cfg == cfg
   np.testing.assert_array_equal(got_g, g)
   jax.tree.map(np.testing.assert_array_equal, got, params)
   # A bare model.safetensors of a fixed-G model: heads and G come from the G buffer.
-  cfg2, _, g2 = convert.load_checkpoint(tmp_path / "hub" / "model.safetensors", max_len=32,
-                                        a_dff=12, num_res_units=2)
+  cfg2, _, g2 = load_checkpoint(tmp_path / "hub" / "model.safetensors", max_len=32,
+                                a_dff=12, num_res_units=2)
   assert cfg2 == cfg.replace(rope_interleaved=True) and np.array_equal(g2, g)
 
 
@@ -574,13 +580,13 @@ def test_hf_config_errors(tmp_path):
   cfg = config_lib.tiny()
   params = _hf_params(cfg, 20)
   folder = tmp_path / "hub"
-  convert.save_hf(folder, params, cfg)
+  save_hf(folder, params, cfg)
   with pytest.raises(ValueError, match="learned-G model"):
-    convert.save_hf(tmp_path / "x", params, cfg, g_lm=np.zeros((2, 2, 8, 8)))
+    save_hf(tmp_path / "x", params, cfg, g_lm=np.zeros((2, 2, 8, 8)))
   with pytest.raises(ValueError, match="causal_metric"):
-    convert.save_hf(tmp_path / "x", params, cfg.replace(causal_metric=True))
+    save_hf(tmp_path / "x", params, cfg.replace(causal_metric=True))
   # Inference-only ablation: the learned model's other weights, a G brought by the caller.
-  abl_cfg, abl, g = convert.load_hf(folder, g_mode="transferred")
+  abl_cfg, abl, g = load_hf(folder, g_mode="transferred")
   assert abl_cfg == cfg.replace(g_mode="transferred") and g is None
   assert len(jax.tree.leaves(unstack_layers(abl))) == len(tiny_layout(learned=False))
   hf = json.loads((folder / "config.json").read_text())
@@ -590,9 +596,9 @@ def test_hf_config_errors(tmp_path):
                               ("num_hidden_layers", 3, "missing key")]:
     (folder / "config.json").write_text(json.dumps({**hf, field: value}))
     with pytest.raises(ValueError, match=match):
-      convert.load_hf(folder)
+      load_hf(folder)
   with pytest.raises(ValueError, match="no config.json"):
-    convert.load_hf(tmp_path)
+    load_hf(tmp_path)
 
 
 # ------------------------------------------------------ (a) the authors' files
@@ -604,13 +610,13 @@ def test_pth_round_trip(tmp_path, param_dtype):
   cfg = config_lib.tiny(param_dtype=param_dtype)
   np_dtype = np.dtype(ml_dtypes.bfloat16) if param_dtype == "bfloat16" else np.dtype(np.float32)
   sd = random_state_dict(tiny_layout(), seed=14, dtype=np_dtype)
-  params = convert.state_dict_to_params(sd, cfg)
+  params = state_dict_to_params(sd, cfg)
   path = tmp_path / "model.pth"
-  convert.save_state_dict(params, cfg, path)
+  save_state_dict(params, cfg, path)
   raw = torch.load(path, map_location="cpu", weights_only=True)
   assert list(raw) == list(sd)
   assert raw["final_layer.weight"].shape == (64, 16)
-  loaded = convert.load_state_dict(path)
+  loaded = load_state_dict(path)
   for k in sd:
     assert loaded[k].dtype == np_dtype
     np.testing.assert_array_equal(loaded[k], sd[k], err_msg=k)
@@ -618,9 +624,9 @@ def test_pth_round_trip(tmp_path, param_dtype):
   wrapped = tmp_path / "ckpt.pt"
   torch.save({"model": {k: torch.from_numpy(v.astype(np.float32)) for k, v in sd.items()},
               "step": 7}, wrapped)
-  loaded = convert.load_state_dict(wrapped)
+  loaded = load_state_dict(wrapped)
   assert loaded.keys() == sd.keys()
-  direct = convert.state_dict_to_params(
+  direct = state_dict_to_params(
       {k: torch.from_numpy(v.astype(np.float32)) for k, v in sd.items()}, cfg)
   jax.tree.map(np.testing.assert_array_equal, direct, params)
 
@@ -630,11 +636,11 @@ def test_pth_without_torch_says_install_torch(tmp_path, monkeypatch):
   path = tmp_path / "model.pth"
   path.write_bytes(b"not read")
   with pytest.raises(ImportError, match="install torch to read .pth"):
-    convert.load_state_dict(path)
+    load_state_dict(path)
   cfg = config_lib.tiny()
-  params = convert.state_dict_to_params(random_state_dict(tiny_layout()), cfg)
+  params = state_dict_to_params(random_state_dict(tiny_layout()), cfg)
   with pytest.raises(ImportError, match="install torch"):
-    convert.save_state_dict(params, cfg, tmp_path / "out.pth")
+    save_state_dict(params, cfg, tmp_path / "out.pth")
 
 
 def _authors_checkpoint(sd):
@@ -657,15 +663,15 @@ def test_authors_pth_wrapper_and_non_model_files(tmp_path):
   path = tmp_path / "pldr_ep1_bn10_bs1.pth"
   torch.save({"model_state_dict": tensors, "optimizer_state_dict": opt_state, "loss": 2.5,
               "accuracy": 0.4}, path)
-  loaded = convert.load_state_dict(path)
+  loaded = load_state_dict(path)
   assert loaded.keys() == sd.keys()
   for k in sd:
     np.testing.assert_array_equal(loaded[k], sd[k], err_msg=k)
-  cfg, params, g = convert.load_checkpoint(path, max_len=32)
+  cfg, params, g = load_checkpoint(path, max_len=32)
   assert cfg == config_lib.tiny() and g is None
   # Exported back in the same wrapper, which their load_model reads.
   out = tmp_path / "export.pth"
-  convert.save_state_dict(params, cfg, out, wrap=True)
+  save_state_dict(params, cfg, out, wrap=True)
   raw = torch.load(out, weights_only=True)
   assert set(raw) == {"model_state_dict", "optimizer_state_dict", "loss", "accuracy"}
   assert list(raw["model_state_dict"]) == list(tiny_layout())
@@ -680,17 +686,17 @@ def test_authors_pth_wrapper_and_non_model_files(tmp_path):
   }
   for name, (obj, what) in cases.items():
     torch.save(obj, tmp_path / name)
-    with pytest.raises(convert.CheckpointError, match=what) as e:
-      convert.load_state_dict(tmp_path / name)
+    with pytest.raises(CheckpointError, match=what) as e:
+      load_state_dict(tmp_path / name)
     assert name in str(e.value) and "_dcp folder" in str(e.value), name
   import pickle
   with open(tmp_path / "hparams.pth", "wb") as f:  # e.g. the authors' *_hparams.pkl: a function
     pickle.dump({"num_layers": 5, "activation": np.sum}, f, protocol=2)
-  with pytest.raises(convert.CheckpointError, match="weights_only.*tokenizer"):
-    convert.load_state_dict(tmp_path / "hparams.pth")
+  with pytest.raises(CheckpointError, match="weights_only.*tokenizer"):
+    load_state_dict(tmp_path / "hparams.pth")
   (tmp_path / "noise.pth").write_bytes(b"\x00\x01random bytes, not a checkpoint")
-  with pytest.raises(convert.CheckpointError, match="not a torch.save file"):
-    convert.load_state_dict(tmp_path / "noise.pth")
+  with pytest.raises(CheckpointError, match="not a torch.save file"):
+    load_state_dict(tmp_path / "noise.pth")
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
@@ -700,20 +706,20 @@ def test_authors_dcp_folder(tmp_path):
   = {'model': model_state_dict, 'optim': None}; read back on one CPU process."""
   import torch.distributed.checkpoint as dcp
   sd = random_state_dict(tiny_layout(), seed=22, dtype=ml_dtypes.bfloat16)
-  tensors = {k: v for k, v in convert._torch_tensors(sd).items()}
+  tensors = {k: v for k, v in torch_tensors(sd).items()}
   folder = tmp_path / "pldr_ep1_bn10_bs1_dcp"
   dcp.save({"app": {"model": tensors, "optim": None}}, checkpoint_id=str(folder))
-  loaded = convert.load_state_dict(folder)
+  loaded = load_state_dict(folder)
   assert loaded.keys() == sd.keys()
   for k in sd:
     assert loaded[k].dtype == ml_dtypes.bfloat16
     np.testing.assert_array_equal(loaded[k], sd[k], err_msg=k)
-  cfg, params, _ = convert.load_checkpoint(folder, max_len=32)
+  cfg, params, _ = load_checkpoint(folder, max_len=32)
   assert cfg == config_lib.tiny(param_dtype="bfloat16")
   optim_only = tmp_path / "optim_dcp"
   dcp.save({"app": {"model": {}, "optim": {"state": {"x": tensors["final_layer.bias"]}}}},
            checkpoint_id=str(optim_only))
-  with pytest.raises(convert.CheckpointError, match="without model weights"):
-    convert.load_state_dict(optim_only)
-  with pytest.raises(convert.CheckpointError, match="neither a DCP"):
-    convert.load_state_dict(tmp_path)
+  with pytest.raises(CheckpointError, match="without model weights"):
+    load_state_dict(optim_only)
+  with pytest.raises(CheckpointError, match="neither a DCP"):
+    load_state_dict(tmp_path)
