@@ -132,7 +132,7 @@ G_BUFFER_KEYS = (G_VALUES_KEY, G_STATUS_KEY)
 
 def check_state_dict(state_dict: Mapping[str, Any], config: PLDRConfig, *,
                      drop_learned_g: bool = False) -> dict[str, Any]:
-  """Check names and shapes against `config`; returns the normalised dict (extra learned-G
+  """Check names and shapes against `config`; returns the unwrapped dict (extra learned-G
   keys removed when drop_learned_g). Raises CheckpointError naming every bad key."""
   sd = {k: v for k, v in unwrap_state_dict(state_dict).items() if k not in G_BUFFER_KEYS}
   expected = state_dict_shapes(config)
