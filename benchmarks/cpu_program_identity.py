@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Fingerprints of the programs XLA:CPU runs: does a change alter what the CPU executes?
 
-    JAX_PLATFORMS=cpu python benchmarks/cpu_program_identity.py [--dump DIR]
+    JAX_PLATFORMS=cpu python -m benchmarks.cpu_program_identity [--dump DIR]
 
 Lowers (no compile) the train step and the decode steps (KV+G cache and LESS,
 batch 1 and 8) for the tiny and the 110M config in bf16 compute, and prints a
@@ -18,16 +18,14 @@ import hashlib
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path.cwd()))  # the checkout this is run from (a worktree too)
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from less_jax import kernels as kernels_lib, policies  # noqa: E402
-from pldr_jax.inference import generate  # noqa: E402
+from less_jax import kernels as kernels_lib, policies
+from pldr_jax.inference import generate
 from pldr_jax.training import train
-from pldr_jax import params as params_lib  # noqa: E402
-from pldr_jax.config import TrainConfig, pldrv51_110m, tiny  # noqa: E402
+from pldr_jax import params as params_lib
+from pldr_jax.config import TrainConfig, pldrv51_110m, tiny
 
 
 def programs() -> dict[str, str]:

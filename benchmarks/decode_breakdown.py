@@ -1,6 +1,6 @@
 """Where a 110M batch-1 decode step's time goes: its weight reads alone against the step.
 
-    python benchmarks/decode_breakdown.py [--batch 1] [--length 1024]
+    python -m benchmarks.decode_breakdown [--batch 1] [--length 1024]
 
 Times (median of 40 calls, jitted):
   chain  the step's matmuls alone: per layer x @ Wqkv, x @ Wo, x @ W12, x @ W3,
@@ -20,16 +20,13 @@ import collections
 import json
 import re
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from benchmarks import common, decode_bench  # noqa: E402
-from pldr_jax import config as cfg, model, nn  # noqa: E402
+from benchmarks import common, decode_bench
+from pldr_jax import config as cfg, model, nn
 from pldr_jax.inference import decode
 
 

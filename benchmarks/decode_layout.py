@@ -1,6 +1,6 @@
 """Decode weights input-major vs output-major (`decode.decode_params(batch=...)`), 110M.
 
-    python benchmarks/decode_layout.py [--rounds 30] [--length 1024]
+    python -m benchmarks.decode_layout [--rounds 30] [--length 1024]
 
 Per batch (1 and 8), times the same KV+G decode step at `length` slots, once with
 the layers' kernels input-major ([N, M], decode_params without batch) and once
@@ -14,16 +14,13 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from benchmarks import decode_bench  # noqa: E402
-from pldr_jax import config as cfg, model  # noqa: E402
+from benchmarks import decode_bench
+from pldr_jax import config as cfg, model
 from pldr_jax.inference import decode
 
 

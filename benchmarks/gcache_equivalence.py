@@ -1,17 +1,13 @@
 #!/usr/bin/env python
 """Measure cached-vs-uncached differences (closing-note numbers for the core issue).
 
-python benchmarks/gcache_equivalence.py [--preset tiny|pldrv51_110m] [--dtype float64]
+python -m benchmarks.gcache_equivalence [--preset tiny|pldrv51_110m] [--dtype float64]
 Prints, for decode with the G-cache on and off: max |logit| difference to the
 full forward run with the prompt's G_LM, and the largest difference between
 the on/off runs' per-head RMSE and determinant of G_LM.
 """
 
 import argparse
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax
 

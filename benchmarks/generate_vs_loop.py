@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """generate() against a hand-stepped decode loop, 110M fp32, batch 1.
 
-  python benchmarks/generate_vs_loop.py
+  python -m benchmarks.generate_vs_loop
 
 128-token prompt, 64 new tokens, best of 3 after compiling; both include the
 prefill. Two sampling paths: greedy, and temperature 0.8 with top-k 40 and

@@ -15,9 +15,9 @@
 # ml_dtypes (all in the lent machines' image).
 #
 # Back on the development machine: copy OUT_DIR/suite_gpu_<date>.json into
-# benchmarks/results/ and run `python benchmarks/report.py suite_gpu_<date>.json`,
+# benchmarks/results/ and run `python -m benchmarks.report suite_gpu_<date>.json`,
 # which writes benchmarks/results/RESULTS_gpu.md and plots/gpu_*.png.
-# `python benchmarks/run.py --suite gpu_rehearsal` runs the same cases on the tiny
+# `python -m benchmarks.run --suite gpu_rehearsal` runs the same cases on the tiny
 # config on a CPU (tests/test_benchmarks.py does), so a code path that breaks is
 # found before device time is spent; `SUITE=gpu_rehearsal PYTHON=... bash
 # benchmarks/gpu_session.sh DIR` runs this script that way.

@@ -1,6 +1,6 @@
 """LESS / H2O decode vs the full KV+G cache, step by step in alternation (110M).
 
-  python benchmarks/less_vs_full.py [--preset pldrv51_110m] [--lengths 1024 4096 8192]
+  python -m benchmarks.less_vs_full [--preset pldrv51_110m] [--lengths 1024 4096 8192]
       [--batches 1 8] [--rounds 20] [--out FILE.json]
 
 For each batch size and context length, times a decode step of the full cache
@@ -17,9 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import common, decode_bench  # noqa: E402
+from benchmarks import common, decode_bench
 
 
 def main(argv=None) -> int:

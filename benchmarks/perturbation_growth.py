@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """How fast does training amplify a tiny parameter perturbation? (fp64)
 
-  python benchmarks/perturbation_growth.py [--steps 40] [--out FILE.json]
+  python -m benchmarks.perturbation_growth [--steps 40] [--out FILE.json]
 
 Two copies of the tiny.gin model (float64 parameters and compute) start from the
 same init, one with every parameter moved by 1e-15 (relative to its own RMS,
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
           f"{r['steps']} steps, largest grad norm {r['max_grad_norm']:.3g}")
   record = {"label": args.label, "git": _git_rev(), "date": datetime.date.today().isoformat(),
             "machine": platform.processor() or platform.machine(), "jax": jax.__version__,
-            "command": "python benchmarks/perturbation_growth.py " + " ".join(argv or sys.argv[1:]),
+            "command": "python -m benchmarks.perturbation_growth " + " ".join(argv or sys.argv[1:]),
             "results": results}
   if args.out:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The benchmark suite: `python benchmarks/run.py --suite quick` (under 10 minutes on CPU).
+"""The benchmark suite: `python -m benchmarks.run --suite quick` (under 10 minutes on CPU).
 
 Runs, in one go and on one machine:
   ceilings   read bandwidth of a 1 GiB array and the fp32/bf16 matmul rate;
@@ -41,16 +41,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 # On a GPU, XLA's client takes 75% of the device's memory when the backend starts:
 # the train cases' own processes would get the rest. Allocate as needed instead
 # (before JAX starts; no effect on a CPU). An explicit setting wins.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-import jax  # noqa: E402
+import jax
 
-from benchmarks import common, compile_bench, decode_bench, report  # noqa: E402
-from pldr_jax import cli  # noqa: E402
+from benchmarks import common, compile_bench, decode_bench, report
+from pldr_jax import cli
 from pldr_jax.training import host
 
 RESULTS = ROOT / "benchmarks" / "results"

@@ -1,6 +1,6 @@
 """Scanned vs unrolled layers: compile times and step times at 110M (fp32).
 
-  python benchmarks/scan_vs_unrolled.py [--preset pldrv51_110m] [--out FILE.json]
+  python -m benchmarks.scan_vs_unrolled [--preset pldrv51_110m] [--out FILE.json]
 
 Each measurement runs in a fresh process (compile times without a warm cache):
   * train step 4 x 256 + AdamW (benchmarks/train_bench.py), PLDRConfig.scan_layers
@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def _decode_part(preset: str, variant: str, batch: int, steps: int = 30) -> dict:
@@ -97,12 +96,11 @@ def main(argv=None) -> int:
     print("RESULT " + json.dumps(_decode_part(a.preset, a.variant, a.batch)))
     return 0
   from benchmarks import common
-  me = str(Path(__file__).resolve())
   record = {"preset": a.preset, "environment": common.environment(), "decode": [], "train": []}
   for batch in (1, 8):
     for variant in ("per_layer", "stacked", "unrolled"):
-      row = _sub([me, "--preset", a.preset, "--part", "decode", "--variant", variant,
-                  "--batch", str(batch)])
+      row = _sub(["-m", "benchmarks.scan_vs_unrolled", "--preset", a.preset, "--part",
+                  "decode", "--variant", variant, "--batch", str(batch)])
       print(json.dumps(row), flush=True)
       record["decode"].append(row)
   if not a.skip_train:

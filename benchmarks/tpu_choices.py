@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Each per-platform choice (pldr_jax.backend.CHOICES) compiled both ways for a TPU.
 
-    python benchmarks/tpu_choices.py --topology v5e:2x4 --out benchmarks/results/tpu_choices_<date>.json
+    python -m benchmarks.tpu_choices --topology v5e:2x4 --out benchmarks/results/tpu_choices_<date>.json
 
 For every choice that XLA:CPU's tuning put in the core path, the program it
 touches is compiled for the TPU topology (libtpu, no chip) with the choice on
@@ -25,11 +25,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pldr_jax import aot, backend  # noqa: E402
+from pldr_jax import aot, backend
 from pldr_jax.training import train
-from pldr_jax.config import TrainConfig, pldrv51_110m  # noqa: E402
+from pldr_jax.config import TrainConfig, pldrv51_110m
 
 # (choice, program, decode batch, devices used) -> the rows compared
 CASES = (

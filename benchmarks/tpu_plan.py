@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The pod plan of docs/tpu.md: compile the train step per model, topology, mesh and batch.
 
-    python benchmarks/tpu_plan.py --out benchmarks/results/tpu_plan_<date> \
+    python -m benchmarks.tpu_plan --out benchmarks/results/tpu_plan_<date> \
         [--cases 110m:v5e:2x4:8x1:64:plain,...]
 
 Each case is MODEL:CHIP:SHAPE:DATAxFSDP:GLOBAL_BATCH:ATTENTION[:REMAT], MODEL one
@@ -26,8 +26,6 @@ import os
 import sys
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 GIN = {"110m": "experiments/configs/pldrv51_110m.gin", "350m": "experiments/configs/pldr_350m.gin",
        "1b": "experiments/configs/pldr_1b.gin", "3b": "experiments/configs/pldr_3b.gin"}

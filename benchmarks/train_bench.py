@@ -25,15 +25,13 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from benchmarks import common  # noqa: E402
-from pldr_jax import config as cfg  # noqa: E402
-from pldr_jax.training import train  # noqa: E402
-from pldr_jax.training import host  # noqa: E402
+from benchmarks import common
+from pldr_jax import config as cfg
+from pldr_jax.training import train
+from pldr_jax.training import host
 
 
 def setup(vocab_size: int, batch: int, seq: int, fsdp: int = 1):

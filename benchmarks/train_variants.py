@@ -1,7 +1,7 @@
 """Train-step variants timed in alternation in one process: PLDRConfig.attention and
 .remat (and any other PLDRConfig field) on the same weights and batch.
 
-  python benchmarks/train_variants.py --preset pldrv51_110m --batch 4 --seq 256 \\
+  python -m benchmarks.train_variants --preset pldrv51_110m --batch 4 --seq 256 \\
       --rounds 8 attention=plain attention=xla remat=minimal remat=full
 
 Each variant is compiled (its XLA temporary-memory count recorded), then the
@@ -17,17 +17,14 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from benchmarks import common, train_bench  # noqa: E402
-from pldr_jax import config as cfg  # noqa: E402
-from pldr_jax.training import host  # noqa: E402
-from pldr_jax.training import train  # noqa: E402
+from benchmarks import common, train_bench
+from pldr_jax import config as cfg
+from pldr_jax.training import host
+from pldr_jax.training import train
 
 
 def _variant(spec: str) -> dict:

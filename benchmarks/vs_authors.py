@@ -6,7 +6,7 @@ and its one extra dependency (torchtune's rotary embedding) yourself:
 
   git clone https://github.com/burcgokden/PLDR-LLM-with-KVG-cache /tmp/pldr-kvg
   pip install torch torchtune torchao
-  python benchmarks/vs_authors.py --authors_src /tmp/pldr-kvg/src/pldr_model_v510 \\
+  python -m benchmarks.vs_authors --authors_src /tmp/pldr-kvg/src/pldr_model_v510 \\
       --out benchmarks/results/vs_authors_<date>.json
 
 --authors_src is the folder that holds pldr_model_v510.py and
@@ -53,16 +53,14 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from benchmarks import common, train_bench  # noqa: E402
-from pldr_jax import config as cfg  # noqa: E402
-from pldr_jax import model  # noqa: E402
-from pldr_jax.compat import keys as compat_keys  # noqa: E402
+from benchmarks import common, train_bench
+from pldr_jax import config as cfg
+from pldr_jax import model
+from pldr_jax.compat import keys as compat_keys
 from pldr_jax.inference import decode, generate
 from pldr_jax.training import host, train
 

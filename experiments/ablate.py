@@ -50,10 +50,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from pldr_jax import cli, errors  # noqa: E402
+from pldr_jax import cli, errors
 from pldr_jax.training import distributed
-from pldr_jax.training.metrics_file import read_metrics  # noqa: E402
+from pldr_jax.training.metrics_file import read_metrics
 
 PRETRAIN = REPO / "experiments" / "pretrain.py"
 

@@ -24,9 +24,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from pldr_jax import cli, errors  # noqa: E402
-from pldr_jax.training.metrics_file import read_metrics  # noqa: E402
+from pldr_jax import cli, errors
+from pldr_jax.training.metrics_file import read_metrics
 
 ABLATE = REPO / "experiments" / "ablate.py"
 MODES = ("learned", "identity", "random", "transferred", "inference_only")

@@ -38,11 +38,9 @@ import math
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from pldr_jax import analysis, cli, errors  # noqa: E402
+from pldr_jax import analysis, cli, errors
 
 
 def _json_float(x):

@@ -115,6 +115,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
   from pldr_jax import cli
   cli.main(main)

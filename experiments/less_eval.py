@@ -63,22 +63,19 @@ import functools
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from less_jax import model as less_model  # noqa: E402
-from less_jax import policies as policies_lib  # noqa: E402
-from less_jax import train_kernels as tk  # noqa: E402
-from pldr_jax import cli  # noqa: E402
-from pldr_jax import model as pmodel  # noqa: E402
-from pldr_jax.training import train as ptrain  # noqa: E402
+from less_jax import model as less_model
+from less_jax import policies as policies_lib
+from less_jax import train_kernels as tk
+from pldr_jax import cli
+from pldr_jax import model as pmodel
+from pldr_jax.training import train as ptrain
 
 DEFAULT_RANK = 8
 FIELDS = ["method", "policy", "budget", "slots", "perplexity", "nll", "tokens", "gap_closed",

@@ -24,10 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _nll_after(params, tokens, mask, g_lm, prompt_len, *, config):

@@ -36,20 +36,17 @@ import dataclasses
 import os
 import shlex
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import gin
 
-import gin  # noqa: E402
-
-from pldr_jax import cli, paths  # noqa: E402
+from pldr_jax import cli, paths
 from pldr_jax.training import distributed
-from pldr_jax.config import PLDRConfig  # noqa: E402
-from pldr_jax.data import DataConfig, prepare_default_data  # noqa: E402
-from pldr_jax.training.train import TrainConfig  # noqa: E402
-from pldr_jax.training import host  # noqa: E402
+from pldr_jax.config import PLDRConfig
+from pldr_jax.data import DataConfig, prepare_default_data
+from pldr_jax.training.train import TrainConfig
+from pldr_jax.training import host
 
-from pldr_jax.gin_configs import experiment  # noqa: E402,F401 (gin configurables)
+from pldr_jax.gin_configs import experiment  # noqa: F401 (gin configurables)
 
 SAMPLE_PROMPTS = ("It is a truth universally acknowledged", "She was", "The weather")
 

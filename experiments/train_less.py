@@ -23,18 +23,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import gin
 
-import gin  # noqa: E402
-
-from less_jax.train_kernels import LessTrainConfig  # noqa: E402
-from pldr_jax import cli  # noqa: E402
+from less_jax.train_kernels import LessTrainConfig
+from pldr_jax import cli
 from pldr_jax.training import distributed
-from pldr_jax.training import host  # noqa: E402
+from pldr_jax.training import host
 
 gin.external_configurable(LessTrainConfig, "LessTrainConfig")
 

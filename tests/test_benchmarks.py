@@ -281,7 +281,7 @@ def test_goals_against_the_authors_come_from_the_alternating_comparison(tmp_path
   assert "vs_authors_2026-11-27.json) | 3.500 | >= 3.0 | yes" in text
   assert "vs_authors_2026-11-26" not in text
 
-  proc = subprocess.run([sys.executable, "benchmarks/vs_authors.py", "--authors_src",
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.vs_authors", "--authors_src",
                          str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
   assert proc.returncode == 2 and proc.stdout == ""
   assert proc.stderr.strip().splitlines() == [

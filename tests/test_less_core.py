@@ -8,18 +8,14 @@ checks that the jitted functions give the same numbers.
 
 from __future__ import annotations
 
-import os
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-import less_reference as ref  # noqa: E402
+import less_reference as ref
 
-import less_jax as lj  # noqa: E402
+import less_jax as lj
 
 B, S, H, D = 2, 24, 2, 8
 LENGTHS = np.array([24, 17], np.int32)

@@ -12,15 +12,11 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
 _PROCESS = textwrap.dedent("""
     import os, socket, sys, threading, time
-    sys.path.insert(0, sys.argv[4])
     from pldr_jax.training import peers
     kv_dir, index, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     coordinator = f"127.0.0.1:{port}"
@@ -88,8 +84,8 @@ def pair(tmp_path):
   """Two watched processes, both 'ready'."""
   port = _free_port()
   env = dict(os.environ, PLDR_DEBUG="")
-  procs = [subprocess.Popen([sys.executable, "-c", _PROCESS, str(tmp_path), str(i), str(port),
-                             str(REPO)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+  procs = [subprocess.Popen([sys.executable, "-c", _PROCESS, str(tmp_path), str(i), str(port)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
   for p in procs:
     assert p.stdout.readline().strip() == "ready", p.communicate(timeout=10)

@@ -1,22 +1,19 @@
 """fp32 and bf16-weights 110M decode steps (KV+G, 1024 tokens) in alternation, in a
 process with or without pldr_jax.training.host.retain_freed_memory():
 
-  python benchmarks/results/host_malloc_2026-11-27/decode_ab.py BATCH [WEIGHTS]  # kept
-  PLDR_JAX_SYSTEM_MALLOC=1 python benchmarks/results/host_malloc_2026-11-27/decode_ab.py BATCH
+  PYTHONPATH=. python benchmarks/results/host_malloc_2026-11-27/decode_ab.py BATCH [WEIGHTS]  # kept
+  PYTHONPATH=. PLDR_JAX_SYSTEM_MALLOC=1 python benchmarks/results/host_malloc_2026-11-27/decode_ab.py BATCH
 
 WEIGHTS: comma-separated, default float32,bfloat16. Prints the median of 30 steps
 of each (3 untimed rounds first).
 """
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-
-from pldr_jax.training import host  # noqa: E402
+from pldr_jax.training import host
 
 kept = host.retain_freed_memory()  # before JAX starts
 
-from benchmarks import decode_bench  # noqa: E402
+from benchmarks import decode_bench
 
 batch = int(sys.argv[1]) if len(sys.argv) > 1 else 1
 weights = (sys.argv[2] if len(sys.argv) > 2 else "float32,bfloat16").split(",")

@@ -10,16 +10,12 @@ A GPU's buffer assignment differs; the order of magnitude is what chose 16 x 102
 the plain-attention case of the GPU suite.
 """
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from pldr_jax import config as cfg  # noqa: E402
+from pldr_jax import config as cfg
 from pldr_jax.training import train
 
 ap = argparse.ArgumentParser()
