@@ -18,8 +18,8 @@ import pytest
 
 from pldr_jax import config as config_lib
 from pldr_jax import model
-from pldr_jax.training.checkpoint import (CheckpointCorrupt, CheckpointError, CheckpointMismatch,
-                                          Checkpointer, abstract_like, load_g_lm, load_meta)
+from pldr_jax.errors import CheckpointCorrupt, CheckpointError, CheckpointMismatch
+from pldr_jax.training.checkpoint import Checkpointer, abstract_like, load_g_lm, load_meta
 from pldr_jax.g_modes import random_g
 from pldr_jax.params import param_shardings, unstack_layers
 

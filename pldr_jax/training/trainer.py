@@ -169,7 +169,7 @@ def restore_newest_good(checkpointer: ckpt_lib.Checkpointer, abstract: dict,
   for step in reversed(checkpointer.all_steps()):
     try:
       restored = restore(step)
-    except ckpt_lib.CheckpointCorrupt as e:  # damaged; a CheckpointMismatch (another
+    except errors.CheckpointCorrupt as e:  # damaged; a CheckpointMismatch (another
       failed.append((step, e.reason))  # model config, say) is no reason to skip: it propagates
       continue
     for bad, reason in failed:
