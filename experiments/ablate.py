@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import json
 import math
 import signal
@@ -50,7 +49,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-from pldr_jax import cli, errors
+from pldr_jax import cli, errors, gin_configs
 from pldr_jax.training import distributed
 from pldr_jax.training.metrics_file import read_metrics
 
@@ -66,17 +65,6 @@ FIELDS = ("mode", "final_step", "train_loss", "train_accuracy", "eval_loss", "ev
 
 # ---------------------------------------------------------------- configuration
 
-def _pretrain_module():
-  """experiments/pretrain.py as a module: its gin configurables and helpers."""
-  mod = sys.modules.get("pldr_pretrain_entry")  # gin registers its configurables only once
-  if mod is None:
-    spec = importlib.util.spec_from_file_location("pldr_pretrain_entry", PRETRAIN)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    sys.modules["pldr_pretrain_entry"] = mod
-  return mod
-
-
 def _gin_file(name: str) -> str:
   """Absolute path of a gin file given relative to the cwd or to the repo."""
   return cli.gin_file(name, (REPO,))
@@ -86,13 +74,11 @@ def _gin_str(s) -> str:
   return json.dumps(str(s))  # a double-quoted, escaped string literal gin accepts
 
 
-def load_run(gin_files: list[str], gin_params: list[str]):
-  """(pretrain module, experiment dict) from the gin files and bindings."""
-  import gin
-  pre = _pretrain_module()
-  gin.add_config_file_search_path(str(REPO))
+def load_run(gin_files: list[str], gin_params: list[str]) -> dict:
+  """The experiment dict (pldr_jax.gin_configs.experiment) of the gin files and bindings."""
+  gin_configs.add_search_paths()
   cli.parse_gin(gin_files, gin_params, (REPO,))  # clears earlier bindings first
-  return pre, pre.experiment()
+  return gin_configs.experiment()
 
 
 def train_command(mode: str, gin_files: list[str], gin_params: list[str], out: Path,
@@ -223,8 +209,7 @@ def inference_only(run: dict, data, learned: Path, wd: Path, prompt=(START_ID,))
     params = strip_metric_learner(params, fixed)
     g = g_modes.check_g(fixed, g)
     tok = load_tokenizer(data.tokenizer_path)
-    eval_data = data.replace(max_eval_batches=tc.max_eval_batches) if tc.max_eval_batches else data
-    batches = make_eval_batches(eval_data, tok, shard_index=jax.process_index(),
+    batches = make_eval_batches(data, tok, shard_index=jax.process_index(),
                                 shard_count=jax.process_count())
     eval_step = train_lib.make_eval_step(fixed, mesh, g)
     metrics = train_lib.evaluate(eval_step, params, batches, mesh)
@@ -353,14 +338,14 @@ def main(argv=None) -> int:
   gin_params = list(args.gin_param)
 
   # The configs as every run will see them (fails here on a bad binding).
-  pre, run = load_run(gin_files, gin_params)
+  run = load_run(gin_files, gin_params)
   num_steps = run["train"].num_steps
   data_workdir = Path(run["data_workdir"]).resolve() if run["data_workdir"] else out / "data"
   run["data_workdir"] = str(data_workdir)
   cli.check_run_folder(out, "--out")  # now, not inside the first run
   # builds the shared dataset/tokenizer once, before the runs (process 0; the other
   # processes' runs wait for it inside pretrain.py)
-  data = pre.resolve_data(run) if index == 0 else None
+  data = gin_configs.resolve_data(run) if index == 0 else None
 
   t0 = time.time()
   run_training(TRAINED, gin_files, gin_params, out, data_workdir, num_steps, max(1, args.jobs),

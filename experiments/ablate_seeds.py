@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import json
 import statistics
 import subprocess
@@ -24,7 +23,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-from pldr_jax import cli, errors
+from pldr_jax import cli, errors, gin_configs
 from pldr_jax.training.metrics_file import read_metrics
 
 ABLATE = REPO / "experiments" / "ablate.py"
@@ -50,14 +49,9 @@ def run_seed(seed: int, gin_files, gin_params, out: Path) -> Path:
 
 def check_config(gin_files, gin_params) -> list[str]:
   """The gin files (absolute) once the configs parse as every run will see them."""
-  spec = importlib.util.spec_from_file_location("pldr_ablate_entry", ABLATE)
-  ablate = sys.modules.get("pldr_ablate_entry")
-  if ablate is None:
-    ablate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ablate)
-    sys.modules["pldr_ablate_entry"] = ablate
-  files = [cli.gin_file(f) for f in gin_files]
-  ablate.load_run(files, list(gin_params))
+  gin_configs.add_search_paths()
+  files = cli.parse_gin(gin_files, gin_params)
+  gin_configs.experiment()
   return files
 
 

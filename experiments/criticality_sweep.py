@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pldr_jax import cli, errors
+from pldr_jax import cli, errors, gin_configs
 from pldr_jax.training import distributed
 from pldr_jax.training.metrics_file import read_metrics
 
@@ -409,10 +409,8 @@ def main(argv=None) -> int:
   signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup: stop the children
   out = Path(args.out).resolve()
 
-  pre = _module("pldr_pretrain_entry", PRETRAIN)  # gin configurables, resolve_data
   gin_files = cli.parse_gin(args.gin_file, args.gin_param)  # fails here on a bad binding
-  from pldr_jax.gin_configs import experiment
-  run = experiment()
+  run = gin_configs.experiment()
   num_steps = run["train"].num_steps
   if any(wu >= num_steps for wu in warmups):
     raise errors.ConfigError(f"--warmups {warmups}: every warm-up must be shorter than "
@@ -421,7 +419,7 @@ def main(argv=None) -> int:
   run["data_workdir"] = str(data_workdir)
   cli.check_run_folder(out, "--out")
   if index == 0:
-    pre.resolve_data(run)  # the shared dataset and tokenizer, built once before the runs
+    gin_configs.resolve_data(run)  # the shared dataset and tokenizer, built once before the runs
   settings = {"num_prompts": args.num_prompts, "prompt_len": args.prompt_len,
               "max_new_tokens": args.max_new_tokens, "audit_tokens": args.audit_tokens,
               "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}

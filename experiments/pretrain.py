@@ -32,41 +32,16 @@ a bug is one line on stderr (`--debug` or PLDR_DEBUG=1: the traceback).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import shlex
 import sys
 
-import gin
-
 from pldr_jax import cli, paths
-from pldr_jax.training import distributed
-from pldr_jax.config import PLDRConfig
-from pldr_jax.data import DataConfig, prepare_default_data
-from pldr_jax.training.train import TrainConfig
-from pldr_jax.training import host
-
-from pldr_jax.gin_configs import experiment  # noqa: F401 (gin configurables)
+from pldr_jax.config import DataConfig
+from pldr_jax.gin_configs import experiment, resolve_data
+from pldr_jax.training import distributed, host
 
 SAMPLE_PROMPTS = ("It is a truth universally acknowledged", "She was", "The weather")
-
-
-def resolve_data(run: dict) -> DataConfig:
-  """The run's DataConfig; the embedded corpus and its tokenizer are prepared once
-  (process 0; the others wait for its marker file in the data directory)."""
-  data = run["data"]
-  if data.dataset == "pldr_text_corpus" and data.tokenizer_path is None:
-    fields = {f: getattr(data, f) for f in data.__dataclass_fields__
-              if f not in ("dataset", "data_dir", "tokenizer_path", "vocab_size", "seq_len")}
-    data_root = paths.as_path(run["data_workdir"] or paths.as_path(run["workdir"]) / "data")
-
-    def prepare() -> dict:
-      return dataclasses.asdict(prepare_default_data(
-          data_root, vocab_size=data.vocab_size, seq_len=data.seq_len,
-          corpus_dir=run["default_corpus_dir"], **fields))
-
-    data = DataConfig(**distributed.run_once(prepare, data_root, "prepare_data"))
-  return data
 
 
 def resume_command(argv: list[str]) -> str:

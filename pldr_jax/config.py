@@ -62,6 +62,21 @@ def check_field_types(config) -> None:
       raise ConfigError(f"{type(config).__name__}.{f.name}={value!r} is not valid: it must be "
                         f"{want} (default {f.default!r})")
 
+def check_int(name: str, value, minimum: int = 0, *, error: type[Exception] = ConfigError,
+              optional: bool = False, hint: str = "") -> int | None:
+  """`value` as a Python int when it is an integer (never a bool) >= `minimum`, else
+  `error`: '<name> must be an int, got ...' / '<name> must be >= <minimum>, got ...<hint>'.
+  optional: None passes through. The one int check of pldr_jax's and less_jax's configs
+  and public functions."""
+  if optional and value is None:
+    return None
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    raise error(f"{name} must be an int, got {value!r}")
+  if value < minimum:
+    raise error(f"{name} must be >= {minimum}, got {value}{hint}")
+  return int(value)
+
+
 # The TFDS name of the local text-corpus builder (pldr_jax.data.tfds_text).
 LOCAL_DATASET = "pldr_text_corpus"
 
@@ -156,12 +171,8 @@ class PLDRConfig:
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff",
                  "a_dff", "max_len"):
-      value = getattr(self, name)
-      if not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ConfigError(f"PLDRConfig.{name} must be a positive integer, got {value!r}")
-    if not isinstance(self.num_res_units, (int, np.integer)) or self.num_res_units < 0:
-      raise ConfigError(
-          f"PLDRConfig.num_res_units must be a non-negative integer, got {self.num_res_units!r}")
+      check_int(f"PLDRConfig.{name}", getattr(self, name), 1)
+    check_int("PLDRConfig.num_res_units", self.num_res_units, 0)
     if self.d_model % self.num_heads:
       raise ConfigError(
           f"PLDRConfig.d_model={self.d_model} is not divisible by "
@@ -194,10 +205,7 @@ class PLDRConfig:
           "the KV-G-cache code's init, wv at torch's default; 'soc': wv Xavier uniform)")
     if self.remat not in REMAT_POLICIES:
       raise ConfigError(f"PLDRConfig.remat={self.remat!r} is not one of {REMAT_POLICIES}")
-    if (not isinstance(self.loss_chunk, int) or isinstance(self.loss_chunk, bool)
-        or self.loss_chunk < 0):
-      raise ConfigError(
-          f"PLDRConfig.loss_chunk must be an int >= 0 (0: no chunks), got {self.loss_chunk!r}")
+    check_int("PLDRConfig.loss_chunk", self.loss_chunk, 0, hint=" (0: no chunks)")
 
   @property
   def head_dim(self) -> int:
@@ -258,9 +266,9 @@ class TrainConfig:
     mesh_data, mesh_fsdp: mesh shape; -1 means "all remaining devices".
     log_every, eval_every, checkpoint_every: in steps.
     keep_checkpoints: how many checkpoints Orbax keeps.
-    max_eval_batches: cap on evaluation batches (None: whole split).
+  (How many validation batches an evaluation reads is DataConfig.max_eval_batches.)
   """
-  # The schedule (the authors' recipe: linear warm-up, then linear decay).
+  # The schedule: linear warm-up, then cosine decay to learning_rate * end_lr_ratio.
   num_steps: int = 250_000
   learning_rate: float = 1e-3
   warmup_steps: int = 2000
@@ -281,7 +289,6 @@ class TrainConfig:
   eval_every: int = 1000
   checkpoint_every: int = 1000
   keep_checkpoints: int = 3
-  max_eval_batches: int | None = None
 
   def __post_init__(self):
     check_field_types(self)
@@ -315,7 +322,8 @@ class DataConfig:
     seq_len: tokens per chunk (>= 2: inputs are tokens[:-1], targets tokens[1:]).
     batch_size: chunks per training batch (per host when sharded).
     eval_batch_size: chunks per eval batch (None: batch_size).
-    max_eval_batches: stop evaluation after this many batches (None: whole split).
+    max_eval_batches: stop evaluation after this many batches (None: whole split); the
+      training loop's periodic evaluation reads this many too.
     seed: shuffle seed.
     shuffle: shuffle documents (train only).
     num_epochs: passes over the train split (None: repeat forever).
@@ -344,11 +352,8 @@ class DataConfig:
 
   def __post_init__(self):
     def _int(name, minimum, optional=False):
-      value = getattr(self, name)
-      if optional and value is None:
-        return
-      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise DataError(f"DataConfig.{name} must be an integer >= {minimum}, got {value!r}")
+      check_int(f"DataConfig.{name}", getattr(self, name), minimum, error=DataError,
+                optional=optional)
     _int("seq_len", 2)
     _int("batch_size", 1)
     _int("eval_batch_size", 1, optional=True)

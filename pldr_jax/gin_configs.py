@@ -13,7 +13,7 @@ import gin
 
 from pldr_jax.config import DataConfig, PLDRConfig, TrainConfig
 
-__all__ = ["experiment", "parse"]
+__all__ = ["experiment", "parse", "resolve_data"]
 
 gin.external_configurable(PLDRConfig, "PLDRConfig")
 gin.external_configurable(TrainConfig, "TrainConfig")
@@ -34,6 +34,30 @@ def experiment(model: PLDRConfig = gin.REQUIRED, train: TrainConfig = gin.REQUIR
   return dict(model=model, train=train, data=data, workdir=workdir, g_source=g_source,
               samples=samples, sample_tokens=sample_tokens,
               default_corpus_dir=default_corpus_dir, data_workdir=data_workdir)
+
+
+def resolve_data(run: dict) -> DataConfig:
+  """The DataConfig of an `experiment()` dict; the embedded corpus and its tokenizer are
+  prepared once (process 0 builds them under `data_workdir`, else <workdir>/data; the
+  other processes wait for its marker file there)."""
+  data = run["data"]
+  if data.dataset != "pldr_text_corpus" or data.tokenizer_path is not None:
+    return data
+  import dataclasses
+
+  from pldr_jax import paths
+  from pldr_jax.data import prepare_default_data
+  from pldr_jax.training import distributed
+  fields = {f: getattr(data, f) for f in data.__dataclass_fields__
+            if f not in ("dataset", "data_dir", "tokenizer_path", "vocab_size", "seq_len")}
+  data_root = paths.as_path(run["data_workdir"] or paths.as_path(run["workdir"]) / "data")
+
+  def prepare() -> dict:
+    return dataclasses.asdict(prepare_default_data(
+        data_root, vocab_size=data.vocab_size, seq_len=data.seq_len,
+        corpus_dir=run["default_corpus_dir"], **fields))
+
+  return DataConfig(**distributed.run_once(prepare, data_root, "prepare_data"))
 
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]

@@ -33,7 +33,7 @@ SMALL = [
     "PLDRConfig.num_res_units=1", "PLDRConfig.max_len=64",
     "DataConfig.vocab_size=512", "DataConfig.seq_len=64", "DataConfig.batch_size=8",
     "DataConfig.num_threads=0", "TrainConfig.warmup_steps=10", "TrainConfig.log_every=1",
-    "TrainConfig.max_eval_batches=1", "experiment.samples=0",
+    "DataConfig.max_eval_batches=1", "experiment.samples=0",
 ]
 
 

@@ -254,7 +254,7 @@ def test_sweep_two_runs_few_steps_end_to_end(tmp_path):
          "--max_new_tokens=8", "--audit_tokens=8",
          "--gin_param=TrainConfig.num_steps=6", "--gin_param=TrainConfig.eval_every=3",
          "--gin_param=TrainConfig.checkpoint_every=6", "--gin_param=TrainConfig.log_every=3",
-         "--gin_param=TrainConfig.max_eval_batches=1"]
+         "--gin_param=DataConfig.max_eval_batches=1"]
   env = {**__import__("os").environ, "JAX_PLATFORMS": "cpu"}
   r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
   assert r.returncode == 0, r.stderr[-2000:]

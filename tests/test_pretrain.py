@@ -27,7 +27,7 @@ SMALL = [
     "PLDRConfig.num_res_units=1", "PLDRConfig.max_len=64",
     "DataConfig.vocab_size=512", "DataConfig.seq_len=64", "DataConfig.batch_size=8",
     "DataConfig.num_threads=0", "TrainConfig.warmup_steps=10", "TrainConfig.log_every=1",
-    "TrainConfig.eval_every=1000", "TrainConfig.max_eval_batches=1",
+    "TrainConfig.eval_every=1000", "DataConfig.max_eval_batches=1",
     "TrainConfig.checkpoint_every=4", "experiment.samples=0",
 ]
 

@@ -400,8 +400,7 @@ def _pretrain(config: PLDRConfig, tc: train.TrainConfig, data: DataConfig,
     it = make_train_iterator(data, tokenizer, shard_index=jax.process_index(),
                              shard_count=jax.process_count(), state=data_state)
     eval_batches = _agree_on_batches(make_eval_batches(
-        data.replace(max_eval_batches=tc.max_eval_batches) if tc.max_eval_batches else data,
-        tokenizer, shard_index=jax.process_index(), shard_count=jax.process_count()))
+        data, tokenizer, shard_index=jax.process_index(), shard_count=jax.process_count()))
     train_step = train.make_train_step(config, tc, tx, mesh, g_lm)
     eval_step = train.make_eval_step(config, mesh, g_lm)
     probe = np.asarray([2] + tokenizer.encode(PROBE_TEXT), np.int32)[:config.max_len]
