@@ -373,6 +373,20 @@ def test_corrupt_checkpoint_fails_cleanly_and_older_survives(two_steps, state, d
   assert _snapshot(two_steps) == before  # nothing written, renamed or deleted
 
 
+def test_resume_skips_a_damaged_step_but_not_a_mismatch(two_steps, state):
+  from pldr_jax.training import trainer
+  _, params, opt_state, _ = state
+  _flip_bytes(str(two_steps / "2"))
+  abstract = {"params": abstract_like(params), "opt_state": abstract_like(opt_state)}
+  warned = []
+  with Checkpointer(two_steps) as ckpt:
+    r, failed = trainer.restore_newest_good(ckpt, abstract, warn=warned.append)
+    assert r["step"] == 1 and failed == [2] and "falling back to step 1" in warned[0]
+    abstract["params"] = {**abstract["params"], "embed": jax.ShapeDtypeStruct((1,), jnp.float32)}
+    with pytest.raises(CheckpointMismatch, match="embed saved"):  # another model: no fall-back
+      trainer.restore_newest_good(ckpt, abstract)
+
+
 def test_checkpoint_without_checksums_still_restores(two_steps, state):
   os.remove(two_steps / "2" / "checksums.json")
   _, params, opt_state, _ = state
