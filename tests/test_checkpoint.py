@@ -162,6 +162,9 @@ def test_g_lm_alone(tmp_path, state):
     load_g_lm(d)  # latest step (3) has none
   with pytest.raises(CheckpointError, match=r"step 9 not found; available steps: \[1, 2, 3\]"):
     load_g_lm(d, 9)
+  shutil.rmtree(d / "1" / "g_lm")  # saved, then lost: damage, not a run without G_LM
+  with pytest.raises(CheckpointCorrupt, match="'g_lm' missing"):
+    load_g_lm(d, 1)
 
 
 def test_other_dtypes_round_trip(tmp_path):

@@ -287,11 +287,11 @@ def load_g_lm(directory, step: int | None = None):
   """The 'g_lm' item alone, as NumPy arrays in the structure it was saved in."""
   step, step_dir = _step_dir(directory, step)
   item_dir, record = os.path.join(step_dir, G_LM), integrity.read_checksums(step_dir)
+  integrity.verify_files(step_dir, record, [G_LM])  # a recorded g_lm gone: CheckpointCorrupt
   if not paths.as_path(item_dir).is_dir():
     raise CheckpointMismatch(item_dir, f"step {step} was saved with a g_lm that holds no arrays"
                              if G_LM in (record or {}).get("empty_items", []) else
                              f"step {step} has no g_lm item (saved with g_lm=None)")
-  integrity.verify_files(step_dir, record, [G_LM])
   with _failing(CheckpointCorrupt, item_dir, "checkpoint is corrupt: cannot read g_lm"):
     tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(item_dir))
     args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
