@@ -16,13 +16,13 @@ import numpy as np
 
 from pldr_jax import config as cfg
 from pldr_jax.inference import generate as gen
-from pldr_jax import model
+from pldr_jax.params import init_params
 
 
 def generate_counts(preset: str = "tiny", num_prompts: int = 20, max_len: int = 512,
                     max_new_tokens: int = 8, seed: int = 0) -> dict:
   c = cfg.preset(preset).replace(max_len=max_len)
-  params = jax.jit(model.init_params, static_argnums=0)(c, jax.random.key(0))
+  params = jax.jit(init_params, static_argnums=0)(c, jax.random.key(0))
   rng = np.random.default_rng(seed)
   lengths = rng.integers(1, max_len - max_new_tokens, num_prompts)
   buckets = gen.default_buckets(c.max_len)

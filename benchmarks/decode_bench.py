@@ -46,6 +46,7 @@ from pldr_jax.inference.kv_cache import GCache, KVCache, zeros_like_abstract
 from pldr_jax import config as cfg
 from pldr_jax.inference import decode
 from pldr_jax import model
+from pldr_jax.params import init_params
 
 MODES = ("recompute", "kv", "kv+g", "sdpa", "h2o", "lambda", "less")
 FULL_MODES = ("kv", "kv+g", "sdpa")
@@ -84,7 +85,7 @@ def make_config(preset: str, length: int, weights: str = "float32", identity: bo
 def _params(preset: str, weights: str, g_mode: str):
   """Parameters of a preset (their shapes do not depend on max_len)."""
   c = cfg.preset(preset).replace(compute_dtype=weights, g_mode=g_mode)
-  p = jax.jit(model.init_params, static_argnums=0)(c, jax.random.key(0))
+  p = jax.jit(init_params, static_argnums=0)(c, jax.random.key(0))
   if weights != "float32":
     p = jax.tree.map(lambda x: x.astype(weights), p)
   return p
@@ -269,7 +270,7 @@ def state_memory(preset: str, mode: str, batch: int, length: int, weights: str =
   """Bytes of the decode state and G-cache at `length` tokens (shapes only, no compute)."""
   case = DecodeCase(preset, mode, batch, length, weights, budget, rank, hidden)
   c = make_config(preset, length, weights, identity=mode == "sdpa")
-  params = jax.eval_shape(lambda k: model.init_params(c, k), jax.random.key(0))
+  params = jax.eval_shape(lambda k: init_params(c, k), jax.random.key(0))
   toks = jax.ShapeDtypeStruct((batch, 16), jnp.int32)
   lens = jax.ShapeDtypeStruct((batch,), jnp.int32)
   if mode in SPARSE_MODES:

@@ -26,8 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common, decode_bench
-from pldr_jax import config as cfg, model, nn
+from pldr_jax import config as cfg, nn
 from pldr_jax.inference import decode
+from pldr_jax.params import init_params
 
 
 def _median_ms(f, *args, n: int = 40) -> float:
@@ -46,7 +47,7 @@ def _chain(dp: dict, x: jax.Array, d: int, d_ff: int) -> jax.Array:
 
 def run(batch: int, length: int) -> dict:
   c = cfg.pldrv51_110m()
-  p = jax.jit(model.init_params, static_argnums=0)(c, jax.random.key(0))
+  p = jax.jit(init_params, static_argnums=0)(c, jax.random.key(0))
   dp = decode.decode_params(p, c, batch=batch)  # the layout generate uses
   emb = dp["embed"]
   weight_bytes = sum(a.nbytes for a in jax.tree.leaves(dp)) - emb.nbytes

@@ -20,13 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import decode_bench
-from pldr_jax import config as cfg, model
+from pldr_jax import config as cfg
 from pldr_jax.inference import decode
+from pldr_jax.params import init_params
 
 
 def run(batch: int, length: int, rounds: int) -> dict:
   c = cfg.pldrv51_110m()
-  p = jax.jit(model.init_params, static_argnums=0)(c, jax.random.key(0))
+  p = jax.jit(init_params, static_argnums=0)(c, jax.random.key(0))
   plain = decode.decode_params(p, c)
   major = decode.decode_params(p, c, batch=1)  # output-major (on CPU) whatever `batch` is
   if "kernel_t" not in major["layers"][0]["wo"]:

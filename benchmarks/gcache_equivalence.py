@@ -17,6 +17,7 @@ import numpy as np
 
 from pldr_jax import config as cfg, model
 from pldr_jax.inference import decode
+from pldr_jax.params import init_params
 
 
 def main():
@@ -27,7 +28,7 @@ def main():
   ap.add_argument("--steps", type=int, default=8)
   a = ap.parse_args()
   c = cfg.preset(a.preset, param_dtype=a.dtype, compute_dtype=a.dtype)
-  p = model.init_params(c, jax.random.key(0))
+  p = init_params(c, jax.random.key(0))
   n = a.prompt + a.steps
   t = jnp.asarray(np.random.default_rng(0).integers(4, c.vocab_size, (1, n)), jnp.int32)
   fwd = jax.jit(model.forward, static_argnames=("config", "return_aux"))

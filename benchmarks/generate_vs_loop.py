@@ -16,11 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pldr_jax import config, model
+from pldr_jax import config
 from pldr_jax.inference import decode, generate
+from pldr_jax.params import init_params
 
 c = config.pldrv51_110m()
-p = model.init_params(c, jax.random.key(0))
+p = init_params(c, jax.random.key(0))
 prompt = np.random.default_rng(0).integers(4, c.vocab_size, 128).tolist()
 N = 64
 sp = decode.decode_params(p, c, batch=1)  # per-layer weights, once, as generate lays them out

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pldr_jax import config as config_lib
+from pldr_jax.config import TrainConfig
 from pldr_jax.training import train
 from pldr_jax.data import load_tokenizer, make_train_iterator, prepare_default_data
 
@@ -64,7 +65,7 @@ def perturb(params, key):
 
 def run(g_mode: str, batches: list, steps: int) -> dict:
   config = tiny_gin_config(g_mode)
-  tc = train.TrainConfig(num_steps=600, learning_rate=2e-3, warmup_steps=60, seed=1234)
+  tc = TrainConfig(num_steps=600, learning_rate=2e-3, warmup_steps=60, seed=1234)
   tx = train.make_optimizer(tc)
   mesh = train.make_mesh(tc, jax.devices()[:1])
   with jax.set_mesh(mesh):

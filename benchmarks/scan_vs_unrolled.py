@@ -28,11 +28,12 @@ def _decode_part(preset: str, variant: str, batch: int, steps: int = 30) -> dict
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from pldr_jax import config as cfg, model
+  from pldr_jax import config as cfg
   from pldr_jax.inference import decode
+  from pldr_jax.params import init_params
 
   c = cfg.preset(preset, scan_layers=variant != "unrolled")
-  p = jax.jit(model.init_params, static_argnums=0)(c, jax.random.key(0))
+  p = jax.jit(init_params, static_argnums=0)(c, jax.random.key(0))
   toks = jnp.ones((batch, 128), jnp.int32)
   lens = jnp.full((batch,), 128, jnp.int32)
   t0 = time.perf_counter()

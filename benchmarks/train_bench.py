@@ -30,6 +30,7 @@ import numpy as np
 
 from benchmarks import common
 from pldr_jax import config as cfg
+from pldr_jax.config import TrainConfig
 from pldr_jax.training import train
 from pldr_jax.training import host
 
@@ -38,7 +39,7 @@ def setup(vocab_size: int, batch: int, seq: int, fsdp: int = 1):
   """What every training benchmark builds: (TrainConfig, optimizer, mesh, tokens int32
   [batch, seq] drawn with seed 0 from ids 4.., the batch placed on the mesh). The mesh
   is ('data', 'fsdp') with every device on 'data' unless `fsdp` > 1."""
-  tc = train.TrainConfig(num_steps=1000, warmup_steps=10,
+  tc = TrainConfig(num_steps=1000, warmup_steps=10,
                          mesh_data=jax.device_count() // fsdp, mesh_fsdp=fsdp)
   tx = train.make_optimizer(tc)
   mesh = train.make_mesh(tc)

@@ -59,10 +59,10 @@ import numpy as np
 
 from benchmarks import common, train_bench
 from pldr_jax import config as cfg
-from pldr_jax import model
 from pldr_jax.compat import keys as compat_keys
 from pldr_jax.inference import decode, generate
 from pldr_jax.training import host, train
+from pldr_jax.params import init_params
 
 AUTHORS_FILES = ("pldr_model_v510.py", "power_law_attention_layer_v510.py")
 SECTIONS = ("train", "decode", "prefill", "generate")
@@ -327,7 +327,7 @@ def main(argv=None) -> int:
     rows.append(bench_train(mod, c, a.rounds))
     print(json.dumps({k: v for k, v in rows[-1].items() if not k.endswith("_times")}), flush=True)
   if set(sections) & {"decode", "prefill", "generate"}:
-    p = model.init_params(c, jax.random.key(0))
+    p = init_params(c, jax.random.key(0))
     m = authors_model(mod, c, compat_keys.params_to_state_dict(p, c))
     todo = ([("decode", lambda b=b: bench_decode(m, p, c, a.rounds, b))
              for b in map(int, a.decode_batches.split(","))]

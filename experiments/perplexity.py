@@ -90,8 +90,9 @@ def main(argv=None) -> int:
     cli.check_output_file(a.out)  # now, not after the evaluation
 
   import pldr_jax
-  from pldr_jax.training import train
+  from pldr_jax.config import TrainConfig
   from pldr_jax.data import make_eval_batches
+  from pldr_jax.training import train
 
   m = pldr_jax.load(a.checkpoint, step=a.step, tokenizer=a.tokenizer)
   if m.data is None:
@@ -100,12 +101,13 @@ def main(argv=None) -> int:
   config, data, ckdir = m.config, m.data, m.source
   overrides = {"dataset": a.dataset, "data_dir": a.data_dir, "eval_split": a.split,
                "text_key": a.text_key, "tokenizer_path": a.tokenizer, "seq_len": a.seq_len,
-               "eval_batch_size": a.batch_size, "max_eval_batches": a.max_batches}
-  data = data.replace(**{k: v for k, v in overrides.items() if v is not None})
+               "eval_batch_size": a.batch_size}
+  data = data.replace(**{k: v for k, v in overrides.items() if v is not None},
+                      max_eval_batches=a.max_batches)  # None: the whole split, not the run's cap
   if data.seq_len > config.max_len:
     raise SystemExit(f"--seq_len {data.seq_len} is longer than the model's context {config.max_len}")
   params, g_lm, step = m.params, m.g_lm, m.step
-  mesh = train.make_mesh(train.TrainConfig(num_steps=1))
+  mesh = train.make_mesh(TrainConfig(num_steps=1))
   batches = make_eval_batches(data)
   metrics = train.evaluate(train.make_eval_step(config, mesh, g_lm), params, batches, mesh)
   result = {"checkpoint": str(ckdir), "step": step, "dataset": data.dataset,

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from pldr_jax import errors
+from pldr_jax.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
   from less_jax.policies import Policy
@@ -33,9 +33,6 @@ REMAT_POLICIES = ("none", "minimal", "full")
 # Which of the authors' initialisations init_params draws (PLDRConfig.init_recipe).
 INIT_RECIPES = ("kvg", "soc")
 
-
-ConfigError = errors.ConfigError  # the one error hierarchy: pldr_jax.errors
-DataError = errors.DataError
 
 # What a field annotated with these accepts (bool is never an int or a float here).
 _FIELD_TYPES = {"int": (int, np.integer), "float": (int, float, np.integer, np.floating),

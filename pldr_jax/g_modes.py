@@ -13,11 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pldr_jax import errors
 from pldr_jax.config import PLDRConfig
-
-
-GShapeError = errors.GShapeError  # the one error hierarchy: pldr_jax.errors
+from pldr_jax.errors import GShapeError
 
 
 def g_shape(config: PLDRConfig) -> tuple[int, int, int, int]:

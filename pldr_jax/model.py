@@ -18,18 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pldr_jax import errors
 from pldr_jax import metric, nn, plga, power_law, rotary
 from pldr_jax import params as params_lib
 from pldr_jax.config import PLDRConfig
 from pldr_jax.g_modes import check_g
-from pldr_jax.params import init_params  # re-exported: model.init_params
+from pldr_jax.errors import InputError
 
-__all__ = ["forward", "decoder", "scan_layers", "init_params", "embed", "check_inputs",
-           "InputError"]
-
-
-InputError = errors.InputError  # the one error hierarchy: pldr_jax.errors
+__all__ = ["forward", "decoder", "scan_layers", "embed", "check_inputs"]
 
 
 def _is_traced(*xs) -> bool:

@@ -168,11 +168,11 @@ def load(path: str | os.PathLike, *, step: int | None = None, tokenizer=None,
   path = Path(path)
   if ckdir is not None:
     from pldr_jax.training import checkpoint as ckpt_lib
-    from pldr_jax.data import DataConfig
+    from pldr_jax.config import DataConfig
     from pldr_jax.training.trainer import restore_for_inference
     meta = ckpt_lib.load_meta(ckdir, step)
     if "model" not in meta:
-      raise ckpt_lib.CheckpointError(ckdir, f"its meta has no model config (keys: {sorted(meta)})")
+      raise CheckpointError(ckdir, f"its meta has no model config (keys: {sorted(meta)})")
     config = PLDRConfig(**meta["model"])
     if overrides:
       config = config.replace(**overrides)

@@ -4,12 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pldr_jax import model
+from pldr_jax.params import init_params
 
 
 def perturbed_params(c, seed=0):
   """init_params with non-zero b / b_a so zero init cannot hide a bug."""
-  p = model.init_params(c, jax.random.key(seed))
+  p = init_params(c, jax.random.key(seed))
   rng = np.random.default_rng(seed)
   layer = p["layers"]  # stacked: every array [L, ...]
   if "plga" in layer:
@@ -60,7 +60,7 @@ def write_tiny_run(root, *, g_mode: str = "learned", recorded: str = "run"):
   from pathlib import Path
   from pldr_jax.training import checkpoint
   from pldr_jax import config, params, paths
-  from pldr_jax.data import DataConfig
+  from pldr_jax.config import DataConfig
   root = Path(root)
   published = Path(__file__).resolve().parents[1] / "data" / "published" / "pldr-refinedweb-32k.model"
   tok = root / "data" / "tokenizer" / published.name

@@ -16,7 +16,7 @@ import numpy as np
 
 from benchmarks import decode_bench, report, run
 from pldr_jax import config as cfg
-from pldr_jax import model
+from pldr_jax.params import init_params
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow  # `pytest -m 'not slow'` skips it
 
 def test_read_param_bytes_counts_what_a_decode_step_reads():
   c = cfg.tiny()
-  params = model.init_params(c, jax.random.key(0))
+  params = init_params(c, jax.random.key(0))
   leaves = jax.tree_util.tree_leaves_with_path(params)
   total = sum(x.size * 4 for _, x in leaves)
   embed = params["embed"].size * 4

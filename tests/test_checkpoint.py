@@ -22,6 +22,7 @@ from pldr_jax.errors import CheckpointCorrupt, CheckpointError, CheckpointMismat
 from pldr_jax.training.checkpoint import Checkpointer, abstract_like, load_g_lm, load_meta
 from pldr_jax.g_modes import random_g
 from pldr_jax.params import param_shardings, unstack_layers
+from pldr_jax.params import init_params
 
 DATA_STATE = {"parent": {"next_index": 3}, "offset": 1913}
 
@@ -30,7 +31,7 @@ DATA_STATE = {"parent": {"next_index": 3}, "offset": 1913}
 def state():
   """Tiny params (float32) and an adamw state after one update (count int32 = 1)."""
   cfg = config_lib.tiny()
-  params = model.init_params(cfg, jax.random.key(0))
+  params = init_params(cfg, jax.random.key(0))
   adam, *rest = optax.adamw(1e-3).init(params)
   adam = adam._replace(count=jnp.ones((), jnp.int32),  # as after some updates
                        mu=jax.tree.map(lambda p: 0.1 * p, params),
@@ -489,7 +490,7 @@ _SHARDED_SCRIPT = textwrap.dedent("""
     sh4, sh2 = param_shardings(cfg, mesh4), param_shardings(cfg, mesh2)
     rep4 = NamedSharding(mesh4, P())
     # the parent's init_params(tiny(), key(0)) arrays: no need to draw them again
-    abstract = jax.eval_shape(lambda k: model.init_params(cfg, k), jax.random.key(0))
+    abstract = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
     treedef = jax.tree.structure(abstract)
     with np.load(params_file) as f:
       host = jax.tree.unflatten(treedef, [f[str(i)] for i in range(treedef.num_leaves)])

@@ -12,6 +12,8 @@ import pytest
 import sentencepiece as spm
 
 from pldr_jax import data as D
+from pldr_jax import errors
+from pldr_jax.config import LOCAL_DATASET, DataConfig
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CORPUS = REPO / "data" / "corpus"
@@ -42,7 +44,7 @@ def small(tmp_path_factory):
   tok = D.train_tokenizer(corpus, 512, root / "spm" / "small")
   data_dir = root / "tfds"
   name = D.build_text_dataset(corpus, data_dir)
-  cfg = D.DataConfig(dataset=name, data_dir=str(data_dir), tokenizer_path=str(tok.path),
+  cfg = DataConfig(dataset=name, data_dir=str(data_dir), tokenizer_path=str(tok.path),
                      seq_len=64, batch_size=4, seed=7, num_threads=2)
   return dict(root=root, corpus=corpus, train=train, val=val, tok=tok, cfg=cfg)
 
@@ -164,12 +166,12 @@ def test_load_tokenizer_rejects_other_conventions(tmp_path, small):
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter(small["train"]), model_prefix=str(tmp_path / "plain"),
       vocab_size=300, minloglevel=2)
-  with pytest.raises(D.DataError, match=r"ids 0\.\.3 must be"):
+  with pytest.raises(errors.DataError, match=r"ids 0\.\.3 must be"):
     D.load_tokenizer(tmp_path / "plain.model")
-  with pytest.raises(D.DataError, match="tokenizer file not found"):
+  with pytest.raises(errors.DataError, match="tokenizer file not found"):
     D.load_tokenizer(tmp_path / "missing.model")
   (tmp_path / "junk.model").write_bytes(b"not a model")
-  with pytest.raises(D.DataError, match="not a valid SentencePiece model"):
+  with pytest.raises(errors.DataError, match="not a valid SentencePiece model"):
     D.load_tokenizer(tmp_path / "junk.model")
 
 
@@ -179,7 +181,7 @@ def test_load_tokenizer_rejects_other_conventions(tmp_path, small):
 
 def test_tfds_array_record_build_and_read(small):
   cfg = small["cfg"]
-  files = sorted(p.name for p in (pathlib.Path(cfg.data_dir) / D.LOCAL_DATASET / "1.0.0").iterdir())
+  files = sorted(p.name for p in (pathlib.Path(cfg.data_dir) / LOCAL_DATASET / "1.0.0").iterdir())
   assert any(".array_record-" in f and "-train." in f for f in files), files
   import tensorflow_datasets as tfds
   train = tfds.data_source(cfg.dataset, split="train", data_dir=cfg.data_dir, download=False)
@@ -224,9 +226,9 @@ def test_tfds_build_and_read_without_tensorflow(tmp_path, small, tiny_lines_dir)
 
 def test_build_is_cached_and_detects_other_corpus(tmp_path, small):
   data_dir = pathlib.Path(small["cfg"].data_dir)
-  shard = next((data_dir / D.LOCAL_DATASET / "1.0.0").glob("*-train.array_record-*"))
+  shard = next((data_dir / LOCAL_DATASET / "1.0.0").glob("*-train.array_record-*"))
   mtime = shard.stat().st_mtime_ns
-  assert D.build_text_dataset(small["corpus"], data_dir) == D.LOCAL_DATASET
+  assert D.build_text_dataset(small["corpus"], data_dir) == LOCAL_DATASET
   assert shard.stat().st_mtime_ns == mtime  # reused, not rebuilt
 
   other = tmp_path / "other"
@@ -234,7 +236,7 @@ def test_build_is_cached_and_detects_other_corpus(tmp_path, small):
   _write_jsonl(other / "train.jsonl", ["one document.", "another document."])
   copy = tmp_path / "tfds"
   D.build_text_dataset(small["corpus"], copy)
-  with pytest.raises(D.DataError, match="different files"):
+  with pytest.raises(errors.DataError, match="different files"):
     D.build_text_dataset(other, copy)
   D.build_text_dataset(other, copy, overwrite=True)
   cfg = small["cfg"].replace(data_dir=str(copy))
@@ -361,46 +363,46 @@ def test_eval_batches_cover_split_with_padding(small):
 @pytest.mark.parametrize("field,value", [("seq_len", 1), ("seq_len", 0), ("batch_size", 0),
                                          ("num_epochs", 0), ("text_key", "")])
 def test_config_errors(field, value):
-  with pytest.raises(D.DataError, match=field):
-    D.DataConfig(**{field: value})
-  with pytest.raises(D.DataError, match="unknown DataConfig field"):
-    D.DataConfig().replace(seqlen=3)
+  with pytest.raises(errors.DataError, match=field):
+    DataConfig(**{field: value})
+  with pytest.raises(errors.DataError, match="unknown DataConfig field"):
+    DataConfig().replace(seqlen=3)
 
 
 def test_missing_inputs_errors(tmp_path, small):
-  with pytest.raises(D.DataError, match="corpus path not found"):
+  with pytest.raises(errors.DataError, match="corpus path not found"):
     D.build_text_dataset(tmp_path / "nope", tmp_path / "tfds")
-  with pytest.raises(D.DataError, match="corpus not found"):
+  with pytest.raises(errors.DataError, match="corpus not found"):
     D.train_tokenizer(tmp_path / "nope", 512, tmp_path / "spm")
-  with pytest.raises(D.DataError, match="vocab_size"):
+  with pytest.raises(errors.DataError, match="vocab_size"):
     D.train_tokenizer(small["train"], 100, tmp_path / "spm")
   (tmp_path / "empty").mkdir()
-  with pytest.raises(D.DataError, match="holds no"):
+  with pytest.raises(errors.DataError, match="holds no"):
     D.build_text_dataset(tmp_path / "empty", tmp_path / "tfds")
   cfg = small["cfg"]
-  with pytest.raises(D.DataError, match="tokenizer file not found"):
+  with pytest.raises(errors.DataError, match="tokenizer file not found"):
     D.make_train_iterator(cfg.replace(tokenizer_path=str(tmp_path / "x.model")))
-  with pytest.raises(D.DataError, match="tokenizer_path is not set"):
+  with pytest.raises(errors.DataError, match="tokenizer_path is not set"):
     D.make_eval_batches(cfg.replace(tokenizer_path=None))
-  with pytest.raises(D.DataError, match="not prepared yet"):
+  with pytest.raises(errors.DataError, match="not prepared yet"):
     D.make_train_iterator(cfg.replace(data_dir=str(tmp_path / "empty")))
-  with pytest.raises(D.DataError, match="tfds build"):
+  with pytest.raises(errors.DataError, match="tfds build"):
     D.open_data_source("lm1b", "train", tmp_path / "empty")
-  with pytest.raises(D.DataError, match="data_dir not found"):
+  with pytest.raises(errors.DataError, match="data_dir not found"):
     D.open_data_source("lm1b", "train", tmp_path / "missing")
-  with pytest.raises(D.DataError, match="text_key"):
+  with pytest.raises(errors.DataError, match="text_key"):
     next(D.make_train_iterator(cfg.replace(text_key="content", num_threads=0)))
   bad = tmp_path / "bad"
   bad.mkdir()
   (bad / "train.jsonl").write_text('{"content": "x"}\n')
-  with pytest.raises(D.DataError, match="'text' field"):
+  with pytest.raises(errors.DataError, match="'text' field"):
     D.build_text_dataset(bad, tmp_path / "tfds_bad")
 
 
 def test_prepare_default_data_is_cached(tmp_path):
   cfg = D.prepare_default_data(tmp_path, vocab_size=400, seq_len=32,
                                max_tokenizer_documents=4, batch_size=2)
-  assert cfg.seq_len == 32 and cfg.batch_size == 2 and cfg.dataset == D.LOCAL_DATASET
+  assert cfg.seq_len == 32 and cfg.batch_size == 2 and cfg.dataset == LOCAL_DATASET
   model = pathlib.Path(cfg.tokenizer_path)
   assert model.is_file() and model.parent.parent == tmp_path
   n_train = len(_read_jsonl(CORPUS / "train.jsonl"))

@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 
 from helpers import perturbed_params, random_tokens
+from pldr_jax import errors
 from pldr_jax import config as cfg
 from pldr_jax.inference import decode
 from pldr_jax import g_modes, model, params as params_lib
 from pldr_jax.inference import generate as gen
 from pldr_jax.inference.kv_cache import GCache
+from pldr_jax.params import init_params
 
 F64 = dict(param_dtype="float64", compute_dtype="float64")
 
@@ -354,29 +356,29 @@ def test_sample_logits_filters():
 def test_bad_inputs_raise_clear_errors():
   c = cfg.tiny()
   p = _params(c)
-  with pytest.raises(model.InputError, match="longer than the context"):
+  with pytest.raises(errors.InputError, match="longer than the context"):
     gen.generate(p, [[5] * (c.max_len + 1)], config=c, max_new_tokens=1)
-  with pytest.raises(model.InputError, match="exceeds the context"):
+  with pytest.raises(errors.InputError, match="exceeds the context"):
     gen.generate(p, [[5] * (c.max_len - 2)], config=c, max_new_tokens=5)
-  with pytest.raises(model.InputError, match="empty prompt"):
+  with pytest.raises(errors.InputError, match="empty prompt"):
     gen.generate(p, [[5, 6], []], config=c, max_new_tokens=2)
-  with pytest.raises(model.InputError, match="empty prompt"):
+  with pytest.raises(errors.InputError, match="empty prompt"):
     model.forward(p, jnp.zeros((1, 0), jnp.int32), config=c)
-  with pytest.raises(model.InputError, match="token id 64 .* outside the vocabulary"):
+  with pytest.raises(errors.InputError, match="token id 64 .* outside the vocabulary"):
     gen.generate(p, [[5, 64]], config=c, max_new_tokens=2)
-  with pytest.raises(model.InputError, match="token id -1"):
+  with pytest.raises(errors.InputError, match="token id -1"):
     model.forward(p, jnp.array([[3, -1]], jnp.int32), config=c)
-  with pytest.raises(model.InputError, match="longer than the context"):
+  with pytest.raises(errors.InputError, match="longer than the context"):
     model.forward(p, jnp.zeros((1, c.max_len + 1), jnp.int32), config=c)
-  with pytest.raises(cfg.ConfigError, match="d_model=30 is not divisible by num_heads=4"):
+  with pytest.raises(errors.ConfigError, match="d_model=30 is not divisible by num_heads=4"):
     cfg.tiny(d_model=30, num_heads=4)
-  with pytest.raises(cfg.ConfigError, match="g_mode"):
+  with pytest.raises(errors.ConfigError, match="g_mode"):
     cfg.tiny(g_mode="learnt")
-  with pytest.raises(cfg.ConfigError, match="unknown PLDRConfig field"):
+  with pytest.raises(errors.ConfigError, match="unknown PLDRConfig field"):
     cfg.tiny(num_head=3)
   ct = cfg.tiny(g_mode="transferred")
-  pt = model.init_params(ct, jax.random.key(0))
-  with pytest.raises(g_modes.GShapeError, match=r"shape \(2, 2, 4, 4\).*\[2, 2, 8, 8\]"):
+  pt = init_params(ct, jax.random.key(0))
+  with pytest.raises(errors.GShapeError, match=r"shape \(2, 2, 4, 4\).*\[2, 2, 8, 8\]"):
     model.forward(pt, jnp.ones((1, 4), jnp.int32), config=ct, g_lm=np.zeros((2, 2, 4, 4)))
   with pytest.raises(ValueError, match="needs its constant G_LM"):
     model.forward(pt, jnp.ones((1, 4), jnp.int32), config=ct)
@@ -384,7 +386,7 @@ def test_bad_inputs_raise_clear_errors():
 
 def test_fixed_g_modes():
   c = cfg.tiny(g_mode="random")
-  p = model.init_params(c, jax.random.key(0))
+  p = init_params(c, jax.random.key(0))
   assert "plga" not in p["layers"] and "res_units" not in p["layers"]
   g = g_modes.make_fixed_g(c, jax.random.key(1))
   t = _tokens(c, (2, 9))
@@ -405,7 +407,7 @@ def test_published_config_parameter_count():
   c = cfg.pldrv51_110m()
   assert params_lib.count_params(c) == 109_689_362
   assert params_lib.count_params(c.replace(g_mode="identity")) == 105_606_482
-  shapes = jax.eval_shape(lambda k: model.init_params(c, k), jax.random.key(0))
+  shapes = jax.eval_shape(lambda k: init_params(c, k), jax.random.key(0))
   assert sum(np.prod(x.shape) for x in jax.tree.leaves(shapes)) == 109_689_362
 
 
@@ -413,7 +415,7 @@ def test_transferred_g_from_published_model(published_data):
   c = cfg.pldrv51_110m(g_mode="transferred")
   g = g_modes.make_fixed_g(c, source=published_data / "g_lm_pldrv51_110m_1.npy")
   assert g.shape == (5, 14, 64, 64)
-  with pytest.raises(g_modes.GShapeError, match="transferred G_LM"):
+  with pytest.raises(errors.GShapeError, match="transferred G_LM"):
     g_modes.make_fixed_g(cfg.tiny(g_mode="transferred"),
                          source=published_data / "g_lm_pldrv51_110m_1.npy")
 

@@ -22,11 +22,13 @@ _SCRIPT = textwrap.dedent("""
     import less_jax
     from pldr_jax import config as cfg, model
     from pldr_jax.inference import generate as gen
+    from pldr_jax.config import TrainConfig
+    from pldr_jax.params import init_params
     from pldr_jax.training import train
 
     c = cfg.tiny(max_len=64)
-    p = model.init_params(c, jax.random.key(0))
-    mesh = train.make_mesh(train.TrainConfig(mesh_data=4, mesh_fsdp=2))
+    p = init_params(c, jax.random.key(0))
+    mesh = train.make_mesh(TrainConfig(mesh_data=4, mesh_fsdp=2))
     prompts = [list(range(4, 4 + n)) for n in (3, 9, 5, 12, 7, 2, 10, 6)]
     kern = [less_jax.init_kernels(jax.random.key(i), c.head_dim, c.num_heads, rank=4, hidden=8)
             for i in range(c.num_layers)]

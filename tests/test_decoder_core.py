@@ -21,6 +21,7 @@ from pldr_jax.inference import decode, generate as gen
 from pldr_jax import g_modes, model
 from pldr_jax import params as params_lib
 from pldr_jax.inference.kv_cache import GCache, KVCache, zeros_like_abstract
+from pldr_jax.params import init_params
 
 F64 = dict(param_dtype="float64", compute_dtype="float64")
 MODES = [dict(), dict(causal_metric=True), dict(g_mode="identity"), dict(g_mode="random")]
@@ -58,7 +59,7 @@ def test_scan_unrolled_and_per_layer_params_agree(kw):
 
 def test_stack_and_unstack_are_inverse():
   c = cfg.tiny()
-  p = model.init_params(c, jax.random.key(0))
+  p = init_params(c, jax.random.key(0))
   listed = params_lib.unstack_layers(p)
   assert isinstance(listed["layers"], list) and len(listed["layers"]) == c.num_layers
   chex.assert_trees_all_equal(params_lib.stack_layers(listed), p)

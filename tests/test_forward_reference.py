@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 from pldr_jax import config as config_lib
+from pldr_jax.params import init_params
 
 try:  # rootdir-relative import works whether or not tests/ is a package
   from tests import reference as ref
@@ -77,7 +78,7 @@ def perturb(tree, rng, dtype):
 
 
 def make_params(model, cfg, seed):
-  params = model.init_params(cfg, jax.random.PRNGKey(seed))
+  params = init_params(cfg, jax.random.PRNGKey(seed))
   dtype = jnp.dtype(cfg.param_dtype)
   for leaf in jax.tree_util.tree_leaves(params):
     assert leaf.dtype == dtype, f"init_params gave {leaf.dtype}, want {dtype}"

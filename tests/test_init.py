@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pldr_jax import errors
 from pldr_jax import config as config_lib
 from pldr_jax import params as params_lib
 
@@ -136,7 +137,7 @@ def test_init_recipes_differ_in_wv_only():
 
 
 def test_init_recipe_is_validated_and_gin_bindable():
-  with pytest.raises(config_lib.ConfigError, match="init_recipe='xavier'"):
+  with pytest.raises(errors.ConfigError, match="init_recipe='xavier'"):
     config_lib.tiny(init_recipe="xavier")
   import gin
 
@@ -167,13 +168,14 @@ def test_learned_g_tiny_run_has_bounded_gradients(tmp_path):
   """experiments/configs/tiny.gin's model (learned G, lr 2e-3) on the embedded
   corpus: the gradient norm stays below 100 over the first 100 steps (with
   per-head Xavier fans it reached 1e5)."""
+  from pldr_jax.config import TrainConfig
   from pldr_jax.training import train
   from pldr_jax.data import load_tokenizer, make_train_iterator, prepare_default_data
   data = prepare_default_data(tmp_path / "data", vocab_size=2048, seq_len=128, batch_size=16,
                               max_tokenizer_documents=40, num_threads=0)
   config = config_lib.tiny(vocab_size=2048, d_model=128, num_heads=4, num_layers=2, d_ff=341,
                            a_dff=64, num_res_units=2, max_len=128, g_mode="learned")
-  tc = train.TrainConfig(num_steps=600, learning_rate=2e-3, warmup_steps=60, seed=1234)
+  tc = TrainConfig(num_steps=600, learning_rate=2e-3, warmup_steps=60, seed=1234)
   tx = train.make_optimizer(tc)
   mesh = train.make_mesh(tc, jax.devices()[:1])
   batches = make_train_iterator(data, load_tokenizer(data.tokenizer_path))

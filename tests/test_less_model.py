@@ -21,6 +21,7 @@ import pytest
 import less_jax as lj
 from less_jax import model as lm
 from helpers import perturbed_params, random_tokens
+from pldr_jax import errors
 from pldr_jax import config as cfg
 from pldr_jax.inference import decode
 from pldr_jax import g_modes, model
@@ -346,11 +347,11 @@ def test_bad_inputs_give_clear_errors():
     lm.less_decode_step(p, GCache(), state, t[:, 0], config=c, policy=H2O_SMALL,
                         kernels=kern)
   # Model inputs: checked as pldr_jax does.
-  with pytest.raises(model.InputError, match="outside the vocabulary"):
+  with pytest.raises(errors.InputError, match="outside the vocabulary"):
     lm.less_prefill(p, t.at[0, 2].set(c.vocab_size), lens, config=c, policy=H2O_SMALL)
-  with pytest.raises(model.InputError, match="longer than the context length 8"):
+  with pytest.raises(errors.InputError, match="longer than the context length 8"):
     lm.less_prefill(p, t, lens, config=c, policy=lj.h2o(2, 2), max_len=8)
-  with pytest.raises(model.InputError, match="empty prompt"):
+  with pytest.raises(errors.InputError, match="empty prompt"):
     lm.less_forward(p, t, jnp.array([W, 0], jnp.int32), config=c, policy=H2O_SMALL)
   cr = _config("random")
   with pytest.raises(ValueError, match="needs its constant G_LM"):

@@ -114,13 +114,13 @@ _RESTORE = textwrap.dedent("""
     import jax, numpy as np
     from pldr_jax.training import distributed, train
     from pldr_jax.training.checkpoint import Checkpointer, load_meta
-    from pldr_jax.config import PLDRConfig
+    from pldr_jax.config import PLDRConfig, TrainConfig
     ckdir, address, n, i = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     distributed.initialize(argparse.Namespace(coordinator_address=address, num_processes=n,
                                               process_id=i))
     assert jax.process_count() == n
     meta = load_meta(ckdir)
-    config, tc = PLDRConfig(**meta["model"]), train.TrainConfig(**meta["train"])
+    config, tc = PLDRConfig(**meta["model"]), TrainConfig(**meta["train"])
     mesh = train.make_mesh(tc)
     tx = train.make_optimizer(tc)
     abstract = train.abstract_train_state(config, tx, mesh)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pldr_jax import errors
 from pldr_jax import config as config_lib
 from pldr_jax import rotary
 from pldr_jax.model import forward
@@ -118,5 +119,5 @@ def test_half_rotation_model_equals_permuted_interleaved_model(g_mode):
 
 
 def test_rope_interleaved_is_validated():
-  with pytest.raises(config_lib.ConfigError, match="rope_interleaved"):
+  with pytest.raises(errors.ConfigError, match="rope_interleaved"):
     config_lib.tiny(rope_interleaved="yes")

@@ -12,7 +12,7 @@ from pldr_jax.training import checkpoint as ckpt_lib
 from pldr_jax import config as config_lib
 from pldr_jax import g_modes, params as params_lib
 from pldr_jax.compat import hf, torch_files
-from pldr_jax.data import DataConfig
+from pldr_jax.config import DataConfig
 
 from conftest import PUBLISHED_DATA
 
@@ -76,16 +76,12 @@ def test_one_error_hierarchy():
   """Every error the library raises on purpose is a PldrError (and the builtin it was)."""
   from less_jax import policies
   from less_jax.train_kernels import KernelLoadError
-  from pldr_jax import errors, model
-  from pldr_jax.training import trainer
-  from pldr_jax.config import ConfigError
-  from pldr_jax.data import DataError
-  assert ckpt_lib.CheckpointError is errors.CheckpointError
-  for cls in (ConfigError, model.InputError, DataError, g_modes.GShapeError,
-              ckpt_lib.CheckpointError, trainer.TrainingError, policies.PolicyError,
+  from pldr_jax import errors
+  for cls in (errors.ConfigError, errors.InputError, errors.DataError, errors.GShapeError,
+              errors.CheckpointError, errors.TrainingError, policies.PolicyError,
               KernelLoadError):
     assert issubclass(cls, errors.PldrError), cls
   with pytest.raises(errors.PldrError, match="d_model"):
     config_lib.tiny(d_model=15)
-  e = ckpt_lib.CheckpointError("/x/ck", "item 'params' missing")
+  e = errors.CheckpointError("/x/ck", "item 'params' missing")
   assert (e.path, e.reason) == ("/x/ck", "item 'params' missing") and isinstance(e, RuntimeError)

@@ -13,9 +13,12 @@ import numpy as np
 import optax
 import pytest
 
+from pldr_jax import errors
 from pldr_jax import config as cfg
 from pldr_jax import model
+from pldr_jax.config import TrainConfig
 from pldr_jax.training import train
+from pldr_jax.params import init_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,11 +31,12 @@ _SHARDED_RUN = textwrap.dedent("""
     import numpy as np, jax
     jax.config.update("jax_enable_x64", True)
     from pldr_jax import config
+    from pldr_jax.config import TrainConfig
     from pldr_jax.training import train
     for data, fsdp, steps, dtype, lr, g_mode in json.loads(sys.argv[1]):
       c = config.tiny(vocab_size=96, max_len=24, param_dtype=dtype, compute_dtype=dtype,
                       g_mode=g_mode)
-      tc = train.TrainConfig(num_steps=steps, warmup_steps=4, learning_rate=lr,
+      tc = TrainConfig(num_steps=steps, warmup_steps=4, learning_rate=lr,
                              mesh_data=data, mesh_fsdp=fsdp)
       tx = train.make_optimizer(tc)
       mesh = train.make_mesh(tc)
@@ -99,7 +103,7 @@ def test_same_losses_on_1_and_8_devices():
 
 def test_loss_ignores_pad_and_matches_plain_cross_entropy():
   c = cfg.tiny(param_dtype="float64", compute_dtype="float64")
-  p = model.init_params(c, jax.random.key(0))
+  p = init_params(c, jax.random.key(0))
   rng = np.random.default_rng(1)
   toks = rng.integers(4, c.vocab_size, (2, 10)).astype(np.int32)
   toks[1, 6:] = 0
@@ -147,7 +151,7 @@ def test_loss_chunk_gives_the_same_loss_and_gradients(chunk):
   (chunks of 4 over the 15 targets, the last one padded; chunks of 5, even) give the
   whole-sequence loss, metrics and gradients (float64)."""
   c = cfg.tiny(param_dtype="float64", compute_dtype="float64")
-  p = model.init_params(c, jax.random.key(0))
+  p = init_params(c, jax.random.key(0))
   rng = np.random.default_rng(2)
   toks = rng.integers(4, c.vocab_size, (3, 16)).astype(np.int32)
   toks[1, 11:] = 0
@@ -168,7 +172,7 @@ def test_loss_chunk_never_stores_the_whole_logits():
   the whole-sequence loss, by more than the [B, S, V] fp32 logits (XLA's own memory
   analysis, CPU: here 41.6 MB against 17.0 MB, the logits 16.6 MB)."""
   c = cfg.tiny(vocab_size=4096, max_len=128)
-  p = jax.eval_shape(lambda: model.init_params(c, jax.random.key(0)))
+  p = jax.eval_shape(lambda: init_params(c, jax.random.key(0)))
   batch = {k: jax.ShapeDtypeStruct((8, 128), jnp.int32) for k in ("tokens", "mask")}
   logits_bytes = 8 * 127 * c.vocab_size * 4
 
@@ -185,7 +189,7 @@ def test_weight_decay_on_every_parameter_by_default():
   p = {"w": jnp.ones((2, 2)), "b": jnp.ones((2,))}
   zero = {"w": jnp.zeros((2, 2)), "b": jnp.zeros((2,))}
   for all_params, b_decays in ((True, True), (False, False)):
-    tc = train.TrainConfig(num_steps=10, warmup_steps=0, learning_rate=0.5, weight_decay=0.1,
+    tc = TrainConfig(num_steps=10, warmup_steps=0, learning_rate=0.5, weight_decay=0.1,
                            end_lr_ratio=1.0, decay_all_params=all_params)
     tx = train.make_optimizer(tc)
     upd, _ = tx.update(zero, tx.init(p), p)  # zero gradient: the update is the decay alone
@@ -194,14 +198,14 @@ def test_weight_decay_on_every_parameter_by_default():
 
 
 def test_schedule_and_clipping():
-  tc = train.TrainConfig(num_steps=100, warmup_steps=10, learning_rate=1e-3, end_lr_ratio=0.1)
+  tc = TrainConfig(num_steps=100, warmup_steps=10, learning_rate=1e-3, end_lr_ratio=0.1)
   s = train.lr_schedule(tc)
   assert float(s(0)) == 0.0
   np.testing.assert_allclose(float(s(5)), 5e-4, rtol=1e-6)
   np.testing.assert_allclose(float(s(10)), 1e-3, rtol=1e-6)
   np.testing.assert_allclose(float(s(100)), 1e-4, rtol=1e-5)
   np.testing.assert_allclose(float(s(55)), 1e-4 + 0.9e-3 * 0.5, rtol=1e-5)
-  tx = train.make_optimizer(train.TrainConfig(num_steps=10, warmup_steps=0, weight_decay=0.0,
+  tx = train.make_optimizer(TrainConfig(num_steps=10, warmup_steps=0, weight_decay=0.0,
                                               learning_rate=1.0))
   p = {"w": jnp.zeros((2, 2)), "b": jnp.zeros((2,))}
   g = {"w": jnp.array([[100.0, -0.5], [3.0, -7.0]]), "b": jnp.array([0.25, -9.0])}
@@ -226,15 +230,15 @@ def test_dag_term_matches_scipy_and_survives_large_entries():
 
 
 def test_mesh_and_batch_errors():
-  with pytest.raises(cfg.ConfigError, match="does not fit 1 device"):
-    train.make_mesh(train.TrainConfig(mesh_data=2, mesh_fsdp=1))
-  mesh = train.make_mesh(train.TrainConfig())
+  with pytest.raises(errors.ConfigError, match="does not fit 1 device"):
+    train.make_mesh(TrainConfig(mesh_data=2, mesh_fsdp=1))
+  mesh = train.make_mesh(TrainConfig())
   train.check_batch_fits(3, mesh)
   fake = type("M", (), {"shape": {"data": 2, "fsdp": 4}})()
-  with pytest.raises(cfg.ConfigError, match="batch size 12 is not divisible by the 8"):
+  with pytest.raises(errors.ConfigError, match="batch size 12 is not divisible by the 8"):
     train.check_batch_fits(12, fake)
-  with pytest.raises(cfg.ConfigError, match="num_steps"):
-    train.TrainConfig(num_steps=0)
+  with pytest.raises(errors.ConfigError, match="num_steps"):
+    TrainConfig(num_steps=0)
 
 
 def test_flops_per_token_counts_the_metric_learner():
@@ -254,7 +258,7 @@ def test_bf16_compute_with_fp32_params_trains_and_decodes():
   from pldr_jax.inference import generate
   c32 = cfg.tiny(vocab_size=96, max_len=24, g_mode="identity")
   c16 = c32.replace(compute_dtype="bfloat16")
-  tc = train.TrainConfig(num_steps=4, warmup_steps=1, learning_rate=3e-3)
+  tc = TrainConfig(num_steps=4, warmup_steps=1, learning_rate=3e-3)
   tx = train.make_optimizer(tc)
   mesh = train.make_mesh(tc)
   toks = (4 + (np.arange(8)[:, None] + np.arange(24)) % 30).astype(np.int32)

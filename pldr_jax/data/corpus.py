@@ -20,10 +20,9 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from pldr_jax import errors
+from pldr_jax.errors import DataError
 
 __all__ = [
-    "DataError",
     "DEFAULT_CORPUS_DIR",
     "default_corpus_dir",
     "find_split_files",
@@ -36,9 +35,6 @@ SUFFIXES = (".jsonl", ".txt")
 # data/corpus/ at the root of the repository (two levels above this package).
 DEFAULT_CORPUS_DIR = Path(__file__).resolve().parents[2] / "data" / "corpus"
 _CORPUS_ENV = "PLDR_JAX_CORPUS_DIR"
-
-
-DataError = errors.DataError  # the one error hierarchy: pldr_jax.errors
 
 
 def default_corpus_dir() -> Path:

@@ -38,15 +38,15 @@ import grain
 import numpy as np
 
 from pldr_jax import paths
-from pldr_jax.data.corpus import (DataError, corpus_fingerprint, default_corpus_dir,
-                                  find_split_files)
-from pldr_jax.config import DataConfig  # noqa: F401 (re-export)
+from pldr_jax.config import DataConfig
+from pldr_jax.data.corpus import corpus_fingerprint, default_corpus_dir, find_split_files
 from pldr_jax.data.tfds_text import build_text_dataset, open_data_source
 from pldr_jax.data.tokenizer import (PAD_ID, Tokenizer, load_tokenizer,
                                      train_tokenizer)
+from pldr_jax.errors import DataError
 
 __all__ = [
-    "DataConfig", "PackedIterDataset", "make_train_dataset", "make_train_iterator",
+    "PackedIterDataset", "make_train_dataset", "make_train_iterator",
     "make_eval_batches", "prepare_default_data", "pack_documents",
 ]
 

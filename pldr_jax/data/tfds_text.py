@@ -31,10 +31,10 @@ from etils import epath
 
 from pldr_jax import paths
 from pldr_jax.config import LOCAL_DATASET
-from pldr_jax.data.corpus import (DataError, corpus_fingerprint, find_split_files,
-                                  iter_documents)
+from pldr_jax.data.corpus import corpus_fingerprint, find_split_files, iter_documents
+from pldr_jax.errors import DataError
 
-__all__ = ["PldrTextCorpus", "LOCAL_DATASET", "build_text_dataset", "open_data_source"]
+__all__ = ["PldrTextCorpus", "build_text_dataset", "open_data_source"]
 
 _SOURCE_FILE = "pldr_source.json"
 

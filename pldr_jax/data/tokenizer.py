@@ -19,7 +19,8 @@ import numpy as np
 import sentencepiece as spm
 from etils import epath
 
-from pldr_jax.data.corpus import DataError, find_split_files, iter_documents
+from pldr_jax.data.corpus import find_split_files, iter_documents
+from pldr_jax.errors import DataError
 
 __all__ = [
     "PAD_ID", "UNK_ID", "START_ID", "END_ID", "SPECIAL_PIECES",

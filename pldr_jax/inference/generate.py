@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from pldr_jax import errors
 from pldr_jax.inference import decode, kv_cache
 from pldr_jax import model
 from pldr_jax import params as params_lib
@@ -79,7 +80,7 @@ def bucket_length(n: int, buckets: Sequence[int]) -> int:
   for b in sorted(buckets):
     if n <= b:
       return b
-  raise model.InputError(f"prompt of {n} tokens is longer than the largest bucket {max(buckets)}")
+  raise errors.InputError(f"prompt of {n} tokens is longer than the largest bucket {max(buckets)}")
 
 
 def pad_prompts(prompts, config: PLDRConfig, max_new_tokens: int,
@@ -90,18 +91,18 @@ def pad_prompts(prompts, config: PLDRConfig, max_new_tokens: int,
   """
   cache_len = config.max_len if cache_len is None else cache_len
   if len(prompts) == 0:
-    raise model.InputError("no prompts given")
+    raise errors.InputError("no prompts given")
   lengths = np.array([len(p) for p in prompts], np.int32)
   if np.any(lengths == 0):
-    raise model.InputError(f"empty prompt at index {int(np.flatnonzero(lengths == 0)[0])}")
+    raise errors.InputError(f"empty prompt at index {int(np.flatnonzero(lengths == 0)[0])}")
   longest = int(lengths.max())
   if longest > config.max_len:
-    raise model.InputError(f"prompt of {longest} tokens is longer than the context length "
+    raise errors.InputError(f"prompt of {longest} tokens is longer than the context length "
                            f"{config.max_len}")
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   if longest + max_new_tokens > cache_len:
-    raise model.InputError(
+    raise errors.InputError(
         f"prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the context "
         f"length {cache_len}; shorten the prompt or ask for fewer tokens")
   width = bucket_length(longest, buckets or default_buckets(config.max_len))
@@ -109,7 +110,7 @@ def pad_prompts(prompts, config: PLDRConfig, max_new_tokens: int,
   for i, p in enumerate(prompts):
     ids = np.asarray(p)
     if ids.dtype.kind not in "iu":  # 5.5 would silently become token 5
-      raise model.InputError(f"prompt {i} holds {ids.dtype} values: token ids must be "
+      raise errors.InputError(f"prompt {i} holds {ids.dtype} values: token ids must be "
                              "integers (e.g. tokenizer.encode(text))")
     tokens[i, :len(p)] = ids.astype(np.int64)
   model.check_inputs(tokens, lengths, config, capacity=cache_len)

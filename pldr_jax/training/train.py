@@ -21,7 +21,8 @@ import optax
 
 from pldr_jax import model, params as params_lib
 from pldr_jax import sharding as sharding_lib
-from pldr_jax.config import ConfigError, PLDRConfig, TrainConfig  # noqa: F401 (re-export)
+from pldr_jax.config import PLDRConfig, TrainConfig
+from pldr_jax.errors import ConfigError
 
 P = jax.sharding.PartitionSpec
 

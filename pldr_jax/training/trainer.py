@@ -40,17 +40,15 @@ from pldr_jax.training import distributed, train
 from pldr_jax import g_modes, model, paths
 from pldr_jax.training.metrics_file import open_metrics, trim_metrics
 from pldr_jax import params as params_lib
-from pldr_jax.config import ConfigError, PLDRConfig
-from pldr_jax.data import DataConfig, load_tokenizer, make_eval_batches, make_train_iterator
+from pldr_jax.config import DataConfig, PLDRConfig, TrainConfig
+from pldr_jax.data import load_tokenizer, make_eval_batches, make_train_iterator
+from pldr_jax.errors import ConfigError, TrainingError
 
 PROBE_TEXT = ("The quick brown fox jumps over the lazy dog. It was the best of times, it was "
               "the worst of times.")
 
 
-TrainingError = errors.TrainingError  # the one error hierarchy: pldr_jax.errors
-
-
-def validate(config: PLDRConfig, tc: train.TrainConfig, data: DataConfig, mesh) -> None:
+def validate(config: PLDRConfig, tc: TrainConfig, data: DataConfig, mesh) -> None:
   """Reject configurations that cannot work, before anything is compiled."""
   if data.seq_len > config.max_len:
     raise ConfigError(f"DataConfig.seq_len={data.seq_len} is longer than the model's context "
@@ -62,7 +60,7 @@ def validate(config: PLDRConfig, tc: train.TrainConfig, data: DataConfig, mesh) 
     raise ConfigError(f"tokenizer file not found: {data.tokenizer_path}")
 
 
-def fixed_g(config: PLDRConfig, tc: train.TrainConfig, g_source: str | None):
+def fixed_g(config: PLDRConfig, tc: TrainConfig, g_source: str | None):
   """The constant G_LM of a fixed-G run (None for learned/identity).
 
   g_source for 'transferred': a .npy file [L, H, dk, dk] or a checkpoint
@@ -159,7 +157,7 @@ def restore_newest_good(checkpointer: ckpt_lib.Checkpointer, abstract: dict,
   if restore_step is not None:
     saved = checkpointer.all_steps()
     if restore_step not in saved:
-      raise ckpt_lib.CheckpointError(
+      raise errors.CheckpointError(
           checkpointer.directory,
           f"no checkpoint of step {restore_step} to resume from (saved steps: "
           f"{', '.join(map(str, saved)) or 'none'}); give one of them to --restore_step, "
@@ -177,7 +175,7 @@ def restore_newest_good(checkpointer: ckpt_lib.Checkpointer, abstract: dict,
            f"({reason}); falling back to step {step}")
     return restored, [bad for bad, _ in failed]
   if failed:
-    raise ckpt_lib.CheckpointError(
+    raise errors.CheckpointError(
         checkpointer.directory, "no checkpoint can be restored: " +
         "; ".join(f"step {st}: {reason}" for st, reason in failed))
   return None, []
@@ -341,7 +339,7 @@ def _agree_on_batches(batches: list) -> list:
   return batches[:n]
 
 
-def run_pretraining(config: PLDRConfig, tc: train.TrainConfig, data: DataConfig,
+def run_pretraining(config: PLDRConfig, tc: TrainConfig, data: DataConfig,
                     workdir: str | os.PathLike, *, g_source: str | None = None,
                     progress: bool = True, stop_after: int | None = None,
                     restore_step: int | None = None) -> RunResult:
@@ -356,7 +354,7 @@ def run_pretraining(config: PLDRConfig, tc: train.TrainConfig, data: DataConfig,
                      stop_after=stop_after, restore_step=restore_step)
 
 
-def _pretrain(config: PLDRConfig, tc: train.TrainConfig, data: DataConfig,
+def _pretrain(config: PLDRConfig, tc: TrainConfig, data: DataConfig,
               workdir: str | os.PathLike, stop: StopSignals, *, g_source: str | None,
               progress: bool, stop_after: int | None, restore_step: int | None) -> RunResult:
   workdir = paths.as_path(workdir)  # local or object storage (gs://...)

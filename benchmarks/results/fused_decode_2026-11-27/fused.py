@@ -1,9 +1,10 @@
 import json, sys, time
 import jax, jax.numpy as jnp, numpy as np
-from pldr_jax import config as cfg, model, params as params_lib
+from pldr_jax import config as cfg, params as params_lib
 from pldr_jax.inference import decode
+from pldr_jax.params import init_params
 c = cfg.pldrv51_110m()
-p = jax.jit(model.init_params, static_argnums=0)(c, jax.random.key(0))
+p = jax.jit(init_params, static_argnums=0)(c, jax.random.key(0))
 fused = jax.block_until_ready(jax.jit(decode.decode_params, static_argnums=1)(p, c))
 plain = jax.block_until_ready(jax.jit(lambda q: params_lib.unstack_layers(params_lib.without_g_network(q)))(p))
 for b in (1, 8):

@@ -11,14 +11,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pldr_jax import config as cfg, model
+from pldr_jax import config as cfg
 from pldr_jax.inference import decode
+from pldr_jax.params import init_params
 
 S = int(sys.argv[1])
 B = int(sys.argv[2]) if len(sys.argv) > 2 else 1
 ROUNDS = int(sys.argv[3]) if len(sys.argv) > 3 else 10
 c = cfg.pldrv51_110m()
-p = jax.jit(model.init_params, static_argnums=0)(c, jax.random.key(0))
+p = jax.jit(init_params, static_argnums=0)(c, jax.random.key(0))
 toks = jnp.asarray(np.random.default_rng(0).integers(4, c.vocab_size, (B, S)), jnp.int32)
 lens = jnp.full((B,), S, jnp.int32)
 run = {name: (lambda a=a: decode.prefill_jit(p, toks, lens, config=c, cache_len=S,

@@ -1,11 +1,12 @@
 """110M decode-step: compile time and step time (old list layout vs new stacked + decode_params)."""
 import json, sys, time
 import jax, jax.numpy as jnp, numpy as np
-from pldr_jax import config as cfg, model
+from pldr_jax import config as cfg
 from pldr_jax.inference import decode
+from pldr_jax.params import init_params
 variant = sys.argv[1]; batch = int(sys.argv[2]) if len(sys.argv) > 2 else 1
 c = cfg.pldrv51_110m()
-p = jax.jit(model.init_params, static_argnums=0)(c, jax.random.key(0))
+p = jax.jit(init_params, static_argnums=0)(c, jax.random.key(0))
 toks = jnp.ones((batch, 128), jnp.int32); lens = jnp.full((batch,), 128, jnp.int32)
 t0 = time.perf_counter()
 _, st, gc = decode.prefill_jit(p, toks, lens, config=c, cache_len=1024)

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from pldr_jax import config as cfg
+from pldr_jax.config import TrainConfig
 from pldr_jax.training import train
 
 ap = argparse.ArgumentParser()
@@ -27,7 +28,7 @@ for batch in a.batches:
   c = cfg.preset("pldrv51_110m", compute_dtype="bfloat16", attention=a.attention,
                  remat=a.remat)
   c = c.replace(max_len=max(c.max_len, 1024))
-  tc = train.TrainConfig(num_steps=1000, warmup_steps=10, mesh_data=1, mesh_fsdp=1)
+  tc = TrainConfig(num_steps=1000, warmup_steps=10, mesh_data=1, mesh_fsdp=1)
   tx = train.make_optimizer(tc)
   mesh = train.make_mesh(tc)
   with jax.set_mesh(mesh):
