@@ -58,7 +58,7 @@ DEFAULT_LRS = (3e-4, 6e-4, 1.2e-3, 2.4e-3, 4.8e-3)
 DEFAULT_WARMUPS = (6, 48)
 
 FIELDS = ("run", "lr", "warmup", "final_step", "train_loss", "eval_loss",
-          "op_G_LM", "op_A_LM", "op_A_P", "op_A", "rmse12_G_LM",
+          "op_G_LM", "op_A_LM", "op_A_P", "op_A", "rel_rmse_G_LM", "rmse12_G_LM",
           "audit_rms_G_LM", "audit_mu_G_LM", "audit_rms_A_LM", "audit_mu_A_LM",
           "A_s2_s1", "A_rank", "A_row_var", "A_head_spread", "A_LM_s2_s1", "A_LM_rank",
           "G_LM_rank", "G_LM_off_commutant", "G_LM_suffix_change")
@@ -196,7 +196,11 @@ def row_of(lr, wu, wd: Path, doc: dict | None) -> dict:
   for name in ("G_LM", "A_LM", "A_P", "A"):
     if name in paper:
       row[f"op_{name}"] = paper[name]["order_parameter"]
-  row["rmse12_G_LM"] = paper.get("G_LM", {}).get("rmse_12")
+  if "G_LM" in paper:
+    g = paper["G_LM"]
+    row["rmse12_G_LM"] = g["rmse_12"]
+    row["rel_rmse_G_LM"] = g["rmse_1c"] / math.hypot(g["mean_c"], g["std_c"]) if (
+        g["mean_c"] or g["std_c"]) else 0.0  # = relative_rmse_1c: rms_c^2 = mean_c^2 + std_c^2
   for name in ("G_LM", "A_LM"):
     if name in audit:
       row[f"audit_rms_{name}"] = audit[name]["audit_rms"]["median"]
@@ -247,10 +251,10 @@ def spearman(x, y) -> dict:
 def correlations(table: list[dict]) -> dict:
   col = lambda k: [np.nan if r[k] is None else r[k] for r in table]
   out = {}
-  for k in ("op_G_LM", "op_A_LM", "op_A_P", "audit_rms_G_LM", "audit_mu_G_LM",
+  for k in ("op_G_LM", "op_A_LM", "op_A_P", "rel_rmse_G_LM", "audit_rms_G_LM", "audit_mu_G_LM",
             "G_LM_suffix_change", "A_s2_s1"):
     out[f"{k}_vs_eval_loss"] = spearman(col(k), col("eval_loss"))
-  for k in ("op_G_LM", "audit_rms_G_LM"):
+  for k in ("op_G_LM", "rel_rmse_G_LM", "audit_rms_G_LM"):
     out[f"{k}_vs_lr"] = spearman(col(k), col("lr"))
     out[f"{k}_vs_warmup"] = spearman(col(k), col("warmup"))
   out["eval_loss_vs_lr"] = spearman(col("eval_loss"), col("lr"))
@@ -279,11 +283,12 @@ def _fmt(v, spec):
 
 
 def print_table(table: list[dict], corr: dict) -> None:
-  print(f"\n{'run':<16} {'eval loss':>9} {'OP G_LM':>9} {'OP A_LM':>9} {'OP A_P':>9} "
+  print(f"\n{'run':<16} {'eval loss':>9} {'OP G_LM':>9} {'rel G_LM':>9} {'OP A_LM':>9} {'OP A_P':>9} "
         f"{'aud rms':>8} {'aud mu':>9} {'A s2/s1':>8} {'A_LM rk':>7} {'G offc':>6} "
         f"{'G sfx':>7}")
   for r in table:
     print(f"{r['run']:<16} {_fmt(r['eval_loss'], '9.4f')} {_fmt(r['op_G_LM'], '9.3g')} "
+          f"{_fmt(r['rel_rmse_G_LM'], '9.3g')} "
           f"{_fmt(r['op_A_LM'], '9.3g')} {_fmt(r['op_A_P'], '9.3g')} "
           f"{_fmt(r['audit_rms_G_LM'], '8.3g')} {_fmt(r['audit_mu_G_LM'], '9.3g')} "
           f"{_fmt(r['A_s2_s1'], '8.2g')} {_fmt(r['A_LM_rank'], '7g')} "
@@ -303,6 +308,7 @@ def plot(out: Path, table: list[dict], lrs, warmups, corr: dict) -> list[Path]:
   written = []
   by = {(r["lr"], r["warmup"]): r for r in table}
   keys = (("op_G_LM", "paper order parameter, G_LM (RMSE_1C/|mu_C|)"),
+          ("rel_rmse_G_LM", "RMSE_1C/RMS_C, G_LM (not the paper's)"),
           ("audit_rms_G_LM", "audit, RMS-normalised (<= 2), G_LM median"),
           ("audit_mu_G_LM", "audit, mean-normalised, G_LM median"))
   fig, axes = plt.subplots(1, len(keys) + 1, figsize=(5 * (len(keys) + 1), 4))
@@ -331,7 +337,7 @@ def plot(out: Path, table: list[dict], lrs, warmups, corr: dict) -> list[Path]:
   plt.close(fig)
   written.append(p)
 
-  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+  fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4))
   for ax, (k, title) in zip(axes, keys):
     xs = [r["eval_loss"] for r in table if r[k] is not None and r["eval_loss"] is not None]
     ys = [r[k] for r in table if r[k] is not None and r["eval_loss"] is not None]

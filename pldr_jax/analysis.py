@@ -207,7 +207,7 @@ def load_tensors(source: str | os.PathLike, step: int | None = None) -> dict[str
 
 DEDUCTIVE_TENSORS = ("A", "A_LM", "A_P", "G_LM")
 ORDER_FIELDS = ("mean_1", "std_1", "mean_2", "std_2", "mean_c", "std_c", "rmse_12", "rmse_1c",
-                "rmse_2c", "order_parameter")
+                "rmse_2c", "order_parameter", "relative_rmse_1c")
 
 
 def _f64(x) -> np.ndarray:
@@ -230,6 +230,7 @@ def _order_stats(x1, x2, xc, axes) -> dict[str, np.ndarray]:
          "mean_c": xc.mean(axis=axes), "std_c": xc.std(axis=axes),
          "rmse_12": rm(x1, x2), "rmse_1c": rm(x1, xc), "rmse_2c": rm(x2, xc)}
   out["order_parameter"] = _ratio(out["rmse_1c"], out["mean_c"])
+  out["relative_rmse_1c"] = _ratio(out["rmse_1c"], np.sqrt(np.mean(xc * xc, axis=axes)))
   return out
 
 
@@ -245,6 +246,10 @@ def order_parameter(run1: Mapping[str, Any], run2: Mapping[str, Any], cached: Ma
     mean_r, std_r      of each run r in {1, 2, c}
     rmse_12, rmse_1c, rmse_2c   sqrt(mean((x_r - x_s)^2))
     order_parameter    rmse_1c / |mean_c|   (RMSE_1C / |mu_C| of the paper)
+    relative_rmse_1c   rmse_1c / rms_c = rmse_1c / sqrt(mean_c^2 + std_c^2): not the
+                       paper's; the same distance relative to the tensor's size,
+                       which stays finite when the mean is near 0 (|mu_C| << std_C
+                       makes the paper's ratio large whatever the distance)
   and the same per layer under 'per_layer' (lists of L values). 0/0 counts as 0.
   """
   out = {}
@@ -592,10 +597,10 @@ def deductive_tensors(params, config, tokens, g_lm=None) -> dict[str, np.ndarray
 
 
 def cached_tensors(params, config, prompts, g_lm=None) -> dict[str, np.ndarray]:
-  """The cached run's tensors: what the G-cache holds after the last prompt token
-  (inference.decode.prefill with the G-cache: A, A_LM, G_LM) and A_P, which the
-  G-cache does not keep, from the same forward pass over the prompt alone that
-  the prefill runs; float64 [N, L, H, dk, dk]."""
+  """The cached run's tensors after the last prompt token: G_LM as the G-cache holds
+  it (inference.decode.prefill with the G-cache), and A, A_LM, A_P from the same
+  forward pass over the prompt alone that the prefill runs (the ones the G-cache
+  does not keep); float64 [N, L, H, dk, dk]."""
   import jax.numpy as jnp
 
   from pldr_jax.inference import decode
@@ -607,8 +612,9 @@ def cached_tensors(params, config, prompts, g_lm=None) -> dict[str, np.ndarray]:
   swap = lambda x: np.swapaxes(np.asarray(x, np.float64), 0, 1)  # [L, N, ...] -> [N, L, ...]
   out = deductive_tensors(params, config, prompts, g_lm)  # A_P (and the same A, A_LM, G_LM)
   out["G_LM"] = swap(gcache.g_lm)
-  if gcache.a is not None:
-    out["A"], out["A_LM"] = swap(gcache.a), swap(gcache.a_lm)
+  for name, field in (("A", "a"), ("A_LM", "a_lm")):  # where the G-cache keeps them too
+    if getattr(gcache, field, None) is not None:
+      out[name] = swap(getattr(gcache, field))
   return out
 
 

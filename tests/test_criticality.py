@@ -119,7 +119,7 @@ def test_commutant_projection_folds_through_the_model_rotary(interleaved):
   rot = lambda x: np.asarray(rotary.apply_rotary(jnp.asarray(x), pos, 10000.0,
                                                  interleaved=interleaved))
   for h in range(2):
-    np.testing.assert_allclose(rot(q @ p[h]), rot(q) @ p[h], atol=1e-9)
+    np.testing.assert_allclose(rot(q @ p[h]), rot(q) @ p[h], atol=1e-5)  # float32 rotary
     assert not np.allclose(rot(q @ g[h]), rot(q) @ g[h], atol=1e-3)
   r = analysis.off_commutant_residual(g, interleaved)
   want = np.linalg.norm(g - p, axis=(-2, -1)) / np.linalg.norm(g, axis=(-2, -1))
@@ -219,21 +219,27 @@ def test_sampling_refuses_a_sequence_beyond_the_context_or_vocabulary():
 
 # ----------------------------------------------------------------- the scripts
 
-def test_criticality_script_bad_checkpoint_is_one_line():
-  r = subprocess.run([sys.executable, str(REPO / "experiments" / "criticality.py"),
-                      "--checkpoint", "/nonexistent/run"], capture_output=True, text=True,
-                     cwd=REPO, timeout=120)
-  assert r.returncode != 0
-  lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]
-  assert len(lines) == 1 and "/nonexistent/run" in lines[0]
+def _script(name: str):
+  """experiments/<name>.py as a module (its main runs in this process)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(f"{name}_under_test",
+                                                REPO / "experiments" / f"{name}.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def test_criticality_script_bad_input_is_one_line(capsys):
+  from pldr_jax import cli
+  mod = _script("criticality")
+  for argv, what in ((["--checkpoint", "/nonexistent/run"], "/nonexistent/run"),):
+    assert cli.run(mod.main, argv) != 0
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and what in lines[0], lines
 
 
 def test_sweep_spearman_and_ranks_without_scipy():
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(
-      "sweep_under_test", REPO / "experiments" / "criticality_sweep.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
+  mod = _script("criticality_sweep")
   np.testing.assert_array_equal(mod.ranks([3.0, 1.0, 3.0, 2.0]), [3.5, 1.0, 3.5, 2.0])
   s = mod.spearman([1, 2, 3, 4, 5], [5, 6, 7, 8, 7])
   from scipy.stats import spearmanr
@@ -273,13 +279,10 @@ def test_analyze_g_writes_the_collapse_statistics(tmp_path):
   g[0] = analysis.commutant_projection(g[0])  # layer 0 folds into the query projection
   np.save(tmp_path / "g.npy", g)
   outs = {}
+  mod = _script("analyze_g")
   for layout in ("interleaved", "half"):
-    r = subprocess.run([sys.executable, str(REPO / "experiments" / "analyze_g.py"),
-                        str(tmp_path / "g.npy"), "--out", str(tmp_path / layout), "--no_plots",
-                        "--rope_layout", layout], capture_output=True, text=True, cwd=REPO,
-                       timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "off_commutant_residual" in r.stdout
+    assert mod.main([str(tmp_path / "g.npy"), "--out", str(tmp_path / layout), "--no_plots",
+                     "--rope_layout", layout]) == 0
     outs[layout] = json.loads((tmp_path / layout / "collapse.json").read_text())
   res = outs["interleaved"]["source"]["G_LM"]["off_commutant_residual"]["per_layer_median"]
   assert res[0] == pytest.approx(0.0, abs=1e-6) and res[1] > 0.5
