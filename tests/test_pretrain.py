@@ -223,14 +223,15 @@ def test_sigterm_saves_the_current_step_and_resumes(tmp_path, data_workdir):
 
 def test_disk_full_is_one_line(monkeypatch, capsys, tmp_path):
   import errno
-  from pldr_jax.training import checkpoint, trainer
+  from pldr_jax.errors import CheckpointError
+  from pldr_jax.training import trainer
   pretrain = pretrain_module()
 
   def full(*_, **__):
     try:
       raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "ckpt" / "x"))
     except OSError as e:
-      raise checkpoint.CheckpointError(tmp_path, "a background save failed") from e
+      raise CheckpointError(tmp_path, "a background save failed") from e
 
   monkeypatch.setattr(trainer, "run_pretraining", full)
   monkeypatch.setattr(pretrain, "resolve_data", lambda run: run["data"])

@@ -27,7 +27,7 @@ from pldr_jax import paths
 from pldr_jax.errors import CheckpointCorrupt, CheckpointError, CheckpointMismatch
 from pldr_jax.training import distributed, integrity
 
-__all__ = ["CheckpointError", "Checkpointer", "abstract_like", "load_g_lm", "load_meta"]
+__all__ = ["Checkpointer", "abstract_like", "load_g_lm", "load_meta"]  # errors: pldr_jax.errors
 
 PARAMS, OPT_STATE, DATA_STATE, META, G_LM = "params", "opt_state", "data_state", "meta", "g_lm"
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's name for an unfinished save
