@@ -22,7 +22,9 @@ import jax
 import jax.numpy as jnp
 
 from less_jax import kernels as kernels_lib, policies
+from less_jax.sparse_cache import SparseCache
 from pldr_jax.inference import generate
+from pldr_jax.inference.caches import FullCache
 from pldr_jax.training import train
 from pldr_jax import params as params_lib
 from pldr_jax.config import TrainConfig, pldrv51_110m, tiny
@@ -42,8 +44,8 @@ def programs() -> dict[str, str]:
     p = jax.eval_shape(lambda k: params_lib.init_params(cfg, k), jax.random.key(0))
     kern = jax.eval_shape(lambda k: [kernels_lib.init_kernels(k, cfg.head_dim, cfg.num_heads)
                                      for _ in range(cfg.num_layers)], jax.random.key(0))
-    caches = {"full": generate.FullCache(),
-              "less": generate.SparseCache(policies.make_policy("h2o", heavy=8, recent=8), kern)}
+    caches = {"full": FullCache(),
+              "less": SparseCache(policies.make_policy("h2o", heavy=8, recent=8), kern)}
     sds = lambda t: jax.tree.map(lambda i: jax.ShapeDtypeStruct(i.shape, i.dtype), t,
                                  is_leaf=lambda x: hasattr(x, "axes"))
     for b in (1, 8):

@@ -71,6 +71,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from less_jax import model as less_model
+from less_jax.config import LessTrainConfig
+from less_jax.errors import KernelLoadError
 from less_jax import policies as policies_lib
 from less_jax import train_kernels as tk
 from pldr_jax import cli
@@ -100,10 +102,10 @@ def sparse_policy(kind: str, budget: int) -> policies_lib.Policy:
 
 
 def train_config(policy: policies_lib.Policy, rank: int, epochs: int, steps: int,
-                 hidden: int = 64) -> tk.LessTrainConfig:
+                 hidden: int = 64) -> LessTrainConfig:
   kw = ({"heavy": policy.heavy, "recent": policy.recent} if policy.kind == "h2o"
         else {"sink": policy.sink, "recent": policy.recent})
-  return tk.LessTrainConfig(policy=policy.kind, rank=rank, hidden=hidden, epochs=epochs,
+  return LessTrainConfig(policy=policy.kind, rank=rank, hidden=hidden, epochs=epochs,
                             epoch_steps=steps, val_batches=1, **kw)
 
 
@@ -126,18 +128,16 @@ def _full_logits(params, tokens, lengths, g_lm, *, config):
 def score(logits_fn, batches, first_target: int = 0) -> tuple[float, float]:
   """(mean NLL, counted tokens) over batches; logits_fn(inputs, lengths, g_lm) -> logits,
   g_lm the batch's 'g_lm' entry (a prompt's G_LM) or None."""
-  tot, cnt = 0.0, 0.0
-  for b in batches:
-    inputs, lengths = ptrain.model_inputs(jnp.asarray(b["tokens"], jnp.int32),
-                                          jnp.asarray(b["mask"], jnp.int32))
-    s, n = _nll_terms(logits_fn(inputs, lengths, b.get("g_lm")),
-                      jnp.asarray(b["tokens"], jnp.int32), jnp.asarray(b["mask"], jnp.int32),
-                      first_target)
-    tot += float(s)
-    cnt += float(n)
-  if cnt == 0:
+  def nll(b):
+    tokens, mask = jnp.asarray(b["tokens"], jnp.int32), jnp.asarray(b["mask"], jnp.int32)
+    inputs, lengths = ptrain.model_inputs(tokens, mask)
+    s, n = _nll_terms(logits_fn(inputs, lengths, b.get("g_lm")), tokens, mask, first_target)
+    return {"nll": s, "tokens": n}
+
+  tot = ptrain.batch_totals(nll, batches)
+  if not tot.get("tokens"):
     raise ValueError("the eval batches hold no target tokens")
-  return tot / cnt, cnt
+  return tot["nll"] / tot["tokens"], tot["tokens"]
 
 
 def state_bytes(params, config, policy, kernels, g_lm) -> int:
@@ -145,9 +145,7 @@ def state_bytes(params, config, policy, kernels, g_lm) -> int:
   tokens = jnp.zeros((1, 1), jnp.int32)
   fn = lambda p, t, k, g: less_model.less_prefill(p, t, None, config=config, policy=policy,
                                                    kernels=k, g_lm=g)[1]
-  shapes = jax.eval_shape(fn, params, tokens, kernels, g_lm)
-  return int(sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
-                 for x in jax.tree_util.tree_leaves(shapes)))
+  return less_model.decode_state_bytes(jax.eval_shape(fn, params, tokens, kernels, g_lm))
 
 
 def full_cache_bytes(config, seq_len: int) -> int:
@@ -253,7 +251,7 @@ def run_eval(model_workdir, budgets, *, kernels_root=None, max_batches=None, bat
       try:
         kernels = tk.load_kernels(path, config, policy)
         status = "ok"
-      except tk.KernelLoadError as e:
+      except KernelLoadError as e:
         if os.path.isfile(os.path.join(path, "meta.json")):
           status = f"error: {e}"
       if kernels is None and status == "missing" and train_missing:

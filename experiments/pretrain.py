@@ -90,7 +90,7 @@ def print_samples(run: dict, data: DataConfig) -> None:
   n = min(run["sample_tokens"], config.max_len - max(len(p) for p in prompts))
   sampling = generate.SamplingConfig(temperature=0.8, top_k=40, top_p=0.95, stop_token=3)
   outs = generate.generate(params, prompts, config=config, max_new_tokens=n,
-                           key=jax.random.key(0), sampling=sampling, g_cache=True, g_lm=g_lm)
+                           key=jax.random.key(0), sampling=sampling, g_lm=g_lm)
   print(f"\nsamples from {ckdir} (step {step}; KV-cache + G-cache, T=0.8, top-k 40, top-p 0.95):")
   for prompt, out in zip(SAMPLE_PROMPTS, outs):
     print(f"  {prompt!r} -> {tok.decode(out)!r}")

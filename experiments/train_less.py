@@ -26,23 +26,10 @@ import dataclasses
 import time
 from pathlib import Path
 
-import gin
-
-from less_jax.train_kernels import LessTrainConfig
+from less_jax.config import LessTrainConfig
+from less_jax.gin_configs import less_experiment
 from pldr_jax import cli
-from pldr_jax.training import distributed
-from pldr_jax.training import host
-
-gin.external_configurable(LessTrainConfig, "LessTrainConfig")
-
-
-@gin.configurable
-def less_experiment(train: LessTrainConfig = gin.REQUIRED, model_workdir: str = gin.REQUIRED,
-                    step: int | None = None, out_dir: str | None = None):
-  """model_workdir: a pretraining workdir (its checkpoints/ hold the frozen model).
-  step: checkpoint step (None: the latest). out_dir: where the kernels go
-  (None: <model_workdir>/less_kernels/<policy>_<budget>)."""
-  return dict(train=train, model_workdir=model_workdir, step=step, out_dir=out_dir)
+from pldr_jax.training import distributed, host
 
 
 def main(argv=None) -> int:

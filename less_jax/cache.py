@@ -57,7 +57,11 @@ from less_jax import kernels as kernels_lib
 from less_jax import parallel as parallel_lib
 from less_jax import policies as policies_lib
 from less_jax import state as state_lib
+from less_jax.errors import PolicyError, SparseStateError
 from pldr_jax import backend, nn
+from pldr_jax import params as params_lib
+from pldr_jax.config import check_int
+from pldr_jax.errors import ConfigError, InputError
 from pldr_jax.inference.kv_cache import ArrayInfo
 
 __all__ = [
@@ -141,14 +145,12 @@ def init_cache(batch: int, num_heads: int, head_dim: int,
     max_len: optional context length the budget must fit in.
   """
   if not isinstance(policy, policies_lib.Policy):
-    raise ValueError(f"policy must be a less_jax Policy, got {policy!r}")
+    raise PolicyError(f"policy must be a less_jax Policy, got {policy!r}")
   policy.check_context(max_len)
   for name, value in (("batch", batch), ("num_heads", num_heads),
                       ("head_dim", head_dim)):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-      raise ValueError(f"init_cache: {name} must be a positive int, got {value!r}")
-  if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 0:
-    raise ValueError(f"init_cache: rank must be an int >= 0, got {rank!r}")
+    check_int(f"init_cache: {name}", value, 1)
+  check_int("init_cache: rank", rank, 0)
   t = policy.budget
   h, z = state_lib.init_state(batch, num_heads, rank, head_dim)
   return SparseKVCache(
@@ -161,32 +163,31 @@ def init_cache(batch: int, num_heads: int, head_dim: int,
 
 def cache_bytes(cache) -> int:
   """Bytes held by a pytree of arrays (e.g. a cache or a list of caches)."""
-  return int(sum(x.size * jnp.dtype(x.dtype).itemsize
-                 for x in jax.tree_util.tree_leaves(cache)))
+  return params_lib.tree_bytes(cache)
 
 
 def check_cache(cache: SparseKVCache, policy: policies_lib.Policy,
                 kernels: kernels_lib.KernelParams | None) -> tuple[int, int, int]:
   """Validates a cache against the policy and kernels; returns (B, H, D)."""
   if not isinstance(cache, SparseKVCache):
-    raise ValueError(f"cache must be a SparseKVCache, got {type(cache)}")
+    raise SparseStateError(f"cache must be a SparseKVCache, got {type(cache)}")
   if not isinstance(policy, policies_lib.Policy):
-    raise ValueError(f"policy must be a less_jax Policy, got {policy!r}")
+    raise PolicyError(f"policy must be a less_jax Policy, got {policy!r}")
   b, h, t, d = cache.k.shape
   if t != policy.budget:
-    raise ValueError(
+    raise SparseStateError(
         f"cache has {t} slots but {policy!r} needs budget {policy.budget}; "
         "build the cache with init_cache(..., policy)")
   expect = {"v": (b, h, t, d), "pos": (b, h, t), "score": (b, h, t),
             "z": (b, h, cache.rank)}
   for name, shape in expect.items():
     if tuple(getattr(cache, name).shape) != shape:
-      raise ValueError(f"cache.{name} has shape {getattr(cache, name).shape}, expected {shape}")
+      raise SparseStateError(f"cache.{name} has shape {getattr(cache, name).shape}, expected {shape}")
   if tuple(cache.h.shape) != (b, h, cache.rank, d):
-    raise ValueError(f"cache.h has shape {cache.h.shape}, expected {(b, h, cache.rank, d)}")
+    raise SparseStateError(f"cache.h has shape {cache.h.shape}, expected {(b, h, cache.rank, d)}")
   r = kernels_lib.kernel_rank(kernels)
   if r != cache.rank:
-    raise ValueError(
+    raise SparseStateError(
         f"cache holds a rank-{cache.rank} LESS state but the kernels have rank {r}; "
         f"build the cache with init_cache(..., rank={r})")
   kernels_lib.check_kernels(kernels, h, d)
@@ -221,16 +222,16 @@ def sparse_decode_step(cache: SparseKVCache, q: jax.Array, k_new: jax.Array,
   b, h, d = check_cache(cache, policy, kernels)
   for name, x in (("q", q), ("k_new", k_new), ("v_new", v_new)):
     if tuple(x.shape) != (b, h, d):
-      raise ValueError(f"{name} must be [B, H, D] = {(b, h, d)}, got {tuple(x.shape)}")
+      raise InputError(f"{name} must be [B, H, D] = {(b, h, d)}, got {tuple(x.shape)}")
   lengths = jnp.asarray(lengths)
   if lengths.shape != (b,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
-    raise ValueError(f"lengths must be int [B] = [{b}], got {lengths.dtype}{list(lengths.shape)}")
+    raise InputError(f"lengths must be int [B] = [{b}], got {lengths.dtype}{list(lengths.shape)}")
   if active is None:
     active = jnp.ones((b,), bool)
   else:
     active = jnp.asarray(active)
     if active.shape != (b,):
-      raise ValueError(f"active must be [B] = [{b}], got {list(active.shape)}")
+      raise InputError(f"active must be [B] = [{b}], got {list(active.shape)}")
     active = active.astype(bool)
   sc = float(1.0 / np.sqrt(d)) if scale is None else float(scale)
   t_slots = cache.budget
@@ -392,9 +393,9 @@ def sparse_prefill(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
   """
   b, s, h, d = parallel_lib.check_qkv(q, k, v, lengths)
   if not isinstance(policy, policies_lib.Policy):
-    raise ValueError(f"policy must be a less_jax Policy, got {policy!r}")
+    raise PolicyError(f"policy must be a less_jax Policy, got {policy!r}")
   if mode not in PREFILL_MODES:
-    raise ValueError(f"prefill mode must be one of {PREFILL_MODES}, got {mode!r}")
+    raise ConfigError(f"prefill mode must be one of {PREFILL_MODES}, got {mode!r}")
   policy.check_context(max_len)
   kernels_lib.check_kernels(kernels, h, d)
   dtype = k.dtype if dtype is None else dtype

@@ -31,7 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pldr_jax.config import LESS_DEFAULT_DROPOUT, LESS_DEFAULT_HIDDEN, LESS_DEFAULT_RANK
+from less_jax.config import DEFAULT_DROPOUT, DEFAULT_HIDDEN, DEFAULT_RANK
+from less_jax.errors import KernelError
+from pldr_jax.config import check_int
 
 __all__ = [
     "KernelParams",
@@ -40,15 +42,8 @@ __all__ = [
     "psi",
     "kernel_rank",
     "check_kernels",
-    "DEFAULT_RANK",
-    "DEFAULT_HIDDEN",
-    "DEFAULT_DROPOUT",
 ]
 
-# R, R' and the dropout rate: defined with LessTrainConfig in pldr_jax.config.
-DEFAULT_RANK = LESS_DEFAULT_RANK
-DEFAULT_HIDDEN = LESS_DEFAULT_HIDDEN
-DEFAULT_DROPOUT = LESS_DEFAULT_DROPOUT
 D_INIT = 1e-4
 
 
@@ -102,8 +97,7 @@ def init_kernels(key: jax.Array, head_dim: int, num_heads: int,
   """
   for name, value in (("head_dim", head_dim), ("num_heads", num_heads),
                       ("rank", rank), ("hidden", hidden)):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-      raise ValueError(f"init_kernels: {name} must be a positive int, got {value!r}")
+    check_int(f"init_kernels: {name}", value, 1)
   hk = 1 if share_heads else int(num_heads)
   d, r, rh = int(head_dim), int(rank), int(hidden)
   ks = jax.random.split(key, 5)
@@ -136,7 +130,7 @@ def check_kernels(kernels: KernelParams | None, num_heads: int,
   if kernels is None:
     return
   if not isinstance(kernels, KernelParams):
-    raise ValueError(f"kernels must be a KernelParams or None, got {type(kernels)}")
+    raise KernelError(f"kernels must be a KernelParams or None, got {type(kernels)}")
   hk, d, rh = kernels.wq1.shape
   r = kernels.rank
   want = {
@@ -145,11 +139,11 @@ def check_kernels(kernels: KernelParams | None, num_heads: int,
   for name, shape in want.items():
     got = tuple(getattr(kernels, name).shape)
     if got != shape:
-      raise ValueError(f"kernels.{name} has shape {got}, expected {shape}")
+      raise KernelError(f"kernels.{name} has shape {got}, expected {shape}")
   if d != head_dim:
-    raise ValueError(f"kernels are for head width {d}, the attention has {head_dim}")
+    raise KernelError(f"kernels are for head width {d}, the attention has {head_dim}")
   if hk not in (1, num_heads):
-    raise ValueError(
+    raise KernelError(
         f"kernels have {hk} heads; the attention has {num_heads} (need 1 or {num_heads})")
 
 
@@ -167,7 +161,7 @@ def _first_layer(x, w, rng, rate, deterministic):
   h = _head_matmul(x.astype(jnp.float32), w)
   if not deterministic and rate > 0.0:
     if rng is None:
-      raise ValueError("kernel dropout needs dropout_rng when deterministic=False")
+      raise KernelError("kernel dropout needs dropout_rng when deterministic=False")
     h = _dropout(h, rng, rate)
   return jax.nn.gelu(h, approximate=False)
 

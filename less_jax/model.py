@@ -33,7 +33,7 @@ the kernel rank R only, never on the sequence length or the context):
                                       h [B, H, R, dk], z [B, H, R]) per layer))
 
 G-cache (constant, never donated), exactly what pldr_jax.inference.decode.prefill builds
-with g_cache=True: a pldr_jax.inference.kv_cache.GCache with g_lm, a, a_lm [L, B, H, dk, dk]
+with g_cache=True: a pldr_jax.inference.kv_cache.GCache with g_lm [L, B, H, dk, dk]
 (learned), g_lm only (a given/fixed G) or empty (identity). Decode reads only
 g_lm from it, so decode costs the sparse attention over T slots, one q @ G_LM
 per head and the low-rank part.
@@ -71,8 +71,11 @@ from less_jax import cache as cache_lib
 from less_jax import kernels as kernels_lib
 from less_jax import parallel as parallel_lib
 from less_jax import policies as policies_lib
+from less_jax.errors import KernelError, SparseStateError
+from pldr_jax.errors import ConfigError, InputError
 from pldr_jax.inference import decode as pdecode
 from pldr_jax import model as pmodel
+from pldr_jax import params as params_lib
 from pldr_jax import plga
 from pldr_jax.config import PLDRConfig
 from pldr_jax.inference.kv_cache import GCache
@@ -97,7 +100,7 @@ __all__ = [
 
 def _check_config(config) -> None:
   if not isinstance(config, PLDRConfig):
-    raise ValueError(f"config must be a pldr_jax PLDRConfig, got {type(config)}")
+    raise ConfigError(f"config must be a pldr_jax PLDRConfig, got {type(config)}")
 
 
 def _check_policy(policy, context: int) -> None:
@@ -118,20 +121,20 @@ def check_kernels_list(kernels, config: PLDRConfig) -> list:
   if kernels is None:
     return [None] * n
   if isinstance(kernels, kernels_lib.KernelParams):
-    raise ValueError(
+    raise KernelError(
         "kernels must be a list with one KernelParams (or None) per layer, got a single "
         f"KernelParams; pass [kernels] * {n} to use it on every layer")
   if not isinstance(kernels, Sequence) or isinstance(kernels, (str, bytes)):
-    raise ValueError(f"kernels must be None or a list of {n} KernelParams/None, got "
+    raise KernelError(f"kernels must be None or a list of {n} KernelParams/None, got "
                      f"{type(kernels)}")
   kernels = list(kernels)
   if len(kernels) != n:
-    raise ValueError(f"kernels has {len(kernels)} entries but the model has {n} layers")
+    raise KernelError(f"kernels has {len(kernels)} entries but the model has {n} layers")
   for i, kern in enumerate(kernels):
     try:
       kernels_lib.check_kernels(kern, config.num_heads, config.head_dim)
     except ValueError as e:
-      raise ValueError(f"layer {i}: {e} (model: {config.num_heads} heads of width "
+      raise KernelError(f"layer {i}: {e} (model: {config.num_heads} heads of width "
                        f"{config.head_dim})") from e
   return kernels
 
@@ -247,20 +250,20 @@ def less_prefill(params: dict, tokens, lengths=None, *, config: PLDRConfig,
 
   logits, records, lengths = _run(params, tokens, lengths, config, g_lm, context, attend,
                                   kernels, all_logits)
-  ded = jax.tree.map(lambda *a: jnp.stack(a), *[r[1] for r in records])
+  ded = params_lib.stack_trees([r[1] for r in records])
   gcache = pdecode.prompt_gcache(ded, lengths, config)
   return logits, SparseState(lengths=lengths, layers=tuple(r[0] for r in records)), gcache
 
 
 def _check_state(state, config: PLDRConfig, batch: int):
   if not isinstance(state, SparseState):
-    raise ValueError(f"state must be the SparseState returned by less_prefill, got "
+    raise SparseStateError(f"state must be the SparseState returned by less_prefill, got "
                      f"{type(state).__name__}")
   if len(state.layers) != config.num_layers:
-    raise ValueError(f"state has {len(state.layers)} layers, the model has "
+    raise SparseStateError(f"state has {len(state.layers)} layers, the model has "
                      f"{config.num_layers}")
   if tuple(state.lengths.shape) != (batch,):
-    raise ValueError(f"tokens are [B] = [{batch}] but the state holds "
+    raise SparseStateError(f"tokens are [B] = [{batch}] but the state holds "
                      f"{tuple(state.lengths.shape)} sequences")
 
 
@@ -287,20 +290,20 @@ def less_decode_step(params: dict, gcache: GCache, state: SparseState, tokens, *
   kernels = check_kernels_list(kernels, config)
   tokens = jnp.asarray(tokens)
   if tokens.ndim != 1:
-    raise ValueError(f"tokens must be [B] (one token per sequence), got shape {tokens.shape}")
+    raise InputError(f"tokens must be [B] (one token per sequence), got shape {tokens.shape}")
   b = tokens.shape[0]
   _check_state(state, config, b)
   if not isinstance(gcache, GCache):
-    raise ValueError("gcache must be the GCache returned by less_prefill")
+    raise SparseStateError("gcache must be the GCache returned by less_prefill")
   if gcache.g_lm is None and config.g_mode != "identity":
-    raise ValueError("the G-cache has no G_LM: build it with less_prefill")
+    raise SparseStateError("the G-cache has no G_LM: build it with less_prefill")
   pos = state.lengths
   if active is None:
     active = jnp.ones((b,), bool)
   else:
     active = jnp.asarray(active).astype(bool)
     if active.shape != (b,):
-      raise ValueError(f"active must be bool [B] = [{b}], got shape {active.shape}")
+      raise InputError(f"active must be bool [B] = [{b}], got shape {active.shape}")
   xs = [(state.layers[i], None if gcache.g_lm is None else gcache.g_lm[i], kernels[i])
         for i in range(config.num_layers)]
 
@@ -311,7 +314,7 @@ def less_decode_step(params: dict, gcache: GCache, state: SparseState, tokens, *
       out, cache = cache_lib.sparse_decode_step(
           cache, q_eff[:, 0], k[:, 0], v[:, 0], pos, policy, kern, active=active)
     except ValueError as e:
-      raise ValueError(f"layer {i}: {e}") from e
+      raise type(e)(f"layer {i}: {e}") from e
     return out[:, None], None, cache
 
   logits, _, caches = pmodel.decoder(params, tokens[:, None], pos[:, None], attend, xs,

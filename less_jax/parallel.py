@@ -32,6 +32,7 @@ from less_jax import kernels as kernels_lib
 from less_jax import policies as policies_lib
 from less_jax import state as state_lib
 from pldr_jax import nn
+from pldr_jax.errors import InputError
 
 __all__ = [
     "attention_logits",
@@ -48,14 +49,14 @@ def check_qkv(q, k, v, lengths):
   """Validates [B, S, H, D] q, k, v and [B] lengths; returns (B, S, H, D)."""
   for name, x in (("q", q), ("k", k), ("v", v)):
     if getattr(x, "ndim", None) != 4:
-      raise ValueError(f"{name} must be [B, S, H, D], got shape {getattr(x, 'shape', None)}")
+      raise InputError(f"{name} must be [B, S, H, D], got shape {getattr(x, 'shape', None)}")
   if not (q.shape == k.shape == v.shape):
-    raise ValueError(f"q, k, v shapes differ: {q.shape}, {k.shape}, {v.shape}")
+    raise InputError(f"q, k, v shapes differ: {q.shape}, {k.shape}, {v.shape}")
   b, s, h, d = q.shape
   if getattr(lengths, "shape", None) != (b,):
-    raise ValueError(f"lengths must be [B] = [{b}], got shape {getattr(lengths, 'shape', None)}")
+    raise InputError(f"lengths must be [B] = [{b}], got shape {getattr(lengths, 'shape', None)}")
   if not jnp.issubdtype(jnp.asarray(lengths).dtype, jnp.integer):
-    raise ValueError(f"lengths must be integers, got {jnp.asarray(lengths).dtype}")
+    raise InputError(f"lengths must be integers, got {jnp.asarray(lengths).dtype}")
   _check_range("lengths", lengths, 0, s)
   return b, s, h, d
 
@@ -67,7 +68,7 @@ def _check_range(name, x, lo, hi):
   except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
     return
   if (arr < lo).any() or (arr > hi).any():
-    raise ValueError(f"{name} must lie in [{lo}, {hi}], got {arr.tolist()}")
+    raise InputError(f"{name} must lie in [{lo}, {hi}], got {arr.tolist()}")
 
 
 def _scale(d, scale):
@@ -194,7 +195,7 @@ def less_attention_parallel(q: jax.Array, k: jax.Array, v: jax.Array,
   if mask is None:
     mask = sparse_mask(q, k, lengths, policy, scale)
   elif mask.shape != (b, h, s, s):
-    raise ValueError(f"mask must be [B, H, S, S] = {(b, h, s, s)}, got {mask.shape}")
+    raise InputError(f"mask must be [B, H, S, S] = {(b, h, s, s)}, got {mask.shape}")
   causal = jnp.tril(jnp.ones((s, s), bool))
   kept = mask & causal
   lse, sparse_out = _sparse_part(logits, kept, v)

@@ -50,10 +50,10 @@ from typing import Any, ClassVar
 import jax.numpy as jnp
 import numpy as np
 
-from pldr_jax import errors
+from less_jax.errors import PolicyError
+from pldr_jax.config import check_int
 
 __all__ = [
-    "PolicyError",
     "Policy",
     "H2O",
     "LambdaMask",
@@ -70,17 +70,12 @@ __all__ = [
 _BIG_POS = np.iinfo(np.int32).max
 
 
-PolicyError = errors.PolicyError  # the one error hierarchy: pldr_jax.errors
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-    raise PolicyError(f"{name} must be an int, got {value!r}")
-  if value < minimum:
-    why = (" (the newest token always stays in the cache, so the budget is >= 1)"
-           if name == "recent" else "")
-    raise PolicyError(f"{name} must be >= {minimum}, got {value}{why}")
-  return int(value)
+  why = (" (the newest token always stays in the cache, so the budget is >= 1)"
+         if name == "recent" else "")
+  return check_int(name, value, minimum, error=PolicyError, hint=why)
 
 
 @dataclasses.dataclass(frozen=True)

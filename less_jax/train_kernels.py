@@ -47,15 +47,16 @@ import optax
 import orbax.checkpoint as ocp
 
 from pldr_jax import errors
+from pldr_jax import params as params_lib
 from less_jax import kernels as kernels_lib
 from less_jax import model as less_model
 from less_jax import parallel as parallel_lib
 from less_jax import policies as policies_lib
-from pldr_jax.config import LessTrainConfig, PLDRConfig  # noqa: F401 (re-export)
+from less_jax.config import LessTrainConfig
+from less_jax.errors import KernelError, KernelLoadError
+from pldr_jax.config import PLDRConfig
 
 __all__ = [
-    "LessTrainConfig",
-    "KernelLoadError",
     "init_stacked_kernels",
     "stack_kernels",
     "unstack_kernels",
@@ -79,7 +80,6 @@ _META_FILE = "meta.json"
 _KERNELS_ITEM = "kernels"
 
 
-KernelLoadError = errors.KernelLoadError  # the one error hierarchy: pldr_jax.errors
 
 
 # ----------------------------------------------------------------------------
@@ -104,7 +104,7 @@ def init_stacked_kernels(key: jax.Array, config: PLDRConfig, rank: int, hidden: 
 
 
 def stack_kernels(kernels: list[kernels_lib.KernelParams]) -> kernels_lib.KernelParams:
-  return jax.tree.map(lambda *xs: jnp.stack(xs), *kernels)
+  return params_lib.stack_trees(kernels)
 
 
 def unstack_kernels(stacked: kernels_lib.KernelParams) -> list[kernels_lib.KernelParams]:
@@ -392,12 +392,12 @@ def save_kernels(path, kernels: list[kernels_lib.KernelParams], config: PLDRConf
   path = os.path.abspath(os.fspath(path))
   kernels = less_model.check_kernels_list(kernels, config)
   if any(k is None for k in kernels):
-    raise ValueError("save_kernels needs kernels for every layer (got None entries)")
+    raise KernelError("save_kernels needs kernels for every layer (got None entries)")
   ranks = {k.rank for k in kernels}
   hiddens = {k.hidden for k in kernels}
   hks = {k.num_heads for k in kernels}
   if len(ranks) != 1 or len(hiddens) != 1 or len(hks) != 1:
-    raise ValueError(f"all layers' kernels must share rank/hidden/heads, got ranks {ranks}, "
+    raise KernelError(f"all layers' kernels must share rank/hidden/heads, got ranks {ranks}, "
                      f"hidden {hiddens}, heads {hks}")
   stacked = stack_kernels([jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), k)
                            for k in kernels])

@@ -15,8 +15,14 @@ a run executes -- not copies:
   decode_kv     one decode step on the KV-cache, G_LM recomputed from the cached A
                 (FullCache(g_cache=False); generate._step_jit)
   decode_g      one decode step on the KV- and G-cache (FullCache(), the default)
-  decode_less   one decode step on a LESS cache (SparseCache(H2O, kernels))
+  decode_less   one decode step on a LESS cache (less_jax.SparseCache(H2O, kernels)):
+                a plugin's program (below)
 
+Plugins add decode programs without pldr_jax knowing them: a package declares
+an entry point in the group "pldr_jax.aot_decode" whose object maps a program
+name to `factory(config, *, budget, rank) -> (cache, context)` (a decode cache
+of `pldr_jax.inference.caches`' protocol, and the slots a step attends over);
+less_jax declares "decode_less". They are loaded when `build` or `main` runs.
 For each it reports, per chip: HBM (arguments, outputs, temporaries, total,
 against the chip's capacity), the compiler's FLOPs and bytes accessed, the
 collectives of the optimised HLO (count and bytes of all-gather,
@@ -37,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.metadata
 import json
 import math
 import os
@@ -51,12 +58,14 @@ import numpy as np
 
 from pldr_jax import backend, errors, g_modes
 from pldr_jax.inference import generate, kv_cache
+from pldr_jax.inference.caches import FullCache
 from pldr_jax.training import train
 from pldr_jax import params as params_lib
 from pldr_jax import sharding as sharding_lib
 from pldr_jax.config import PLDRConfig, TrainConfig
 
-__all__ = ["Chip", "CHIPS", "PROGRAMS", "topology_devices", "build", "compile_program",
+__all__ = ["Chip", "CHIPS", "program_names", "decode_programs", "topology_devices", "build",
+           "compile_program",
            "describe", "run", "report", "main"]
 
 SDS = jax.ShapeDtypeStruct
@@ -84,7 +93,23 @@ CHIPS = {
     "v6e": Chip("v6e", 32e9, 918e12, 1640e9, 3584e9 / 8),
 }
 
-PROGRAMS = ("train", "eval", "prefill", "decode_kv", "decode_g", "decode_less")
+# Decode programs: name -> factory(config, *, budget, rank) -> (cache, slots attended).
+_DECODE = {"decode_kv": lambda config, **_: (FullCache(g_cache=False), None),
+           "decode_g": lambda config, **_: (FullCache(), None)}
+PLUGIN_GROUP = "pldr_jax.aot_decode"
+
+
+def decode_programs() -> dict:
+  """The decode programs: pldr_jax's and those plugins declare (entry points)."""
+  out = dict(_DECODE)
+  for ep in importlib.metadata.entry_points(group=PLUGIN_GROUP):
+    out.update(ep.load())
+  return out
+
+
+def program_names() -> tuple[str, ...]:
+  """Every program `build` knows, plugins' decode programs included."""
+  return ("train", "eval", "prefill", *decode_programs())
 
 
 class AotError(errors.PldrError):
@@ -176,15 +201,17 @@ def _decode_flops(config: PLDRConfig, batch: int, context: int) -> float:
 
 
 def build(config: PLDRConfig, tc: TrainConfig, mesh, *, batch: int, seq_len: int,
-          programs: Sequence[str] = PROGRAMS, decode_batch: int | None = None,
+          programs: Sequence[str] | None = None, decode_batch: int | None = None,
           prompt_len: int | None = None, cache_len: int | None = None,
-          less_budget: int | None = None, less_rank: int = 8,
+          budget: int | None = None, rank: int = 8,
           cost_twins: bool = True) -> list[Program]:
   """The programs a run executes, with abstract arguments carrying their shardings.
 
   batch x seq_len: the global training batch (tokens [B, S]; the model reads S-1);
   decode_batch (default: one sequence per batch shard), prompt_len (default
-  max_len / 2), cache_len (default max_len), less_budget (default max_len / 8).
+  max_len / 2), cache_len (default max_len); budget (default max_len / 8) and
+  rank: a fixed-size plugin cache's slots and kernel rank (decode_less).
+  programs: default every program, plugins' included (`program_names()`).
 
   cost_twins: XLA's cost analysis counts a while-loop body once, however many
   times it runs, so a program whose layers run in one `lax.scan`
@@ -195,7 +222,9 @@ def build(config: PLDRConfig, tc: TrainConfig, mesh, *, batch: int, seq_len: int
   Memory, compile time and shardings come from the program as it runs.
   """
   kw = dict(batch=batch, seq_len=seq_len, decode_batch=decode_batch, prompt_len=prompt_len,
-            cache_len=cache_len, less_budget=less_budget, less_rank=less_rank)
+            cache_len=cache_len, budget=budget, rank=rank)
+  known = program_names()
+  programs = known if programs is None else tuple(programs)
   whole = [p for p in programs if p in ("train", "eval", "prefill")]
   if cost_twins and config.scan_layers and whole and config.num_layers > 2:
     real = build(config, tc, mesh, programs=programs, cost_twins=False, **kw)
@@ -205,9 +234,9 @@ def build(config: PLDRConfig, tc: TrainConfig, mesh, *, batch: int, seq_len: int
     return [dataclasses.replace(p, cost_twins=(one[p.name], two[p.name]),
                                 num_layers=config.num_layers) if p.name in one else p
             for p in real]
-  unknown = sorted(set(programs) - set(PROGRAMS))
+  unknown = sorted(set(programs) - set(known))
   if unknown:
-    raise AotError(f"unknown program(s) {unknown}; known: {list(PROGRAMS)}")
+    raise AotError(f"unknown program(s) {unknown}; known: {list(known)}")
   ways = mesh.shape["data"] * mesh.shape["fsdp"]
   for what, n in (("batch", batch), ("decode_batch", decode_batch)):
     if n is not None and n % ways:
@@ -231,7 +260,8 @@ def build(config: PLDRConfig, tc: TrainConfig, mesh, *, batch: int, seq_len: int
       out.append(Program("eval", step.jitted, (state["params"], tokens_abs, g_abs), {},
                          train_tokens, fpt * train_tokens / 3))
 
-  dec = [p for p in programs if p in ("prefill", "decode_kv", "decode_g", "decode_less")]
+  decoders = decode_programs()
+  dec = [p for p in programs if p == "prefill" or p in decoders]
   if not dec:
     return out
   db = decode_batch or ways
@@ -243,31 +273,22 @@ def build(config: PLDRConfig, tc: TrainConfig, mesh, *, batch: int, seq_len: int
   lengths = _batch_sds((db,), jnp.int32, mesh)
   step_tok = _batch_sds((db,), jnp.int32, mesh)
   if "prefill" in dec:
-    cache = generate.FullCache()
+    cache = FullCache()
     out.append(Program("prefill", generate._prefill_jit,
                        (p_abs, tok, lengths, g_abs, cache),
                        {"config": config, "cache_len": clen, "mesh": mesh}, db * plen,
                        train.flops_per_token(config, plen) / 3 * db * plen))
-  caches = {"decode_kv": generate.FullCache(g_cache=False), "decode_g": generate.FullCache()}
-  if "decode_less" in dec:
-    from less_jax import kernels as kernels_lib, policies
-    budget = less_budget or max(config.max_len // 8, 4)
-    policy = policies.make_policy("h2o", heavy=budget // 2, recent=budget - budget // 2)
-    kern = jax.eval_shape(lambda k: [kernels_lib.init_kernels(
-        jax.random.fold_in(k, i), config.head_dim, config.num_heads, rank=less_rank)
-        for i in range(config.num_layers)], jax.random.key(0))
-    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    kern = jax.tree.map(lambda s: SDS(s.shape, s.dtype, sharding=rep), kern)
-    caches["decode_less"] = generate.SparseCache(policy, kern)
-  for name in ("decode_kv", "decode_g", "decode_less"):
-    if name not in dec:
-      continue
-    cache = caches[name]
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  for name in [p for p in dec if p in decoders]:
+    cache, context = decoders[name](config, budget=budget or max(config.max_len // 8, 4),
+                                    rank=rank)
+    # arrays inside the cache (a plugin's kernels) are abstract: replicate them
+    cache = jax.tree.map(lambda s: SDS(s.shape, s.dtype, sharding=rep), cache)
+    context = context or clen
     sp = generate._step_params_jit.lower(p_abs, cache, config=config, batch=db).compile()
     sp_abs = _abstract(jax.eval_shape(lambda p, c: c.step_params(p, config=config, batch=db),
                                       p_abs, cache), sp.output_shardings)
     s_info, g_info = cache.abstract(config=config, batch=db, cache_len=clen)
-    context = clen if name != "decode_less" else cache.policy.budget
     out.append(Program(name, generate._step_jit,
                        (sp_abs, _info_abstract(g_info, mesh), _info_abstract(s_info, mesh),
                         step_tok, cache), {"config": config, "mesh": mesh}, db,
@@ -504,7 +525,7 @@ def device_chip(topology: str, num_devices: int) -> Chip:
 
 
 def run(topology: str, config: PLDRConfig, tc: TrainConfig, *, batch: int, seq_len: int,
-        mesh_shape: tuple[int, int] | None = None, programs: Sequence[str] = PROGRAMS,
+        mesh_shape: tuple[int, int] | None = None, programs: Sequence[str] | None = None,
         log: Callable[[str], None] | None = None, **decode_kw) -> dict:
   """Compile `programs` for `topology`; returns {'header', 'programs': [row, ...]}."""
   devices = topology_devices(topology)
@@ -576,11 +597,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="DATAxFSDP (default: TrainConfig.mesh_data x mesh_fsdp)")
   parser.add_argument("--batch", type=int, default=None,
                       help="global training batch (default: DataConfig.batch_size)")
-  parser.add_argument("--programs", default=",".join(PROGRAMS),
-                      help=f"comma-separated subset of {','.join(PROGRAMS)}")
+  parser.add_argument("--programs", default=None,
+                      help=f"comma-separated subset of {','.join(program_names())} (default: all)")
   parser.add_argument("--decode_batch", type=int, default=None)
   parser.add_argument("--prompt_len", type=int, default=None)
-  parser.add_argument("--less_budget", type=int, default=None)
+  parser.add_argument("--budget", type=int, default=None,
+                      help="slots of a fixed-size decode cache (decode_less; default max_len/8)")
   parser.add_argument("--top_ops", type=int, default=0,
                       help="also list the N JAX ops that move the most bytes per program")
   args = parser.parse_args(argv)
@@ -591,9 +613,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     batch = args.batch or data.batch_size
     result = run(args.topology, config, tc, batch=batch, seq_len=data.seq_len,
                  mesh_shape=_parse_mesh(args.mesh),
-                 programs=[p for p in args.programs.split(",") if p],
+                 programs=None if args.programs is None else
+                 [p for p in args.programs.split(",") if p],
                  decode_batch=args.decode_batch, prompt_len=args.prompt_len,
-                 less_budget=args.less_budget,
+                 budget=args.budget,
                  log=lambda s: print(s, file=sys.stderr, flush=True))
   except errors.PldrError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -1,27 +1,22 @@
-"""Every configuration dataclass of pldr-jax and less_jax, in one place.
+"""The configuration dataclasses of pldr-jax.
 
 `PLDRConfig` (the model), `TrainConfig` (optimisation and schedule, used by
-`pldr_jax.training.train`), `DataConfig` (the input pipeline, `pldr_jax.data`) and
-`LessTrainConfig` (LESS kernel training, `less_jax.train_kernels`),
-`SamplingConfig` / `SamplingPath` (generation, `pldr_jax.inference.generate`). They are
-frozen (hashable) dataclasses, so a `PLDRConfig` can be passed to `jax.jit` as
-a static argument. Gin binds them only at the entry points in `experiments/`;
-the modules that use them re-export them (`from pldr_jax.training.train import
-TrainConfig` keeps working). This module imports nothing of pldr_jax but
-`errors`, and no less_jax at import time.
+`pldr_jax.training`), `DataConfig` (the input pipeline, `pldr_jax.data`) and
+`SamplingConfig` / `SamplingPath` (generation, `pldr_jax.inference.generate`).
+They are frozen (hashable) dataclasses, so a `PLDRConfig` can be passed to
+`jax.jit` as a static argument. Gin binds them only at the entry points; each
+name has this one home. This module imports nothing of pldr_jax but `errors`.
+(LESS kernel training has its own, `less_jax.config.LessTrainConfig`.)
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 
 from pldr_jax.errors import ConfigError, DataError
-
-if TYPE_CHECKING:
-  from less_jax.policies import Policy
 
 GMode = Literal["learned", "identity", "random", "transferred"]
 G_MODES = ("learned", "identity", "random", "transferred")
@@ -76,12 +71,6 @@ def check_int(name: str, value, minimum: int = 0, *, error: type[Exception] = Co
 
 # The TFDS name of the local text-corpus builder (pldr_jax.data.tfds_text).
 LOCAL_DATASET = "pldr_text_corpus"
-
-# LESS kernel defaults (less_jax.kernels re-exports them as DEFAULT_*).
-LESS_DEFAULT_RANK = 8        # R
-LESS_DEFAULT_HIDDEN = 512    # R'
-LESS_DEFAULT_DROPOUT = 0.3
-
 
 @dataclasses.dataclass(frozen=True)
 class PLDRConfig:
@@ -369,79 +358,6 @@ class DataConfig:
     if unknown:
       raise DataError(f"unknown DataConfig field(s): {sorted(unknown)}")
     return dataclasses.replace(self, **kwargs)
-
-
-# ----------------------------------------------------------------------------- LESS kernel training
-
-
-@dataclasses.dataclass(frozen=True)
-class LessTrainConfig:
-  """What a kernel-training run does (bound by gin in experiments/train_less.py only).
-
-  Attributes:
-    policy: sparse policy name (`less_jax.POLICY_NAMES`: "h2o", "lambda",
-      "sliding_window", ...).
-    heavy, recent, sink: the policy's budgets (h2o: heavy + recent; lambda:
-      sink + recent; sliding_window: recent). Unused ones stay None.
-    rank: R (feature dimension of phi/psi).
-    hidden: R' (hidden width of the kernel MLPs).
-    share_heads: one kernel per layer shared by its heads (default: per head).
-    epochs: number of epochs.
-    epoch_steps: training batches per epoch.
-    lr: Adam learning rate (halved every `lr_halve_epochs` epochs).
-    lr_halve_epochs: epochs between halvings.
-    dropout: kernel dropout rate (training only).
-    seed: kernel init / dropout seed.
-    val_batches: held-out batches of the eval split used for validation.
-    batch_size: training batch size (None: the pretraining DataConfig's).
-  """
-
-  # The sparse policy the kernels are trained for.
-  policy: str = "h2o"
-  heavy: int | None = None
-  recent: int | None = None
-  sink: int | None = None
-  # The kernels phi / psi.
-  rank: int = LESS_DEFAULT_RANK
-  hidden: int = LESS_DEFAULT_HIDDEN
-  share_heads: bool = False
-  # The training schedule (the LESS authors' recipe).
-  epochs: int = 40
-  epoch_steps: int = 16
-  lr: float = 1e-3
-  lr_halve_epochs: int = 10
-  dropout: float = LESS_DEFAULT_DROPOUT
-  seed: int = 0
-  val_batches: int = 4
-  batch_size: int | None = None
-
-  def __post_init__(self):
-    for name, minimum in (("rank", 1), ("hidden", 1), ("epochs", 1), ("epoch_steps", 1),
-                          ("lr_halve_epochs", 1), ("seed", 0), ("val_batches", 0)):
-      v = getattr(self, name)
-      if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
-        raise ValueError(f"LessTrainConfig.{name} must be an integer >= {minimum}, got {v!r}")
-    if self.batch_size is not None and (not isinstance(self.batch_size, int)
-                                        or self.batch_size < 1):
-      raise ValueError(f"LessTrainConfig.batch_size must be None or >= 1, got {self.batch_size!r}")
-    if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-      raise ValueError(f"LessTrainConfig.lr must be > 0, got {self.lr!r}")
-    if not (0.0 <= float(self.dropout) < 1.0):
-      raise ValueError(f"LessTrainConfig.dropout must lie in [0, 1), got {self.dropout!r}")
-    self.make_policy()  # validates the policy name and budgets
-
-  def policy_kwargs(self) -> dict:
-    return {k: getattr(self, k) for k in ("heavy", "recent", "sink")
-            if getattr(self, k) is not None}
-
-  def make_policy(self, max_len: int | None = None) -> Policy:
-    from less_jax import policies  # here, not at the top: pldr_jax.config imports no less_jax
-    return policies.make_policy(self.policy, max_len=max_len, **self.policy_kwargs())
-
-  def run_name(self) -> str:
-    """`<policy kind>_<budget>`, the directory name under <workdir>/less_kernels."""
-    p = self.make_policy()
-    return f"{p.kind}_{p.budget}"
 
 
 @dataclasses.dataclass(frozen=True)

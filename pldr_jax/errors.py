@@ -1,4 +1,4 @@
-"""Every error pldr-jax and less_jax raise on purpose, under one base class.
+"""Every error pldr-jax raises on purpose, under one base class.
 
     except pldr_jax.errors.PldrError      # anything the library refused, with a message
                                           # that names the problem
@@ -13,12 +13,11 @@ from __future__ import annotations
 import os
 
 __all__ = ["PldrError", "ConfigError", "InputError", "DataError", "GShapeError",
-           "CheckpointError", "CheckpointCorrupt", "CheckpointMismatch", "TrainingError",
-           "PolicyError", "KernelLoadError"]
+           "CheckpointError", "CheckpointCorrupt", "CheckpointMismatch", "TrainingError"]
 
 
 class PldrError(Exception):
-  """Base of every error raised on purpose by pldr_jax and less_jax."""
+  """Base of every error raised on purpose by pldr_jax and its plugins (less_jax.errors)."""
 
 
 class ConfigError(PldrError, ValueError):
@@ -35,14 +34,6 @@ class DataError(PldrError, ValueError):
 
 class GShapeError(PldrError, ValueError):
   """A given G_LM whose shape or dtype does not fit the model."""
-
-
-class PolicyError(PldrError, ValueError):
-  """A sparse KV-cache policy that cannot work."""
-
-
-class KernelLoadError(PldrError, ValueError):
-  """LESS kernels that cannot be loaded or do not fit the model / policy."""
 
 
 class CheckpointError(PldrError, ValueError, RuntimeError):

@@ -54,6 +54,7 @@ from pldr_jax import model
 from pldr_jax.training import train
 from pldr_jax.config import PLDRConfig
 from pldr_jax.data.tokenizer import END_ID, PAD_ID
+from pldr_jax.inference.caches import FullCache
 from pldr_jax.inference.generate import SamplingConfig, bucket_length, default_buckets, generate
 
 DEFAULT_MAX_GEN_TOKS = 256
@@ -306,7 +307,7 @@ class PLDRJaxLM(LM):
       prompts = [j[1] for j in group]
       prompts += [prompts[0]] * (self.batch_size - len(prompts))
       outs = generate(self.params, prompts, config=self.config, max_new_tokens=max_new,
-                      sampling=sampling, g_cache=self.g_cache, g_lm=self.g_lm,
+                      sampling=sampling, cache=FullCache(g_cache=self.g_cache), g_lm=self.g_lm,
                       buckets=self.ctx_buckets, cache_len=self.max_length)
       for j, (k, _, own_max, until) in enumerate(group):
         toks = [t for t in outs[j][:own_max] if t != END_ID]

@@ -10,7 +10,8 @@ from pldr_jax import errors
 from pldr_jax import config as cfg
 from pldr_jax.inference import decode
 from pldr_jax import g_modes, model, params as params_lib
-from pldr_jax.inference import generate as gen
+from pldr_jax.inference import caches, generate as gen
+from pldr_jax.errors import InputError
 from pldr_jax.inference.kv_cache import GCache
 from pldr_jax.params import init_params
 
@@ -60,6 +61,7 @@ def _decode_all(p, c, t, lens, steps, g_cache, cache_len=20):
   return logits, jnp.stack(outs, 1), deds, gcache
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("g_cache", [True, False])
 def test_cached_decode_matches_forward_position_by_position(g_cache):
   """Reference mode: A/G come from the prompt; decode == forward with that G held fixed."""
@@ -76,6 +78,7 @@ def test_cached_decode_matches_forward_position_by_position(g_cache):
     assert _rel(outs[b], full[n:n + steps]) < 1e-10
 
 
+@pytest.mark.x64
 def test_causal_metric_decode_without_g_cache_matches_causal_forward():
   """Causal metric, no G-cache: every step extends A, so decode == forward exactly."""
   c = cfg.tiny(causal_metric=True, **F64)
@@ -88,6 +91,7 @@ def test_causal_metric_decode_without_g_cache_matches_causal_forward():
     assert _rel(outs[b], full[n:n + steps]) < 1e-10
 
 
+@pytest.mark.x64
 def test_g_cache_on_off_same_deductive_outputs_15_decimals():
   """The paper's claim: RMSE and determinant of G_LM equal to 15 decimal places."""
   c = cfg.tiny(**F64)
@@ -96,8 +100,8 @@ def test_g_cache_on_off_same_deductive_outputs_15_decimals():
   _, out_on, ded_on, gc_on = _decode_all(p, c, t, [6, 5], 4, g_cache=True)
   _, out_off, ded_off, gc_off = _decode_all(p, c, t, [6, 5], 4, g_cache=False)
   assert isinstance(gc_on, GCache) and isinstance(gc_off, GCache)
-  assert all(x is not None for x in (gc_on.g_lm, gc_on.a, gc_on.a_lm))
-  assert gc_off.a is not None and gc_off.g_lm is None and gc_off.a_lm is None
+  assert gc_on.g_lm is not None and gc_on.a is None  # only what decode reads
+  assert gc_off.a is not None and gc_off.g_lm is None
   assert set(ded_off[0][0]) == {"A", "A_LM", "A_P", "G_LM"}  # recomputed each step
   for step_on, step_off in zip(ded_on, ded_off):
     for l_on, l_off in zip(step_on, step_off):
@@ -110,6 +114,7 @@ def test_g_cache_on_off_same_deductive_outputs_15_decimals():
   assert _rel(out_on, out_off) < 1e-14
 
 
+@pytest.mark.x64
 def test_g_cache_skips_the_metric_learner():
   """With the G-cache, decode never reads the metric learner or power-law weights."""
   c = cfg.tiny(**F64)
@@ -123,10 +128,15 @@ def test_g_cache_skips_the_metric_learner():
   lg_ok, _ = step(p, gcache, state, t[:, 5], config=c)
   lg_broken, _ = step(broken, gcache, state, t[:, 5], config=c)
   np.testing.assert_array_equal(np.asarray(lg_ok), np.asarray(lg_broken))
-  lg_off, _ = step(broken, gcache, state, t[:, 5], config=c, g_cache=False)
+  _, state, gcache_off = prefill(p, t[:, :5], jnp.array([5]), config=c, cache_len=12,
+                                g_cache=False)
+  lg_off, _ = step(broken, gcache_off, state, t[:, 5], config=c, g_cache=False)
   assert np.isnan(np.asarray(lg_off)).all()
+  with pytest.raises(InputError, match="g_cache"):  # the G-cache holds G_LM only
+    step(p, gcache, state, t[:, 5], config=c, g_cache=False)
 
 
+@pytest.mark.x64
 def test_causal_metric_is_causal_and_reference_mode_is_not():
   c_ref = cfg.tiny(**F64)
   c_causal = c_ref.replace(causal_metric=True)
@@ -145,6 +155,7 @@ def test_causal_metric_is_causal_and_reference_mode_is_not():
   assert moved > 1e-8
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("causal", [False, True])
 def test_padding_invariance(causal):
   c = cfg.tiny(causal_metric=causal, **F64)
@@ -179,6 +190,7 @@ def test_fp32_decode_close_to_forward():
     assert _rel(outs[b], full[n:n + steps]) < 1e-5
 
 
+@pytest.mark.x64
 def test_kv_cache_holds_the_forward_keys_and_values_time_minor():
   """KVCache k/v are [B, H, dk, T]: slot t of sequence b holds the forward pass's
   (rotated) key and value of its token t (with the G_LM decode uses, its prompt's),
@@ -202,6 +214,7 @@ def test_kv_cache_holds_the_forward_keys_and_values_time_minor():
         assert not np.any(np.asarray(buf[b, :, :, n:]))
 
 
+@pytest.mark.x64
 def test_prefill_last_logits_only_runs_the_head_at_each_prompts_last_token():
   """all_logits=False (what generate, stream and lm-eval's scoring use) gives each
   prompt's last-token logits of the full prefill, the same caches, and for the full
@@ -237,7 +250,9 @@ def test_jitted_decode_donates_state_and_matches_eager():
   _, st, gc = decode.prefill_jit(p, t[:, :5], lens, config=c, cache_len=16)
   _, st_e, gc_e = prefill(p, t[:, :5], lens, config=c, cache_len=16)
   k_before = st.k[0]
-  lg, st2 = decode.decode_step_jit(p, gc, st, t[:, 5], config=c)
+  with pytest.raises(InputError, match="decode_params"):  # the slow layout is refused
+    decode.decode_step_jit(p, gc, st, t[:, 5], config=c)
+  lg, st2 = decode.decode_step_jit(decode.decode_params(p, c), gc, st, t[:, 5], config=c)
   lg_e, _ = step(p, gc_e, st_e, t[:, 5], config=c)
   assert k_before.is_deleted()  # donated
   assert not gc.g_lm.is_deleted()  # G-cache kept
@@ -245,6 +260,7 @@ def test_jitted_decode_donates_state_and_matches_eager():
   np.testing.assert_array_equal(np.asarray(st2.lengths), [6, 4])
 
 
+@pytest.mark.x64
 def test_generate_greedy_matches_forward_and_stream():
   c = cfg.tiny(**F64)
   p = _params(c)
@@ -283,6 +299,7 @@ def test_generate_no_recompile_within_bucket():
   assert gen.generate_tokens._cache_size() == before + 1
 
 
+@pytest.mark.x64
 def test_generate_sizes_the_cache_to_the_request():
   """The default cache is the smallest bucket holding prompt bucket + new tokens (a
   decode step reads every slot); the tokens equal those of a context-sized cache."""
@@ -431,13 +448,13 @@ def test_generate_and_stream_take_a_sparse_or_less_cache():
   p = _params(c)
   prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16], [17, 18, 19, 20, 21]]
   full = gen.generate(p, prompts, config=c, max_new_tokens=10)
-  big = gen.SparseCache(less_jax.h2o(heavy=16, recent=16))
+  big = less_jax.SparseCache(less_jax.h2o(heavy=16, recent=16))
   assert gen.generate(p, prompts, config=c, max_new_tokens=10, cache=big) == full
   small = less_jax.h2o(heavy=2, recent=3)
   kern = [less_jax.init_kernels(jax.random.key(i), c.head_dim, c.num_heads, rank=4, hidden=8)
           for i in range(c.num_layers)]
   for kernels in (None, kern):
-    sc = gen.SparseCache(small, kernels)
+    sc = less_jax.SparseCache(small, kernels)
     got = gen.generate(p, prompts, config=c, max_new_tokens=10, cache=sc)
     streamed = np.stack(list(gen.stream(p, prompts, config=c, max_new_tokens=10, cache=sc)), 1)
     assert streamed.tolist() == got
@@ -453,5 +470,5 @@ def test_generate_and_stream_take_a_sparse_or_less_cache():
       tok = jnp.argmax(logits, -1)
     assert np.stack(want, 1).tolist() == got
   assert got != full  # the small budget really changes the continuation
-  with pytest.raises(TypeError, match="cache must be"):
+  with pytest.raises(InputError):  # not a decode cache
     gen.generate(p, prompts, config=c, max_new_tokens=2, cache="h2o")

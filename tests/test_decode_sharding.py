@@ -10,52 +10,12 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
+from helpers import child_script
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-_SCRIPT = textwrap.dedent("""
-    import json, re
-    import jax, jax.numpy as jnp, numpy as np
-    import less_jax
-    from pldr_jax import config as cfg, model
-    from pldr_jax.inference import generate as gen
-    from pldr_jax.config import TrainConfig
-    from pldr_jax.params import init_params
-    from pldr_jax.training import train
-
-    c = cfg.tiny(max_len=64)
-    p = init_params(c, jax.random.key(0))
-    mesh = train.make_mesh(TrainConfig(mesh_data=4, mesh_fsdp=2))
-    prompts = [list(range(4, 4 + n)) for n in (3, 9, 5, 12, 7, 2, 10, 6)]
-    kern = [less_jax.init_kernels(jax.random.key(i), c.head_dim, c.num_heads, rank=4, hidden=8)
-            for i in range(c.num_layers)]
-    out = {"devices": len(jax.devices())}
-    for name, cache in (("full", gen.FullCache()),
-                        ("less", gen.SparseCache(less_jax.h2o(4, 4), kern))):
-      one = gen.generate(p, prompts, config=c, max_new_tokens=8, cache=cache)
-      eight = gen.generate(p, prompts, config=c, max_new_tokens=8, cache=cache, mesh=mesh)
-      streamed = np.stack(list(gen.stream(p, prompts, config=c, max_new_tokens=8, cache=cache,
-                                          mesh=mesh)), 1).tolist()
-      out[name] = {"one": one, "eight": eight, "stream": streamed}
-    toks, lens = gen.pad_prompts(prompts, c, 8)
-    args = gen.place(p, toks, lens, None, gen.FullCache(), config=c, mesh=mesh)
-    _, st, gc = gen._prefill_jit(*args, config=c, cache_len=32, mesh=mesh)
-    spec = lambda x: [list(a) if isinstance(a, tuple) else a for a in x.sharding.spec]
-    out["kv_spec"] = spec(st.k[0])
-    out["kv_devices"] = len(st.k[0].sharding.device_set)
-    out["g_spec"] = spec(gc.g_lm)
-    out["param_spec"] = spec(args[0]["layers"]["wq"]["kernel"])
-    text = gen.generate_tokens.lower(*args[:3], jax.random.key(0),
-                                     gen.SamplingConfig().as_arrays(), None, args[4], config=c,
-                                     max_new_tokens=8, cache_len=32, mesh=mesh).as_text()
-    out["kv_constraints"] = len(re.findall(
-        r'sharding_constraint[^\\n]*\\{"data", "fsdp"\\}, \\{\\}, \\{\\}, \\{\\}\\][^\\n]*8x2x8x32', text))
-    print("RESULT " + json.dumps(out))
-""")
-
 
 @pytest.mark.slow  # end-to-end; CI runs it (`-m 'not slow'` skips it)
 def test_generate_on_8_devices_gives_one_devices_tokens():
@@ -63,8 +23,8 @@ def test_generate_on_8_devices_gives_one_devices_tokens():
            if not f.startswith("--xla_force_host_platform_device_count")]
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS=" ".join(flags + ["--xla_force_host_platform_device_count=8"]))
-  proc = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=600)
+  proc = subprocess.run([sys.executable, child_script("decode_sharding")], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
   r = json.loads(line[len("RESULT "):])

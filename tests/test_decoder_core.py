@@ -28,10 +28,7 @@ MODES = [dict(), dict(causal_metric=True), dict(g_mode="identity"), dict(g_mode=
 IDS = ["learned", "causal", "identity", "random"]
 
 
-@pytest.fixture(autouse=True)
-def _x64():
-  with jax.enable_x64(True):
-    yield
+pytestmark = pytest.mark.x64  # float64 throughout: the paths agree to 1e-12
 
 
 def _setup(kw):
@@ -139,7 +136,7 @@ def test_sparse_state_abstract_is_what_less_prefill_builds():
   policy = less_jax.h2o(3, 3)
   _, st, gc = less_model.less_prefill_jit(p, t, lens, kern, config=c, policy=policy)
   assert isinstance(st, less_jax.SparseState) and isinstance(gc, GCache)
-  want, _ = gen.SparseCache(policy, kern).abstract(config=c, batch=2, cache_len=None)
+  want, _ = less_jax.SparseCache(policy, kern).abstract(config=c, batch=2, cache_len=None)
   chex.assert_trees_all_equal_shapes_and_dtypes(st, zeros_like_abstract(want))
   assert [layer.rank for layer in st.layers] == [3, 0]
   want_shapes = jax.tree.map(lambda a: (a.shape, a.dtype), st)

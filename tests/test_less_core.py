@@ -16,6 +16,7 @@ import pytest
 import less_reference as ref
 
 import less_jax as lj
+from less_jax import errors as lerr  # noqa: E402
 
 B, S, H, D = 2, 24, 2, 8
 LENGTHS = np.array([24, 17], np.int32)
@@ -369,29 +370,29 @@ def test_baseline_plus_and_make_policy():
 
 # (f) bad inputs give clear errors.
 def test_bad_inputs():
-  with pytest.raises(lj.PolicyError, match="unknown sparse policy 'foo'.*h2o"):
+  with pytest.raises(lerr.PolicyError, match="unknown sparse policy 'foo'.*h2o"):
     lj.make_policy("foo")
-  with pytest.raises(lj.PolicyError, match="recent must be >= 1"):
+  with pytest.raises(lerr.PolicyError, match="recent must be >= 1"):
     lj.make_policy("h2o", heavy=0, recent=0)
-  with pytest.raises(lj.PolicyError, match="recent must be >= 1"):
+  with pytest.raises(lerr.PolicyError, match="recent must be >= 1"):
     lj.sliding_window(0)
-  with pytest.raises(lj.PolicyError, match="heavy must be >= 0"):
+  with pytest.raises(lerr.PolicyError, match="heavy must be >= 0"):
     lj.h2o(-1, 4)
-  with pytest.raises(lj.PolicyError, match="must be an int"):
+  with pytest.raises(lerr.PolicyError, match="must be an int"):
     lj.h2o(2.5, 4)
-  with pytest.raises(lj.PolicyError, match="unknown argument.*sink"):
+  with pytest.raises(lerr.PolicyError, match="unknown argument.*sink"):
     lj.make_policy("h2o", heavy=4, recent=4, sink=4)
-  with pytest.raises(lj.PolicyError, match="needs arguments"):
+  with pytest.raises(lerr.PolicyError, match="needs arguments"):
     lj.make_policy("h2o", heavy=4)
-  with pytest.raises(lj.PolicyError, match="needs 300 cache slots.*only 256"):
+  with pytest.raises(lerr.PolicyError, match="needs 300 cache slots.*only 256"):
     lj.make_policy("h2o", heavy=150, recent=150, max_len=256)
-  with pytest.raises(lj.PolicyError, match="needs 20 cache slots.*only 16"):
+  with pytest.raises(lerr.PolicyError, match="needs 20 cache slots.*only 16"):
     lj.init_cache(1, 2, 8, lj.sliding_window(20), max_len=16)
-  with pytest.raises(lj.PolicyError, match="needs a Policy"):
+  with pytest.raises(lerr.PolicyError, match="needs a Policy"):
     lj.baseline_plus("h2o", 4)
-  with pytest.raises(lj.PolicyError, match="LambdaMask needs `recent`"):
+  with pytest.raises(lerr.PolicyError, match="LambdaMask needs `recent`"):
     lj.make_policy("lambda", sink=4)
-  with pytest.raises(lj.PolicyError, match="extra must be >= 0"):
+  with pytest.raises(lerr.PolicyError, match="extra must be >= 0"):
     lj.baseline_plus(lj.h2o(2, 2), -1)
 
   policy = lj.h2o(2, 2)

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import less_jax as lj
+from less_jax import errors as lerr
 from less_jax import model as lm
 from helpers import perturbed_params, random_tokens
 from pldr_jax import errors
@@ -155,11 +156,11 @@ def test_large_budget_without_kernels_equals_full_model(g_mode, policy):
   if c.learned_g:
     pre_ref, _, gc = p_prefill(p, t, plens_a, config=c, cache_len=32)
     pre, _, gcache = l_prefill(p, t, plens_a, config=c, policy=policy)
-    assert jax.tree.structure(gcache) == jax.tree.structure(gc)  # GCache(g_lm, a, a_lm)
+    assert jax.tree.structure(gcache) == jax.tree.structure(gc)  # GCache(g_lm)
     for b, n in enumerate(plens):
       assert _rel(pre[b, :n], pre_ref[b, :n]) < 1e-4
     for i in range(c.num_layers):
-      for key in ("a", "a_lm", "g_lm"):
+      for key in ("g_lm",):
         assert _rel(getattr(gcache, key)[i], getattr(gc, key)[i]) < (1e-6 if i == 0 else 1e-4)
     g_lm = gc.g_lm  # pldr_jax's G-cache
   pre_ref, st, gc = p_prefill(p, t, plens_a, config=c, cache_len=32, g_lm=g_lm)
@@ -251,7 +252,7 @@ def test_batched_sequences_get_what_they_get_alone(g_mode):
     assert _rel(pre[b, :n], pre1[0, :n]) < 1e-5
     assert _rel(outs[b], outs1[0]) < 1e-5
     assert jax.tree.structure(gcache) == jax.tree.structure(gc1)
-    for key in ("g_lm", "a", "a_lm"):
+    for key in ("g_lm",):
       if getattr(gcache, key) is None:
         continue
       for mine, alone in zip(getattr(gcache, key), getattr(gc1, key)):  # per layer
@@ -308,13 +309,13 @@ def test_bad_inputs_give_clear_errors():
   lens = jnp.array([W, 6], jnp.int32)
   kern = _kernels(c)
   # Budget larger than the context.
-  with pytest.raises(lj.PolicyError, match="cache slots but the context is only 64"):
+  with pytest.raises(lerr.PolicyError, match="cache slots but the context is only 64"):
     lm.less_prefill(p, t, lens, config=c, policy=lj.h2o(40, 40))
-  with pytest.raises(lj.PolicyError, match="context is only 64"):
+  with pytest.raises(lerr.PolicyError, match="context is only 64"):
     lm.less_forward(p, t, lens, config=c, policy=lj.lambda_mask(4, 61))
-  with pytest.raises(lj.PolicyError, match="context is only 12"):
+  with pytest.raises(lerr.PolicyError, match="context is only 12"):
     lm.less_prefill(p, t, lens, config=c, policy=lj.h2o(8, 8), max_len=12)
-  with pytest.raises(lj.PolicyError, match="Policy"):
+  with pytest.raises(lerr.PolicyError, match="Policy"):
     lm.less_forward(p, t, lens, config=c, policy="h2o")
   # Kernels for another head width / number of layers / not a list.
   with pytest.raises(ValueError, match=r"layer 0: kernels are for head width 4, the attention has 8"):

@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from less_jax import errors as lerr
 from less_jax import kernels as kernels_lib
+from less_jax.config import LessTrainConfig
 from less_jax import model as less_model
 from less_jax import parallel as parallel_lib
 from less_jax import policies as policies_lib
@@ -33,15 +35,15 @@ def _tc(**kw):
   base = dict(policy="h2o", heavy=4, recent=4, rank=4, hidden=16, epochs=1, epoch_steps=1,
               lr=1e-2, dropout=0.0, seed=0, val_batches=1)
   base.update(kw)
-  return tk.LessTrainConfig(**base)
+  return LessTrainConfig(**base)
 
 
 def test_config_validation_and_name():
   tc = _tc()
   assert tc.run_name() == "h2o_8"
-  assert tk.LessTrainConfig(policy="lambda", sink=2, recent=6).run_name() == "lambda_8"
-  with pytest.raises(policies_lib.PolicyError):
-    tk.LessTrainConfig(policy="nope", recent=4)
+  assert LessTrainConfig(policy="lambda", sink=2, recent=6).run_name() == "lambda_8"
+  with pytest.raises(lerr.PolicyError):
+    LessTrainConfig(policy="nope", recent=4)
   with pytest.raises(ValueError, match="rank"):
     _tc(rank=0)
   with pytest.raises(dataclasses.FrozenInstanceError):
@@ -141,19 +143,19 @@ def test_load_mismatch_errors(setup, tmp_path):
   config, _, _ = setup
   policy = _tc().make_policy()
   path = tk.save_kernels(tmp_path / "k", _kernels(config), config, policy)
-  with pytest.raises(tk.KernelLoadError, match="rank R=4.*R=8"):
+  with pytest.raises(lerr.KernelLoadError, match="rank R=4.*R=8"):
     tk.load_kernels(path, config, policy, rank=8)
-  with pytest.raises(tk.KernelLoadError, match="head_dim=8.*head_dim=16"):
+  with pytest.raises(lerr.KernelLoadError, match="head_dim=8.*head_dim=16"):
     tk.load_kernels(path, config.replace(num_heads=1), policy)  # d_model 16: dk 16
-  with pytest.raises(tk.KernelLoadError, match="num_heads=2.*num_heads=4"):
+  with pytest.raises(lerr.KernelLoadError, match="num_heads=2.*num_heads=4"):
     tk.load_kernels(path, config.replace(d_model=32, num_heads=4), policy)  # dk still 8
-  with pytest.raises(tk.KernelLoadError, match="num_layers"):
+  with pytest.raises(lerr.KernelLoadError, match="num_layers"):
     tk.load_kernels(path, config.replace(num_layers=3), policy)
-  with pytest.raises(tk.KernelLoadError, match="policy"):
+  with pytest.raises(lerr.KernelLoadError, match="policy"):
     tk.load_kernels(path, config, policies_lib.h2o(2, 6), rank=4)
-  with pytest.raises(tk.KernelLoadError, match="missing"):
+  with pytest.raises(lerr.KernelLoadError, match="missing"):
     tk.load_kernels(tmp_path / "nothing", config)
-  assert issubclass(tk.KernelLoadError, ValueError)
+  assert issubclass(lerr.KernelLoadError, ValueError)
 
 
 def test_loss_ignores_positions_before_budget(setup):

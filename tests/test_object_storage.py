@@ -181,5 +181,5 @@ def test_a_2_process_run_on_gcs_stops_falls_back_resumes_and_loads(gcs):
   assert m.data.tokenizer_path.startswith(DATA) and m.data.data_dir.startswith(DATA)
   prompt = [2] + m.tokenizer.encode("It is a truth")
   out = generate.generate(m.params, [prompt], config=m.config, max_new_tokens=4,
-                          key=jax.random.key(0), g_cache=True, g_lm=m.g_lm)
+                          key=jax.random.key(0), g_lm=m.g_lm)
   assert len(out[0]) == 4 and isinstance(m.tokenizer.decode(out[0]), str)

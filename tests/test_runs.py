@@ -74,12 +74,12 @@ def test_load_published_layouts(tmp_path):
 
 def test_one_error_hierarchy():
   """Every error the library raises on purpose is a PldrError (and the builtin it was)."""
-  from less_jax import policies
-  from less_jax.train_kernels import KernelLoadError
+  from less_jax import errors as less_errors
   from pldr_jax import errors
   for cls in (errors.ConfigError, errors.InputError, errors.DataError, errors.GShapeError,
-              errors.CheckpointError, errors.TrainingError, policies.PolicyError,
-              KernelLoadError):
+              errors.CheckpointError, errors.TrainingError,
+              less_errors.PolicyError, less_errors.KernelError, less_errors.KernelLoadError,
+              less_errors.SparseStateError):
     assert issubclass(cls, errors.PldrError), cls
   with pytest.raises(errors.PldrError, match="d_model"):
     config_lib.tiny(d_model=15)

@@ -1,7 +1,14 @@
 """Sampling and generation: greedy, temperature, top-k, top-p, stop token.
 
-`generate` runs prefill and the whole token loop inside one jit
-(`lax.while_loop`); `stream` yields tokens one step at a time for notebooks.
+One sampling step, `_sample_step`, takes a `SamplerState` (the decode cache,
+the last token, the tokens written so far) to the next: it runs the cache's
+decode step on the last token, draws the next one and records it. `generate`
+runs prefill and then that step inside one jit (`lax.while_loop`); `stream`
+runs the same step from a Python loop and yields each token (notebooks). Both
+stop after the last token is drawn: no decode step is run whose logits are
+not used. The cache is any object of the decode-cache protocol
+(`pldr_jax.inference.caches`): `FullCache()` by default, `FullCache(g_cache=False)`
+without the G-cache, or a plugin's (`less_jax.SparseCache`).
 Prompts are right-padded to a length bucket, so prompts of different lengths
 in the same bucket reuse one compiled program. The sampling *path* is static
 (`SamplingConfig.path`: greedy or not, top_k, top-p on or off), so greedy
@@ -21,12 +28,12 @@ import numpy as np
 from flax import struct
 
 from pldr_jax import errors
-from pldr_jax.inference import decode, kv_cache
 from pldr_jax import model
 from pldr_jax import params as params_lib
 from pldr_jax import sharding as sharding_lib
 from pldr_jax.config import PLDRConfig, SamplingConfig, SamplingPath
-from pldr_jax.inference.kv_cache import GCache, KVCache
+from pldr_jax.inference import kv_cache
+from pldr_jax.inference.caches import FullCache, check_cache
 
 PAD_ID = 0
 
@@ -134,77 +141,56 @@ def auto_cache_len(width: int, max_new_tokens: int, config: PLDRConfig,
 
 
 @struct.dataclass
-class FullCache:
-  """The default cache: a KV-cache sized to the request, plus the G-cache
-  (g_cache=False recomputes G_LM from the cached A at every step)."""
-  g_cache: bool = struct.field(pytree_node=False, default=True)
+class SamplerState:
+  """Everything that changes from one generated token to the next.
 
-  def prefill(self, params, tokens, lengths, g_lm, *, config, cache_len):
-    """-> (each prompt's last logits [B, V], KVCache, GCache)."""
-    return decode.prefill(params, tokens, lengths, config=config, cache_len=cache_len,
-                          g_cache=self.g_cache, g_lm=g_lm, all_logits=False)
-
-  def step_params(self, params, *, config, batch=None):
-    """What `step` reads: per-layer weights without the unused G network."""
-    return decode.decode_params(params, config, self.g_cache, batch)
-
-  def abstract(self, *, config, batch, cache_len):
-    """(KVCache, GCache) of ArrayInfo: shapes, dtypes, logical axes."""
-    return (KVCache.abstract(config, batch, cache_len, self.g_cache),
-            GCache.abstract(config, batch, self.g_cache))
-
-  def step(self, params, gcache, state, tokens, *, config):
-    """params: `step_params(...)` -> (logits [B, V], KVCache)."""
-    return decode.decode_step(params, gcache, state, tokens, config=config,
-                              g_cache=self.g_cache)
+  step    int32 []      tokens drawn so far (the next one's index)
+  token   int32 [B]     the last token drawn: the next decode step's input
+  decode  the cache's decode state (KVCache, less_jax's SparseState, ...)
+  out     int32 [B, N]  the tokens drawn, PAD after a sequence's stop token
+  done    bool [B]      the sequence has produced the stop token
+  num     int32 [B]     tokens generated per sequence, stop token included
+  """
+  step: jax.Array
+  token: jax.Array
+  decode: object
+  out: jax.Array
+  done: jax.Array
+  num: jax.Array
 
 
-@struct.dataclass
-class SparseCache:
-  """A fixed-size sparse cache: `policy` (less_jax: H2O, Λ-masking, sliding window)
-  and optional LESS `kernels` (one KernelParams or None per layer), prefilled
-  'one_shot' (default) or 'greedy' (less_jax.model.less_prefill). Its memory does
-  not grow with the sequence. A pytree: the kernels are traced, policy and
-  prefill mode static (changing them compiles another program)."""
-  policy: object = struct.field(pytree_node=False)
-  kernels: object = None
-  prefill_mode: str = struct.field(pytree_node=False, default="one_shot")
-
-  def prefill(self, params, tokens, lengths, g_lm, *, config, cache_len):
-    """-> (each prompt's last logits [B, V], less_jax SparseState, GCache)."""
-    from less_jax import model as less_model
-    del cache_len  # the budget fixes the size
-    return less_model.less_prefill(params, tokens, lengths, config=config, policy=self.policy,
-                                   kernels=self.kernels, g_lm=g_lm, mode=self.prefill_mode,
-                                   all_logits=False)
-
-  def step_params(self, params, *, config, batch=None):
-    """What `step` reads: per-layer weights without the G network (G-cache)."""
-    return decode.decode_params(params, config, batch=batch)
-
-  def abstract(self, *, config, batch, cache_len):
-    """(SparseState, GCache) of ArrayInfo: shapes, dtypes, logical axes."""
-    from less_jax import cache as cache_lib, kernels as kernels_lib, model as less_model
-    del cache_len
-    ranks = tuple(kernels_lib.kernel_rank(k)
-                  for k in less_model.check_kernels_list(self.kernels, config))
-    return (cache_lib.SparseState.abstract(batch, config.num_heads, config.head_dim,
-                                           self.policy.budget, ranks, config.compute_dtype),
-            GCache.abstract(config, batch))
-
-  def step(self, params, gcache, state, tokens, *, config):
-    """params: `step_params(...)` -> (logits [B, V], less_jax SparseState)."""
-    from less_jax import model as less_model
-    return less_model.less_decode_step(params, gcache, state, tokens, config=config,
-                                       policy=self.policy, kernels=self.kernels)
+def _draw(logits, key, step, sampling: dict, path: SamplingPath) -> jax.Array:
+  """Token `step` of every sequence: [B, V] -> int32 [B], key folded with the step."""
+  return sample_logits(logits, jax.random.fold_in(key, step), sampling["temperature"],
+                       sampling["top_p"], path)
 
 
-def _check_cache(cache):
-  if cache is None:
-    return FullCache()
-  if not isinstance(cache, (FullCache, SparseCache)):
-    raise TypeError(f"cache must be a generate.FullCache or generate.SparseCache, got {cache!r}")
-  return cache
+def _record(state: SamplerState, tok: jax.Array, stop_token) -> SamplerState:
+  """Write token `state.step` (PAD for a sequence that had stopped) and advance."""
+  i = state.step
+  return state.replace(step=i + 1, token=tok,
+                       out=state.out.at[:, i].set(jnp.where(state.done, PAD_ID, tok)),
+                       num=state.num + (~state.done).astype(jnp.int32),
+                       done=state.done | (tok == stop_token))
+
+
+def _start(last_logits, decode_state, key, sampling: dict, *, path: SamplingPath,
+           max_new_tokens: int) -> SamplerState:
+  """The state after the first token, drawn from the prefill's last logits [B, V]."""
+  b = last_logits.shape[0]
+  state = SamplerState(step=jnp.int32(0), token=jnp.zeros((b,), jnp.int32), decode=decode_state,
+                       out=jnp.full((b, max_new_tokens), PAD_ID, jnp.int32),
+                       done=jnp.zeros((b,), bool), num=jnp.zeros((b,), jnp.int32))
+  return _record(state, _draw(last_logits, key, 0, sampling, path), sampling["stop_token"])
+
+
+def _sample_step(step_params, gcache, state: SamplerState, key, sampling: dict, cache, *,
+                 config: PLDRConfig, path: SamplingPath, mesh=None) -> SamplerState:
+  """One token: the cache's decode step on `state.token`, then draw and record the next."""
+  logits, decode_state = _step(step_params, gcache, state.decode, state.token, cache,
+                               config=config, mesh=mesh)
+  tok = _draw(logits, key, state.step, sampling, path)
+  return _record(state.replace(decode=decode_state), tok, sampling["stop_token"])
 
 
 def _constrain(tree, abstract, mesh):
@@ -254,65 +240,56 @@ def place(params, tokens, lengths, g_lm, cache, *, config: PLDRConfig, mesh):
 def generate_tokens(params, tokens, lengths, key, sampling: dict, g_lm=None, cache=FullCache(),
                     *, config: PLDRConfig, max_new_tokens: int, cache_len: int,
                     path: SamplingPath = SamplingPath(), mesh=None):
-  """Prefill + decode loop in one program.
+  """Prefill + the sampling loop in one program.
 
   tokens: int32 [B, S] right-padded; lengths: int32 [B]; key: typed PRNG key;
   sampling: SamplingConfig.as_arrays(); path: SamplingConfig.path; cache: a
-  FullCache or SparseCache (a pytree: its static fields select the program).
-  Returns (out int32 [B, max_new_tokens] padded with
-  PAD after a stop token or the end, num int32 [B] generated tokens per
-  sequence, stop token included).
+  decode cache (a pytree: its static fields select the program).
+  Returns (out int32 [B, max_new_tokens] padded with PAD after a stop token or
+  the end, num int32 [B] generated tokens per sequence, stop token included).
   """
-  b = tokens.shape[0]
   last, state, gcache = _prefill(params, tokens, lengths, g_lm, cache, config=config,
                                  cache_len=cache_len, mesh=mesh)
-  step_params = cache.step_params(params, config=config, batch=b)  # once, outside the loop
-  draw = lambda lg, i: sample_logits(lg, jax.random.fold_in(key, i), sampling["temperature"],
-                                     sampling["top_p"], path)
-  out = jnp.full((b, max_new_tokens), PAD_ID, jnp.int32)
-  init = (jnp.int32(0), draw(last, 0), state, out, jnp.zeros((b,), bool),
-          jnp.zeros((b,), jnp.int32))
+  step_params = cache.step_params(params, config=config, batch=tokens.shape[0])  # once
+  state = _start(last, state, key, sampling, path=path, max_new_tokens=max_new_tokens)
+  state = jax.lax.while_loop(
+      lambda s: (s.step < max_new_tokens) & ~jnp.all(s.done),
+      lambda s: _sample_step(step_params, gcache, s, key, sampling, cache, config=config,
+                             path=path, mesh=mesh), state)
+  return state.out, state.num
 
-  def cond(carry):
-    i, _, _, _, done, _ = carry
-    return (i < max_new_tokens) & ~jnp.all(done)
 
-  def body(carry):
-    i, tok, state, out, done, num = carry
-    out = out.at[:, i].set(jnp.where(done, PAD_ID, tok))
-    num = num + (~done).astype(jnp.int32)
-    done = done | (tok == sampling["stop_token"])
-    logits, state = _step(step_params, gcache, state, tok, cache, config=config, mesh=mesh)
-    return i + 1, draw(logits, i + 1), state, out, done, num
-
-  _, _, _, out, _, num = jax.lax.while_loop(cond, body, init)
-  return out, num
+def _inputs(params, prompts, config, max_new_tokens, key, g_lm, buckets, cache_len, cache,
+            mesh):
+  """What generate and stream share: validated, padded and placed inputs."""
+  tokens, lengths = pad_prompts(prompts, config, max_new_tokens, buckets, cache_len)
+  if cache_len is None:
+    cache_len = auto_cache_len(tokens.shape[1], max_new_tokens, config, buckets)
+  key = jax.random.key(0) if key is None else key
+  g_lm = model.resolve_g_lm(config, g_lm)
+  params, tokens, lengths, g_lm, cache = place(params, tokens, lengths, g_lm, check_cache(cache),
+                                               config=config, mesh=mesh)
+  return params, tokens, lengths, key, g_lm, cache, cache_len
 
 
 def generate(params, prompts, *, config: PLDRConfig, max_new_tokens: int,
              key: jax.Array | None = None, sampling: SamplingConfig = SamplingConfig(),
-             g_cache: bool = True, g_lm=None, buckets: Sequence[int] | None = None,
-             cache_len: int | None = None, cache=None,
-             mesh: jax.sharding.Mesh | None = None) -> list[list[int]]:
+             g_lm=None, buckets: Sequence[int] | None = None, cache_len: int | None = None,
+             cache=None, mesh: jax.sharding.Mesh | None = None) -> list[list[int]]:
   """Generate continuations for a list of prompts (lists of token ids).
 
-  cache: None / FullCache() (the KV-cache and, unless g_cache=False, the
-  G-cache) or SparseCache(policy, kernels) (H2O, Λ-masking, sliding window,
-  LESS), the way a kvpress user passes a press: no model change.
+  cache: None / FullCache() (the KV-cache and the G-cache), FullCache(g_cache=False)
+  (G_LM recomputed from the cached A at every step), or a plugin's cache such as
+  less_jax.SparseCache(policy, kernels) (H2O, Λ-masking, sliding window, LESS),
+  the way a kvpress user passes a press: no model change.
   mesh: decode sharded like training (pldr_jax.training.train.make_mesh): weights by
   their logical axes, prompts and caches split over the batch axes by the same
   Flax logical-axis rules (pldr_jax.sharding); the tokens equal one device's.
   Returns one list of new token ids per prompt (ending at the stop token, if
   it was produced). The decode loop runs in one jitted `lax.while_loop`.
   """
-  tokens, lengths = pad_prompts(prompts, config, max_new_tokens, buckets, cache_len)
-  if cache_len is None:
-    cache_len = auto_cache_len(tokens.shape[1], max_new_tokens, config, buckets)
-  key = jax.random.key(0) if key is None else key
-  g_lm = model.resolve_g_lm(config, g_lm)
-  cache = _check_cache(cache if cache is not None else FullCache(g_cache))
-  params, tokens, lengths, g_lm, cache = place(params, tokens, lengths, g_lm, cache,
-                                               config=config, mesh=mesh)
+  params, tokens, lengths, key, g_lm, cache, cache_len = _inputs(
+      params, prompts, config, max_new_tokens, key, g_lm, buckets, cache_len, cache, mesh)
   out, num = generate_tokens(params, tokens, lengths, key, sampling.as_arrays(), g_lm, cache,
                              config=config, max_new_tokens=max_new_tokens, cache_len=cache_len,
                              path=sampling.path, mesh=mesh)
@@ -322,47 +299,38 @@ def generate(params, prompts, *, config: PLDRConfig, max_new_tokens: int,
 
 def stream(params, prompts, *, config: PLDRConfig, max_new_tokens: int,
            key: jax.Array | None = None, sampling: SamplingConfig = SamplingConfig(),
-           g_cache: bool = True, g_lm=None, buckets: Sequence[int] | None = None,
-           cache_len: int | None = None, cache=None,
-           mesh: jax.sharding.Mesh | None = None) -> Iterator[np.ndarray]:
+           g_lm=None, buckets: Sequence[int] | None = None, cache_len: int | None = None,
+           cache=None, mesh: jax.sharding.Mesh | None = None) -> Iterator[np.ndarray]:
   """Yield the next token of every prompt, one step at a time: int32 [B] arrays.
 
   A sequence that has produced the stop token yields PAD afterwards; the
   iteration ends when every sequence stopped or after max_new_tokens steps.
-  Draws the same tokens as `generate` with the same key and cache.
+  The same `_sample_step` as `generate`: the same tokens for the same key and cache.
   """
-  tokens, lengths = pad_prompts(prompts, config, max_new_tokens, buckets, cache_len)
-  if cache_len is None:
-    cache_len = auto_cache_len(tokens.shape[1], max_new_tokens, config, buckets)
-  key = jax.random.key(0) if key is None else key
-  g_lm = model.resolve_g_lm(config, g_lm)
-  arrays = sampling.as_arrays()
-  cache = _check_cache(cache if cache is not None else FullCache(g_cache))
-  params, tokens, lengths, g_lm, cache = place(params, tokens, lengths, g_lm, cache,
-                                               config=config, mesh=mesh)
+  params, tokens, lengths, key, g_lm, cache, cache_len = _inputs(
+      params, prompts, config, max_new_tokens, key, g_lm, buckets, cache_len, cache, mesh)
+  arrays, path = sampling.as_arrays(), sampling.path
   last, state, gcache = _prefill_jit(params, tokens, lengths, g_lm, cache, config=config,
                                      cache_len=cache_len, mesh=mesh)
   step_params = _step_params_jit(params, cache, config=config, batch=tokens.shape[0])
-  done = np.zeros(len(prompts), bool)
+  state = _start_jit(last, state, key, arrays, path=path, max_new_tokens=max_new_tokens)
   for i in range(max_new_tokens):
-    tok = _sample_jit(last, jax.random.fold_in(key, i), arrays, sampling.path)
-    tok_np = np.asarray(tok)
-    yield np.where(done, PAD_ID, tok_np)
-    done |= tok_np == sampling.stop_token
-    if done.all() or i + 1 == max_new_tokens:
+    yield np.array(state.out[:, i])
+    if i + 1 == max_new_tokens or np.array(state.done).all():
       return
-    last, state = _step_jit(step_params, gcache, state, tok, cache, config=config, mesh=mesh)
+    state = _sample_step_jit(step_params, gcache, state, key, arrays, cache, config=config,
+                             path=path, mesh=mesh)
 
 
 _prefill_jit = jax.jit(_prefill, static_argnames=("config", "cache_len", "mesh"))
+_start_jit = jax.jit(_start, static_argnames=("path", "max_new_tokens"),
+                     donate_argnames=("decode_state",))
+_sample_step_jit = jax.jit(_sample_step, static_argnames=("config", "path", "mesh"),
+                           donate_argnames=("state",))
+# The cache's decode step alone (what `_sample_step` runs first): pldr_jax.aot compiles it.
 _step_jit = jax.jit(_step, static_argnames=("config", "mesh"), donate_argnames=("state",))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "batch"))
 def _step_params_jit(params, cache, *, config, batch):
   return cache.step_params(params, config=config, batch=batch)
-
-
-@functools.partial(jax.jit, static_argnames=("path",))
-def _sample_jit(logits, key, s, path):
-  return sample_logits(logits, key, s["temperature"], s["top_p"], path)

@@ -24,9 +24,11 @@ The small G tensors are stacked on a leading [L].
   GCache    (constant, never donated; built once at prefill)
     g_lm      [L, B, H, dk, dk]  G_LM that decode reads (G-cache, or a fixed G)
     a         [L, B, H, dk, dk]  A, from which g_cache=False recomputes G_LM
-    a_lm      [L, B, H, dk, dk]  A_LM (kept with the G-cache, as the reference)
 
-A field a mode does not use is None (identity: an empty GCache).
+A field a mode does not use is None (identity: an empty GCache). Only what a
+decode step reads is kept: the authors' cache (and the HF port's
+`past_G_values`) also holds A and A_LM beside G_LM, which their decode never
+reads either; `model.forward(..., return_deductive=True)` gives every tensor.
 """
 
 from __future__ import annotations
@@ -104,7 +106,6 @@ def _g_shape(config: PLDRConfig, batch: int) -> tuple[int, ...]:
 class GCache:
   g_lm: jax.Array | None = None
   a: jax.Array | None = None
-  a_lm: jax.Array | None = None
 
   @classmethod
   def abstract(cls, config: PLDRConfig, batch: int, g_cache: bool = True) -> "GCache":
@@ -113,6 +114,4 @@ class GCache:
       return cls() if config.g_mode == "identity" else cls(g_lm=info)
     if config.causal_metric and not g_cache:
       return cls()
-    if g_cache:
-      return cls(g_lm=info, a=info, a_lm=info)
-    return cls(a=info)
+    return cls(g_lm=info) if g_cache else cls(a=info)
