@@ -19,6 +19,15 @@ def perturbed_params(c, seed=0):
   return p
 
 
+def child_script(name: str) -> str:
+  """The path of tests/children/<name>.py: a script a test runs in a fresh process
+  (`[sys.executable, child_script(name), *argv]`)."""
+  from pathlib import Path
+  path = Path(__file__).resolve().parent / "children" / f"{name}.py"
+  assert path.is_file(), path
+  return str(path)
+
+
 def random_tokens(c, shape, seed=1):
   """Token ids in [4, vocab): no special tokens."""
   return jnp.asarray(np.random.default_rng(seed).integers(4, c.vocab_size, shape), jnp.int32)

@@ -168,6 +168,7 @@ def test_g_lm_alone(tmp_path, state):
     load_g_lm(d, 1)
 
 
+@pytest.mark.x64
 def test_other_dtypes_round_trip(tmp_path):
   rng = np.random.default_rng(0)
   x = rng.normal(size=(3, 5))

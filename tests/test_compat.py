@@ -43,6 +43,9 @@ HAS_TORCH = importlib.util.find_spec("torch") is not None
 
 F64 = dict(param_dtype="float64", compute_dtype="float64")
 
+# float64 state dicts against the plain NumPy float64 forward pass (tests/conftest.py)
+pytestmark = pytest.mark.x64
+
 
 # ------------------------------------------------------------ published layout
 
@@ -383,15 +386,6 @@ def _header(path):
     return json.loads(f.read(n)), 8 + n
 
 
-@pytest.fixture
-def no_x64():
-  jax.config.update("jax_enable_x64", False)
-  try:
-    yield
-  finally:
-    jax.config.update("jax_enable_x64", True)
-
-
 @pytest.mark.parametrize("dtype,name", [(np.float32, "F32"), (np.float64, "F64"),
                                         (np.float16, "F16"), (ml_dtypes.bfloat16, "BF16")])
 def test_safetensors_round_trip(tmp_path, dtype, name):
@@ -411,11 +405,10 @@ def test_safetensors_round_trip(tmp_path, dtype, name):
   assert load_state_dict(path).keys() == sd.keys()
 
 
-def test_safetensors_mixed_bf16_and_float64(tmp_path, no_x64):
+def test_safetensors_mixed_bf16_and_float64(tmp_path):
   sd = {"a": np.ones((2, 3), ml_dtypes.bfloat16), "b": np.arange(3.0), "c": np.zeros(2, np.float32)}
-  with pytest.raises(ValueError, match="jax_enable_x64"):
+  with jax.enable_x64(False), pytest.raises(ValueError, match="jax_enable_x64"):
     write_safetensors(sd, tmp_path / "x.safetensors")
-  jax.config.update("jax_enable_x64", True)
   write_safetensors(sd, tmp_path / "x.safetensors")
   back = read_safetensors(tmp_path / "x.safetensors")
   for k in sd:
@@ -500,13 +493,14 @@ def test_param_dtype_inferred_from_tensors(dtype):
   assert {x.dtype for x in jax.tree.leaves(params32)} == {np.dtype(np.float32)}
 
 
-def test_float64_without_x64_says_what_to_do(tmp_path, no_x64):
+def test_float64_without_x64_says_what_to_do(tmp_path):
   sd = random_state_dict(tiny_layout(), seed=16, dtype=np.float64)
   path = tmp_path / "f64.safetensors"
   write_safetensors(sd, path)
-  with pytest.raises(CheckpointError, match=r"jax_enable_x64.*param_dtype='float32'"):
-    load_checkpoint(path, max_len=32)
-  cfg, params, _ = load_checkpoint(path, max_len=32, param_dtype="float32")
+  with jax.enable_x64(False):  # the production setting
+    with pytest.raises(CheckpointError, match=r"jax_enable_x64.*param_dtype='float32'"):
+      load_checkpoint(path, max_len=32)
+    cfg, params, _ = load_checkpoint(path, max_len=32, param_dtype="float32")
   assert cfg.param_dtype == "float32"
   assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype(np.float32)}
 

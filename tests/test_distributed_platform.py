@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from helpers import child_script
 from pldr_jax.training import distributed
 
 
@@ -51,6 +52,7 @@ def test_tpu_vm_starts_jax_distributed_by_itself(tmp_path):
   assert explicit == distributed.Launch("explicit", "h:1", 2, 1)
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_a_plain_machine_after_import_jax_is_single(tmp_path):
   """What a user's `python experiments/pretrain.py` meets: no JAX_PLATFORMS, jax (and,
   with the tpu extra, libtpu) imported before the launch is resolved. On a machine with
@@ -58,10 +60,7 @@ def test_a_plain_machine_after_import_jax_is_single(tmp_path):
   once read that as a TPU VM and started jax.distributed, which failed)."""
   env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS",)}
   env = {k: v for k, v in env.items() if not k.startswith("TPU_")}
-  code = ("import jax, os\n"
-          "from pldr_jax import distributed\n"
-          "print(os.environ.get('TPU_SKIP_MDS_QUERY'), distributed.resolve().mode)")
-  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                       timeout=300)
+  out = subprocess.run([sys.executable, child_script("platform_probe")], env=env,
+                       capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.split()[-1] == "single", out.stdout

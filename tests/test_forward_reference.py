@@ -305,6 +305,7 @@ def run_model(model, params, tokens, lengths, cfg, jit=False, **kw):
   return fn(params, jnp.asarray(tokens, jnp.int32), lengths, config=cfg, **kw)
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("causal", [False, True], ids=["full_metric", "causal_metric"])
 def test_fp64_matches_reference(model, causal):
   """Unjitted, right-padded batch: logits and every deductive tensor."""
@@ -322,6 +323,7 @@ def test_fp64_matches_reference(model, causal):
   assert_close(plain, want, FP64_TOL, "logits (return_deductive=False)")
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("causal", [False, True], ids=["full_metric", "causal_metric"])
 def test_fp64_jit_matches_reference(model, causal):
   """Under jax.jit (lengths=None under jit: test_model_padding_invariance)."""
@@ -403,6 +405,7 @@ def test_fp32_stagewise_matches_reference(model, causal):
                  f"fp32 layer {l} scores with the model's G_LM")
 
 
+@pytest.mark.x64
 def test_model_padding_invariance(model):
   """Spec PLGA step 2: a batched sequence gives what it gives alone.
 
@@ -429,6 +432,7 @@ def test_model_padding_invariance(model):
     assert_close(logits2[b, :n], logits[b, :n], FP64_TOL, f"sequence {b}, other padding tokens")
 
 
+@pytest.mark.x64
 def test_identity_mode_is_sdpa(model):
   cfg = cfg64(g_mode="identity")
   params = make_params(model, cfg, 19)
@@ -445,6 +449,7 @@ def test_identity_mode_is_sdpa(model):
   assert_close(logits, want_g, FP64_TOL, "identity-mode logits vs G=I reference")
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("per_batch", [False, True], ids=["g_LHdd", "g_LBHdd"])
 def test_random_mode_given_g(model, per_batch):
   cfg = cfg64(g_mode="random")
@@ -459,6 +464,7 @@ def test_random_mode_given_g(model, per_batch):
   assert_close(logits, want, FP64_TOL, "random-mode logits with given G_LM")
 
 
+@pytest.mark.x64
 def test_learned_mode_g_override_identity_is_sdpa(model):
   """A G_LM given in learned mode replaces the computed one: G = I is SDPA."""
   cfg = cfg64()

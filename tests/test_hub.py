@@ -74,7 +74,7 @@ def test_load_hf_cache_miss_offline_is_one_line(hub_cache):
 
 
 def test_load_hf_bad_id_and_no_huggingface_hub(hub_cache, monkeypatch):
-  with pytest.raises(errors.CheckpointError, match=r"^hf:just-a-name: not a Hub model id"):
+  with pytest.raises(errors.CheckpointError, match="Hub model id"):
     pldr_jax.load("hf:just-a-name")
   monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if not installed
   with pytest.raises(errors.CheckpointError) as info:

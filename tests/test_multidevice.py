@@ -17,13 +17,13 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 
 import numpy as np
 import pytest
 
 import compile_cache
+from helpers import child_script
 from test_pretrain import REPO, _cmd, _losses, _steps_saved, pretrain_module
 
 pytestmark = pytest.mark.slow  # `pytest -m 'not slow'` skips it
@@ -107,37 +107,6 @@ def test_8_devices_save_kill_resume_match_1_device(tmp_path, data_workdir):
                                rtol=1e-5, atol=0, err_msg=f"{name} (resumed at step {kept})")
 
 
-# Restores the newest checkpoint of a run's train state sharded over all devices
-# of all processes, and prints a digest of the parameters (gathered on every process).
-_RESTORE = textwrap.dedent("""
-    import argparse, hashlib, sys
-    import jax, numpy as np
-    from pldr_jax.training import distributed, train
-    from pldr_jax.training.checkpoint import Checkpointer, load_meta
-    from pldr_jax.config import PLDRConfig, TrainConfig
-    ckdir, address, n, i = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    distributed.initialize(argparse.Namespace(coordinator_address=address, num_processes=n,
-                                              process_id=i))
-    assert jax.process_count() == n
-    meta = load_meta(ckdir)
-    config, tc = PLDRConfig(**meta["model"]), TrainConfig(**meta["train"])
-    mesh = train.make_mesh(tc)
-    tx = train.make_optimizer(tc)
-    abstract = train.abstract_train_state(config, tx, mesh)
-    with Checkpointer(ckdir) as c:
-      r = c.restore(abstract_params=abstract["params"], abstract_opt_state=abstract["opt_state"])
-    if n > 1:
-      from jax.experimental import multihost_utils
-      host = multihost_utils.process_allgather(r["params"], tiled=True)
-    else:
-      host = jax.device_get(r["params"])
-    h = hashlib.sha256()
-    for x in jax.tree.leaves(host):
-      h.update(np.ascontiguousarray(x).tobytes())
-    print("STEP", r["step"], "DIGEST", h.hexdigest())
-""")
-
-
 def _two_processes(cmd_for, env=None) -> list[subprocess.Popen]:
   port = _free_port()
   return [subprocess.Popen(cmd_for(f"localhost:{port}", i), env=env or _env(1), cwd=REPO,
@@ -217,9 +186,10 @@ def test_a_lost_process_ends_the_other_with_one_line_both_resume_sample_and_rest
   assert _losses(wd) == _losses(tmp_path / "full")
 
   ckdir = str(wd / "checkpoints")
+  restore = child_script("restore_digest")
   two = _finish(_two_processes(
-      lambda address, i: [sys.executable, "-c", _RESTORE, ckdir, address, "2", str(i)]))
-  one = _finish([subprocess.Popen([sys.executable, "-c", _RESTORE, ckdir, "", "1", "0"],
+      lambda address, i: [sys.executable, restore, ckdir, address, "2", str(i)]))
+  one = _finish([subprocess.Popen([sys.executable, restore, ckdir, "", "1", "0"],
                                   env=_env(1), cwd=REPO, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True)])
   digests = {o.strip().splitlines()[-1] for o in two + one}

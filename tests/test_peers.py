@@ -10,68 +10,11 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest
 
-_PROCESS = textwrap.dedent("""
-    import os, socket, sys, threading, time
-    from pldr_jax.training import peers
-    kv_dir, index, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    coordinator = f"127.0.0.1:{port}"
-
-    class KV:  # jax.distributed's key-value store, in files
-      def key_value_set(self, key, value):
-        path = os.path.join(kv_dir, key.replace("/", "_"))
-        with open(path + ".tmp", "w") as f:
-          f.write(value)
-        os.replace(path + ".tmp", path)
-      def blocking_key_value_get(self, key, timeout_ms):
-        path = os.path.join(kv_dir, key.replace("/", "_"))
-        deadline = time.monotonic() + timeout_ms / 1000
-        while not os.path.exists(path):
-          assert time.monotonic() < deadline, key
-          time.sleep(0.02)
-        return open(path).read()
-
-    def echo(conn):
-      while data := conn.recv(4096):
-        conn.sendall(data)
-
-    relay = client = None
-    if index == 0:  # the stand-in coordination service
-      server = socket.create_server(("127.0.0.1", port))
-      def serve():
-        while True:
-          conn, _ = server.accept()
-          threading.Thread(target=echo, args=(conn,), daemon=True).start()
-      threading.Thread(target=serve, daemon=True).start()
-    else:
-      relay = peers.Relay(coordinator, on_lost=lambda: peers.current().coordinator_lost())
-      while True:  # the client retries while the coordinator starts (until the watch
-        try:        # is up, the relay passes closes on)
-          client = socket.create_connection(("127.0.0.1", int(relay.address.split(":")[1])))
-          client.sendall(b"ping")
-          if client.recv(4) == b"ping":
-            break
-        except OSError:
-          pass
-        time.sleep(0.05)
-    peers.set_resume_hint(lambda: "RESUME HINT.")
-    watch = peers.Watch(index, 2, coordinator, timeout_s=5, client=KV(), relay=relay).start()
-    print("ready", flush=True)
-    for line in sys.stdin:
-      if line.strip() == "leave":
-        watch.leaving()
-        os._exit(0)
-      if line.strip() == "fail":
-        watch.failing(RuntimeError("out of ideas"))
-        os.write(2, b"error: out of ideas\\n")
-        os._exit(1)
-    time.sleep(60)
-""")
-
+from helpers import child_script
 
 def _free_port() -> int:
   with socket.socket() as s:
@@ -84,8 +27,8 @@ def pair(tmp_path):
   """Two watched processes, both 'ready'."""
   port = _free_port()
   env = dict(os.environ, PLDR_DEBUG="")
-  procs = [subprocess.Popen([sys.executable, "-c", _PROCESS, str(tmp_path), str(i), str(port)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+  procs = [subprocess.Popen([sys.executable, child_script("peer_process"), str(tmp_path), str(i),
+                             str(port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
   for p in procs:
     assert p.stdout.readline().strip() == "ready", p.communicate(timeout=10)
@@ -102,6 +45,7 @@ def _ends(proc):
   return proc.returncode, err, time.monotonic() - t, out
 
 
+@pytest.mark.slow  # two processes
 @pytest.mark.parametrize("victim", [0, 1])
 def test_a_killed_process_ends_the_other_with_one_line(pair, victim):
   pair[victim].send_signal(signal.SIGKILL)
@@ -140,6 +84,7 @@ def test_the_relay_holds_the_clients_connection_once_the_coordinator_is_gone(tmp
   client.close()
 
 
+@pytest.mark.slow  # two processes
 def test_bye_is_not_reported_fail_is(pair):
   pair[1].stdin.write("leave\n")
   pair[1].stdin.flush()
@@ -148,6 +93,7 @@ def test_bye_is_not_reported_fail_is(pair):
   assert pair[0].poll() is None, pair[0].communicate()  # process 1 left: not lost
 
 
+@pytest.mark.slow  # two processes
 def test_a_peer_that_stops_on_its_error_is_reported_after_the_grace(pair):
   from pldr_jax.training import peers
   t = time.monotonic()
@@ -175,5 +121,5 @@ def test_looks_like_lost_peer_and_peer_timeout(monkeypatch):
   assert distributed.peer_timeout(None, {distributed.ENV_PEER_TIMEOUT: "0"}) == 0.0
   with pytest.raises(errors.ConfigError, match="PLDR_PEER_TIMEOUT"):
     distributed.peer_timeout(None, {distributed.ENV_PEER_TIMEOUT: "soon"})
-  with pytest.raises(errors.ConfigError, match=">= 0"):
+  with pytest.raises(errors.ConfigError, match="peer_timeout"):
     distributed.peer_timeout(argparse.Namespace(peer_timeout=-1.0))

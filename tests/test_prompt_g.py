@@ -40,6 +40,7 @@ def _decode_nll(params, c, tokens, lengths, prompt_len):
   return tot, cnt
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("causal", [False, True])
 def test_prompt_g_equals_teacher_forced_cached_decode(causal):
   c = cfg.tiny(param_dtype="float64", compute_dtype="float64", causal_metric=causal)

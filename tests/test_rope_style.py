@@ -40,6 +40,7 @@ def _rotate_half_reference(x, pos, base):
   return x * cos + rot * sin
 
 
+@pytest.mark.x64
 def test_half_rotation_matches_rotate_half_and_permuted_interleaved():
   rng = np.random.default_rng(0)
   x = rng.normal(size=(1, 7, 3, 8))
@@ -91,6 +92,7 @@ def _perturbed_params(config, seed):
   return jax.tree.unflatten(tree, leaves)
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("g_mode", ["learned", "transferred"])
 def test_half_rotation_model_equals_permuted_interleaved_model(g_mode):
   cfg = config_lib.tiny(g_mode=g_mode, **F64)
