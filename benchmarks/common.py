@@ -81,12 +81,6 @@ def time_calls(fn: Callable[[], Any], n: int, warmup: int = 1) -> list[float]:
   return out
 
 
-def tree_bytes(tree: Any) -> int:
-  """Bytes of every array leaf (shapes and dtypes only: works on ShapeDtypeStructs)."""
-  return int(sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
-                 for x in jax.tree_util.tree_leaves(tree) if hasattr(x, "shape")))
-
-
 # ----------------------------------------------------------------------------
 # Ceilings.
 

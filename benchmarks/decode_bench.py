@@ -46,7 +46,7 @@ from pldr_jax.inference.kv_cache import GCache, KVCache, zeros_like_abstract
 from pldr_jax import config as cfg
 from pldr_jax.inference import decode
 from pldr_jax import model
-from pldr_jax.params import init_params
+from pldr_jax.params import init_params, tree_bytes
 
 MODES = ("recompute", "kv", "kv+g", "sdpa", "h2o", "lambda", "less")
 FULL_MODES = ("kv", "kv+g", "sdpa")
@@ -102,13 +102,13 @@ def read_param_bytes(params: dict, c, mode: str, batch: int) -> int:
   B rows of the embedding table instead of all of it."""
   read = decode.decode_params(params, c, g_cache=mode not in ("kv", "recompute"))
   emb = read["embed"]
-  return int(common.tree_bytes(read) - emb.size * emb.dtype.itemsize
+  return int(tree_bytes(read) - emb.size * emb.dtype.itemsize
              + batch * emb.shape[1] * emb.dtype.itemsize)
 
 
 def _gcache_read_bytes(gcache, mode: str) -> int:
   """Bytes of the G-cache a step reads: A (kv: the rest is recomputed) or G_LM."""
-  return common.tree_bytes(gcache.a if mode == "kv" else gcache.g_lm)
+  return tree_bytes(gcache.a if mode == "kv" else gcache.g_lm)
 
 
 def _policy(case: DecodeCase):
@@ -189,8 +189,8 @@ def run_case(case: DecodeCase, _build_only: bool = False) -> dict:
   compiled, row["compile_s"] = _COMPILED[key]
   extra = (kernels, None) if case.mode not in FULL_MODES else ()  # kernels, active
   step = lambda state: compiled(step_params, gcache, state, tok, *extra)
-  row["state_bytes"] = common.tree_bytes(state)
-  row["gcache_bytes"] = common.tree_bytes(gcache)
+  row["state_bytes"] = tree_bytes(state)
+  row["gcache_bytes"] = tree_bytes(gcache)
   row["bytes_per_token"] = (read_param_bytes(params, c, case.mode, b) + row["state_bytes"]
                             + _gcache_read_bytes(gcache, case.mode))
   if _build_only:
@@ -286,8 +286,8 @@ def state_memory(preset: str, mode: str, batch: int, length: int, weights: str =
     _, state, gcache = jax.eval_shape(
         lambda p, t, l: decode.prefill(p, t, l, config=c, cache_len=length,
                                        g_cache=mode != "kv"), params, toks, lens)
-  sb, gb = common.tree_bytes(state), common.tree_bytes(gcache)
+  sb, gb = tree_bytes(state), tree_bytes(gcache)
   return {"preset": preset, "mode": mode, "batch": batch, "length": length,
           "weights": weights, "budget": budget if mode in SPARSE_MODES else None,
           "state_bytes": sb, "gcache_bytes": gb, "total_bytes": sb + gb,
-          "param_bytes": common.tree_bytes(params)}
+          "param_bytes": tree_bytes(params)}

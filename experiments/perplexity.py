@@ -48,19 +48,20 @@ def prompt_g_eval(params, config, batches, prompt_lens) -> list[dict]:
   from pldr_jax.inference import decode
   gfn = jax.jit(functools.partial(decode.prompt_g, config=config), static_argnums=(3,))
   rows = []
+  from pldr_jax.training import train
+
+  def sums(b, p):
+    t, m = jnp.asarray(b["tokens"], jnp.int32), jnp.asarray(b["mask"], jnp.int32)
+    if p >= t.shape[1]:
+      raise SystemExit(f"--g_prompt {p} leaves no target in sequences of {t.shape[1]} tokens")
+    s_w, n = nll(params, t, m, None, p)
+    s_p, _ = nll(params, t, m, gfn(params, t, m, p), p)
+    return {"whole": s_w, "prompt": s_p, "tokens": n}
+
   for p in prompt_lens:
-    tot = {"whole": 0.0, "prompt": 0.0}
-    cnt = 0.0
-    for b in batches:
-      t, m = jnp.asarray(b["tokens"], jnp.int32), jnp.asarray(b["mask"], jnp.int32)
-      if p >= t.shape[1]:
-        raise SystemExit(f"--g_prompt {p} leaves no target in sequences of {t.shape[1]} tokens")
-      s_w, n = nll(params, t, m, None, p)
-      s_p, _ = nll(params, t, m, gfn(params, t, m, p), p)
-      tot["whole"] += float(s_w)
-      tot["prompt"] += float(s_p)
-      cnt += float(n)
-    cnt = max(cnt, 1.0)
+    tot = {"whole": 0.0, "prompt": 0.0, "tokens": 0.0}
+    tot.update(train.batch_totals(lambda b: sums(b, p), batches))
+    cnt = max(tot.pop("tokens"), 1.0)
     row = {"prompt_len": p, "tokens": cnt}
     for k, v in tot.items():
       row[f"{k}_loss"] = v / cnt

@@ -176,7 +176,7 @@ def scan_layers(body: Callable, carry, layers, xs=None, *, unroll: bool = False)
     layer_p = layers[i] if listed else params_lib.layer_slice(layers, i)
     carry, y = body(carry, (i, layer_p, layer_xs))
     ys.append(y)
-  return carry, (ys if per_layer else jax.tree.map(lambda *a: jnp.stack(a), *ys))
+  return carry, (ys if per_layer else params_lib.stack_trees(ys))
 
 
 Attend = Callable[..., tuple[jax.Array, Any, Any]]

@@ -165,13 +165,20 @@ def map_layers(tree, fn):
   return tree
 
 
+def stack_trees(trees, xp=jnp):
+  """Trees of one structure -> one tree whose leaves are theirs stacked on a new
+  leading axis (xp.stack: jnp, or np to stay on the host). The one stacking of a
+  list of trees: per-layer weights, kernels, per-layer outputs."""
+  return jax.tree.map(lambda *xs: xp.stack(xs), *trees)
+
+
 def stack_layers(tree, xp=jnp):
   """Every {'layers': [per-layer tree, ...]} inside `tree` (params, or an
   optimizer state that mirrors them) -> {'layers': tree of [L, ...] arrays}
   (stacked with xp.stack: jnp, or np to stay on the host)."""
   def stack(v):
     if isinstance(v, list) and v and isinstance(v[0], dict):
-      return jax.tree.map(lambda *xs: xp.stack(xs), *v)
+      return stack_trees(v, xp)
     return v
   return map_layers(tree, stack)
 
@@ -217,6 +224,14 @@ def init_params(config: PLDRConfig, key: jax.Array) -> dict:
   dtype = jnp.dtype(config.param_dtype)
   arrays = [s.draw(jax.random.fold_in(key, i), dtype) for i, s in enumerate(leaves)]
   return jax.tree.unflatten(treedef, arrays)
+
+
+def tree_bytes(tree) -> int:
+  """Bytes of every array leaf of a pytree (arrays, or jax.ShapeDtypeStructs: shapes and
+  dtypes only; leaves without a shape are skipped). The one byte count of weights,
+  caches and decode states."""
+  return int(sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
+                 for x in jax.tree.leaves(tree) if hasattr(x, "shape")))
 
 
 def count_params(config: PLDRConfig) -> int:

@@ -334,13 +334,21 @@ def global_batch(local: dict, mesh: jax.sharding.Mesh) -> dict:
   return {k: jax.make_array_from_process_local_data(bs, np.asarray(v)) for k, v in local.items()}
 
 
+def batch_totals(fn, batches) -> dict[str, float]:
+  """{name: sum over the batches} of fn(batch)'s scalars, added on the host in batch
+  order (sums and counts, for exact token-weighted means): the one evaluation loop
+  (`evaluate`, experiments/perplexity.py, experiments/less_eval.py)."""
+  tot: dict[str, float] = {}
+  for b in batches:
+    for k, v in fn(b).items():
+      tot[k] = tot.get(k, 0.0) + float(v)
+  return tot
+
+
 def evaluate(eval_step, params, batches, mesh) -> dict[str, float]:
   """Token-weighted loss, perplexity and accuracy over a list of batches."""
   tot = {"ce_sum": 0.0, "correct": 0.0, "tokens": 0.0}
-  for b in batches:
-    out = eval_step(params, global_batch(b, mesh))
-    for k in tot:
-      tot[k] += float(out[k])
+  tot.update(batch_totals(lambda b: eval_step(params, global_batch(b, mesh)), batches))
   n = max(tot["tokens"], 1.0)
   loss = tot["ce_sum"] / n
   return {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0))),
