@@ -42,7 +42,8 @@ from benchmarks import common
 from less_jax import kernels as kernels_lib
 from less_jax import model as less_model
 from less_jax import policies as policies_lib
-from pldr_jax.inference.kv_cache import GCache, KVCache, zeros_like_abstract
+from pldr_jax.inference.kv_cache import GCache, KVCache
+from pldr_jax.sharding import zeros as zeros_like_abstract
 from pldr_jax import config as cfg
 from pldr_jax.inference import decode
 from pldr_jax import model

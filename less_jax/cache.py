@@ -62,7 +62,7 @@ from pldr_jax import backend, nn
 from pldr_jax import params as params_lib
 from pldr_jax.config import check_int
 from pldr_jax.errors import ConfigError, InputError
-from pldr_jax.inference.kv_cache import ArrayInfo
+from pldr_jax.sharding import ArrayInfo
 
 __all__ = [
     "SparseKVCache",
@@ -101,18 +101,18 @@ class SparseKVCache:
   @classmethod
   def abstract(cls, batch: int, num_heads: int, head_dim: int, budget: int, rank: int = 0,
                dtype=jnp.float32) -> "SparseKVCache":
-    """Shapes, dtypes and logical axes of each field (pldr_jax.inference.kv_cache.ArrayInfo)."""
+    """Shapes, dtypes and logical axes of each field (pldr_jax.sharding.ArrayInfo)."""
     slots = ("batch", "heads", "cache_seq")
-    return cls(k=ArrayInfo((batch, num_heads, budget, head_dim), jnp.dtype(dtype),
-                           slots + ("head_dim",)),
-               v=ArrayInfo((batch, num_heads, budget, head_dim), jnp.dtype(dtype),
-                           slots + ("head_dim",)),
-               pos=ArrayInfo((batch, num_heads, budget), jnp.dtype(jnp.int32), slots),
-               score=ArrayInfo((batch, num_heads, budget), jnp.dtype(jnp.float32), slots),
-               h=ArrayInfo((batch, num_heads, rank, head_dim), jnp.dtype(jnp.float32),
-                           ("batch", "heads", "rank", "head_dim")),
-               z=ArrayInfo((batch, num_heads, rank), jnp.dtype(jnp.float32),
-                           ("batch", "heads", "rank")))
+    f32 = jnp.dtype(jnp.float32)
+    return cls(k=ArrayInfo((batch, num_heads, budget, head_dim), slots + ("head_dim",),
+                           jnp.dtype(dtype)),
+               v=ArrayInfo((batch, num_heads, budget, head_dim), slots + ("head_dim",),
+                           jnp.dtype(dtype)),
+               pos=ArrayInfo((batch, num_heads, budget), slots, jnp.dtype(jnp.int32)),
+               score=ArrayInfo((batch, num_heads, budget), slots, f32),
+               h=ArrayInfo((batch, num_heads, rank, head_dim),
+                           ("batch", "heads", "rank", "head_dim"), f32),
+               z=ArrayInfo((batch, num_heads, rank), ("batch", "heads", "rank"), f32))
 
 
 @struct.dataclass
@@ -127,7 +127,7 @@ class SparseState:
   @classmethod
   def abstract(cls, batch: int, num_heads: int, head_dim: int, budget: int,
                ranks: tuple[int, ...], dtype=jnp.float32) -> "SparseState":
-    return cls(lengths=ArrayInfo((batch,), jnp.dtype(jnp.int32), ("batch",)),
+    return cls(lengths=ArrayInfo((batch,), ("batch",), jnp.dtype(jnp.int32)),
                layers=tuple(SparseKVCache.abstract(batch, num_heads, head_dim, budget, r, dtype)
                             for r in ranks))
 

@@ -57,7 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pldr_jax import backend, errors, g_modes
-from pldr_jax.inference import generate, kv_cache
+from pldr_jax.inference import generate
 from pldr_jax.inference.caches import FullCache
 from pldr_jax.training import train
 from pldr_jax import params as params_lib
@@ -170,7 +170,7 @@ def _abstract(tree, shardings):
 
 def _info_abstract(info_tree, mesh):
   """ShapeDtypeStructs with shardings from a cache's `abstract()` (ArrayInfo leaves)."""
-  is_info = lambda x: isinstance(x, kv_cache.ArrayInfo)
+  is_info = sharding_lib.is_info
   return jax.tree.map(
       lambda i: SDS(i.shape, i.dtype,
                     sharding=sharding_lib.logical_sharding(i.shape, i.axes, mesh)),

@@ -1,7 +1,8 @@
 """One description per parameter array, driving init, counting and sharding.
 
-`param_specs(config)` returns the parameter pytree with a `ParamSpec` at each
-leaf (shape, initialiser, logical axis names). `init_params` draws arrays from
+`param_specs(config)` returns the parameter pytree with a
+`pldr_jax.sharding.ArrayInfo` at each leaf (shape, logical axis names,
+initialiser), the same description the decode caches use. `init_params` draws arrays from
 it; `param_shardings` maps logical axes onto a mesh (Flax logical-axis rules,
 pldr_jax.sharding); `count_params` counts without allocating anything.
 
@@ -23,27 +24,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from pldr_jax import sharding as sharding_lib
+from pldr_jax.sharding import ArrayInfo
 from pldr_jax.config import PLDRConfig
 
 
 Initializer = Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
 
 
-@dataclasses.dataclass(frozen=True)
-class ParamSpec:
-  """shape; init: a `jax.nn.initializers` callable (key, shape, dtype) -> array;
-  axes: a logical axis name (or None) per dimension. A stacked layer parameter
-  has axes[0] == "layers": its init draws each layer separately (the fans are
-  those of one layer's tensor)."""
-  shape: tuple[int, ...]
-  init: Initializer
-  axes: tuple[str | None, ...]
-
-  def draw(self, key: jax.Array, dtype) -> jax.Array:
-    if self.axes[:1] == ("layers",):
-      keys = jax.random.split(key, self.shape[0])
-      return jax.vmap(lambda k: self.init(k, self.shape[1:], dtype))(keys)
-    return self.init(key, self.shape, dtype)
+def _w(shape, init, axes) -> ArrayInfo:
+  """A weight's description: drawn by `init` in the config's param_dtype."""
+  return ArrayInfo(tuple(shape), tuple(axes), init=init)
 
 
 # ------------------------------------------------------------------ initialisers
@@ -86,12 +76,12 @@ def _dense(n_in, n_out, ax_in, ax_out, *, torch_default: bool = False):
     kernel, bias = torch_linear_default, torch_linear_bias(n_in)
   else:
     kernel, bias = xavier_uniform, zeros
-  return {"kernel": ParamSpec((n_in, n_out), kernel, (ax_in, ax_out)),
-          "bias": ParamSpec((n_out,), bias, (ax_out,))}
+  return {"kernel": _w((n_in, n_out), kernel, (ax_in, ax_out)),
+          "bias": _w((n_out,), bias, (ax_out,))}
 
 
 def _ln(n, ax):
-  return {"scale": ParamSpec((n,), ones, (ax,)), "bias": ParamSpec((n,), zeros, (ax,))}
+  return {"scale": _w((n,), ones, (ax,)), "bias": _w((n,), zeros, (ax,))}
 
 
 def _glu(n, f, ax_n, ax_f):
@@ -122,31 +112,30 @@ def layer_specs(c: PLDRConfig) -> dict:
         {"glu1": _glu(dk, c.a_dff, None, None), "glu2": _glu(dk, c.a_dff, None, None),
          "ln": _ln(dk, None)} for _ in range(c.num_res_units)]
     layer["plga"] = {
-        "W": ParamSpec((h, dk, dk), xavier_normal_3d, hd),
-        "b": ParamSpec((h, dk, dk), zeros, hd),
-        "P": ParamSpec((h, dk, dk), xavier_normal_3d, hd),
-        "a": ParamSpec((h, dk, dk), xavier_normal_3d, hd),
-        "b_a": ParamSpec((h, dk, dk), zeros, hd),
+        "W": _w((h, dk, dk), xavier_normal_3d, hd),
+        "b": _w((h, dk, dk), zeros, hd),
+        "P": _w((h, dk, dk), xavier_normal_3d, hd),
+        "a": _w((h, dk, dk), xavier_normal_3d, hd),
+        "b_a": _w((h, dk, dk), zeros, hd),
     }
   return layer
 
 
-def _is_spec(x) -> bool:
-  return isinstance(x, ParamSpec)
+_is_spec = sharding_lib.is_info
 
 
-def _stacked(spec: ParamSpec, n: int) -> ParamSpec:
-  return ParamSpec((n, *spec.shape), spec.init, ("layers", *spec.axes))
+def _stacked(spec: ArrayInfo, n: int) -> ArrayInfo:
+  return _w((n, *spec.shape), spec.init, ("layers", *spec.axes))
 
 
 def param_specs(c: PLDRConfig, *, stacked: bool = True) -> dict:
-  """The whole parameter tree of ParamSpecs: layers stacked on a leading [L]
+  """The whole parameter tree of ArrayInfos: layers stacked on a leading [L]
   axis, or (stacked=False) a list of L per-layer trees."""
   layer = layer_specs(c)
   layers = (jax.tree.map(lambda s: _stacked(s, c.num_layers), layer, is_leaf=_is_spec)
             if stacked else [layer_specs(c) for _ in range(c.num_layers)])
   return {
-      "embed": ParamSpec((c.vocab_size, c.d_model), embedding_normal, ("vocab", "embed")),
+      "embed": _w((c.vocab_size, c.d_model), embedding_normal, ("vocab", "embed")),
       "ln_embed": _ln(c.d_model, None),
       "layers": layers,
       "head": _dense(c.d_model, c.vocab_size, "embed", "vocab"),
@@ -256,5 +245,4 @@ def param_shardings(config: PLDRConfig, mesh: jax.sharding.Mesh,
                     rules=sharding_lib.LOGICAL_RULES) -> dict:
   """NamedSharding per parameter from its logical axes and Flax logical-axis
   `rules`; a dimension the mesh axes do not divide stays replicated."""
-  return jax.tree.map(lambda s: sharding_lib.logical_sharding(s.shape, s.axes, mesh, rules),
-                      param_specs(config), is_leaf=_is_spec)
+  return sharding_lib.shardings(param_specs(config), mesh, rules)

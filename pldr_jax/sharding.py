@@ -1,8 +1,9 @@
 """Logical axes -> mesh axes, with Flax's logical-axis rules (as MaxText).
 
-Every array the library places on a mesh is described by logical axis names
-(parameters: pldr_jax.params.ParamSpec; decode caches: the `abstract()` of
-pldr_jax.inference.kv_cache.KVCache / GCache and less_jax.cache.SparseCache). One table,
+Every array the library places on a mesh is described once, by an `ArrayInfo`
+(shape, logical axis names, and a dtype or an initialiser): the parameters
+(`pldr_jax.params.param_specs`) and the decode caches (the `abstract()` of
+KVCache / GCache, and of a plugin's caches such as less_jax's). One table,
 `LOGICAL_RULES`, maps those names onto the mesh ('data', 'fsdp'):
 
   batch     -> ('data', 'fsdp')   sequences of a batch (training and decode)
@@ -16,7 +17,8 @@ A rule whose mesh axes do not divide the dimension is dropped for that array
 
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -34,6 +36,46 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("cache_seq", None),
     ("rank", None),
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrayInfo:
+  """One array, described once: shape; axes, a logical axis name (or None) per
+  dimension; dtype, fixed for a cache field (None for a weight, drawn in the
+  config's param_dtype); init, a weight's `jax.nn.initializers` callable
+  (key, shape, dtype) -> array (None for a cache field, zeros).
+
+  A stacked layer weight has axes[0] == "layers": `draw` then draws each layer
+  separately (the fans are those of one layer's tensor)."""
+  shape: tuple[int, ...]
+  axes: tuple[str | None, ...]
+  dtype: Any = None
+  init: Callable | None = None
+
+  def draw(self, key: jax.Array, dtype=None) -> jax.Array:
+    dtype = self.dtype if dtype is None else dtype
+    if self.init is None:
+      return jax.numpy.zeros(self.shape, dtype)
+    if self.axes[:1] == ("layers",):
+      keys = jax.random.split(key, self.shape[0])
+      return jax.vmap(lambda k: self.init(k, self.shape[1:], dtype))(keys)
+    return self.init(key, self.shape, dtype)
+
+
+def is_info(x) -> bool:
+  return isinstance(x, ArrayInfo)
+
+
+def shardings(infos, mesh: jax.sharding.Mesh, rules=None):
+  """NamedSharding per leaf of a tree of ArrayInfo, from its logical axes."""
+  rules = LOGICAL_RULES if rules is None else rules
+  return jax.tree.map(lambda i: logical_sharding(i.shape, i.axes, mesh, rules), infos,
+                      is_leaf=is_info)
+
+
+def zeros(infos):
+  """Zero arrays for a tree of ArrayInfo (their dtypes)."""
+  return jax.tree.map(lambda i: jax.numpy.zeros(i.shape, i.dtype), infos, is_leaf=is_info)
 
 
 def logical_spec(shape: Sequence[int], axes: Sequence[str | None], mesh: jax.sharding.Mesh,

@@ -20,7 +20,9 @@ from pldr_jax import config as cfg
 from pldr_jax.inference import decode, generate as gen
 from pldr_jax import g_modes, model
 from pldr_jax import params as params_lib
-from pldr_jax.inference.kv_cache import GCache, KVCache, zeros_like_abstract
+from pldr_jax.sharding import ArrayInfo
+from pldr_jax.inference.kv_cache import GCache, KVCache
+from pldr_jax.sharding import zeros as zeros_like_abstract
 from pldr_jax.params import init_params
 
 F64 = dict(param_dtype="float64", compute_dtype="float64")
@@ -38,6 +40,7 @@ def _setup(kw):
   return c, p, g
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kw", MODES, ids=IDS)
 def test_scan_unrolled_and_per_layer_params_agree(kw):
   c, p, g = _setup(kw)
@@ -63,11 +66,12 @@ def test_stack_and_unstack_are_inverse():
   specs = params_lib.param_specs(c)
   chex.assert_trees_all_equal_shapes(
       jax.tree.map(lambda s: jnp.zeros(s.shape), specs,
-                   is_leaf=lambda x: isinstance(x, params_lib.ParamSpec)), p)
+                   is_leaf=lambda x: isinstance(x, ArrayInfo)), p)
   assert all(s.axes[0] == "layers" for s in jax.tree.leaves(
-      specs["layers"], is_leaf=lambda x: isinstance(x, params_lib.ParamSpec)))
+      specs["layers"], is_leaf=lambda x: isinstance(x, ArrayInfo)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("g_cache", [True, False])
 @pytest.mark.parametrize("kw", MODES, ids=IDS)
 def test_cache_abstract_is_what_prefill_builds(kw, g_cache):
@@ -87,6 +91,7 @@ def test_cache_abstract_is_what_prefill_builds(kw, g_cache):
   chex.assert_trees_all_equal(kv2.lengths, lens + 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kw", MODES, ids=IDS)
 def test_decode_on_stacked_and_per_layer_params_agree(kw):
   c, p, g = _setup(kw)
@@ -104,6 +109,7 @@ def test_decode_on_stacked_and_per_layer_params_agree(kw):
   chex.assert_trees_all_close(kv_a, kv_b, rtol=1e-13, atol=1e-13)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kw", MODES, ids=IDS)
 def test_batch_1_decode_weights_output_major(kw):
   """decode_params(batch=1) stores the layers' kernels output-major on CPU (nn.output_major,
@@ -127,6 +133,7 @@ def test_batch_1_decode_weights_output_major(kw):
   chex.assert_trees_all_close(kv_a, kv_b, rtol=1e-13, atol=1e-13)
 
 
+@pytest.mark.slow
 def test_sparse_state_abstract_is_what_less_prefill_builds():
   c, p, _ = _setup({})
   t = random_tokens(c, (2, 10))
@@ -146,6 +153,7 @@ def test_sparse_state_abstract_is_what_less_prefill_builds():
   assert jax.tree.map(lambda a: (a.shape, a.dtype), st2) == want_shapes
 
 
+@pytest.mark.slow
 def test_decode_step_checks_its_inputs():
   c, p, _ = _setup({})
   t = random_tokens(c, (2, 6))

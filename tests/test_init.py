@@ -12,6 +12,7 @@ import pytest
 from pldr_jax import errors
 from pldr_jax import config as config_lib
 from pldr_jax import params as params_lib
+from pldr_jax.sharding import ArrayInfo
 
 torch = pytest.importorskip("torch")
 
@@ -61,7 +62,7 @@ def _stats(x: np.ndarray):
 def _leaves(config):
   specs = params_lib.param_specs(config)
   flat, _ = jax.tree_util.tree_flatten_with_path(
-      specs, is_leaf=lambda s: isinstance(s, params_lib.ParamSpec))
+      specs, is_leaf=lambda s: isinstance(s, ArrayInfo))
   out = {}
   for kp, spec in flat:
     path = tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in kp)

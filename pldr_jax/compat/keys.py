@@ -30,7 +30,8 @@ import numpy as np
 from pldr_jax.compat.unwrap import format_keys, np_dtype, to_numpy, unwrap_state_dict
 from pldr_jax.config import PLDRConfig
 from pldr_jax.errors import CheckpointError
-from pldr_jax.params import ParamSpec, param_specs, stack_layers, unstack_layers
+from pldr_jax.params import param_specs, stack_layers, unstack_layers
+from pldr_jax.sharding import ArrayInfo
 
 __all__ = ["key_map", "state_dict_shapes", "is_learned_g_key", "check_state_dict",
            "state_dict_to_params", "params_to_state_dict", "G_VALUES_KEY", "G_STATUS_KEY",
@@ -103,9 +104,9 @@ def _get(tree, path: tuple):
 
 
 def _our_shapes(config: PLDRConfig) -> dict[tuple, tuple[int, ...]]:
-  """Pytree path -> shape, from the ParamSpecs (allocates nothing)."""
+  """Pytree path -> shape, from the ArrayInfos (allocates nothing)."""
   specs = param_specs(config, stacked=False)
-  flat, _ = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, ParamSpec))
+  flat, _ = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, ArrayInfo))
   return {tuple(_path_key(k) for k in path): s.shape for path, s in flat}
 
 
@@ -192,7 +193,7 @@ def state_dict_to_params(state_dict: Mapping[str, Any], config: PLDRConfig, *,
         "or load them as float32: param_dtype='float32' (config_from_state_dict / load_hf / "
         "load_checkpoint override), dtype='float32' here, or to_jax=False for NumPy arrays")
   params = jax.tree.map(lambda s: None, param_specs(config, stacked=False),
-                        is_leaf=lambda x: isinstance(x, ParamSpec))
+                        is_leaf=lambda x: isinstance(x, ArrayInfo))
   for key, path, transpose in key_map(config):
     arr = to_numpy(sd[key])
     if not (np.issubdtype(arr.dtype, np.floating) or arr.dtype == ml_dtypes.bfloat16):

@@ -197,7 +197,7 @@ def _constrain(tree, abstract, mesh):
   """Pin a cache to the shardings its logical axes give on `mesh` (None: as is)."""
   if mesh is None:
     return tree
-  return jax.lax.with_sharding_constraint(tree, kv_cache.shardings(abstract, mesh))
+  return jax.lax.with_sharding_constraint(tree, sharding_lib.shardings(abstract, mesh))
 
 
 def _prefill(params, tokens, lengths, g_lm, cache, *, config, cache_len, mesh=None):

@@ -33,38 +33,12 @@ reads either; `model.forward(..., return_deductive=True)` gives every tensor.
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-from pldr_jax import sharding as sharding_lib
+from pldr_jax.sharding import ArrayInfo
 from pldr_jax.config import PLDRConfig
-
-
-@dataclasses.dataclass(frozen=True)
-class ArrayInfo:
-  """What `abstract()` gives per field: shape, dtype and logical axes."""
-  shape: tuple[int, ...]
-  dtype: Any
-  axes: tuple[str | None, ...]
-
-
-def _is_info(x) -> bool:
-  return isinstance(x, ArrayInfo)
-
-
-def zeros_like_abstract(abstract):
-  """Zero arrays for a tree of ArrayInfo."""
-  return jax.tree.map(lambda i: jnp.zeros(i.shape, i.dtype), abstract, is_leaf=_is_info)
-
-
-def shardings(abstract, mesh: jax.sharding.Mesh, rules=sharding_lib.LOGICAL_RULES):
-  """NamedSharding per field of an abstract cache, from its logical axes."""
-  return jax.tree.map(lambda i: sharding_lib.logical_sharding(i.shape, i.axes, mesh, rules),
-                      abstract, is_leaf=_is_info)
 
 
 KV_AXES = ("batch", "heads", "head_dim", "cache_seq")
@@ -86,12 +60,12 @@ class KVCache:
   def abstract(cls, config: PLDRConfig, batch: int, cache_len: int,
                g_cache: bool = True) -> "KVCache":
     cd = jnp.dtype(config.compute_dtype)
-    kv = (ArrayInfo((batch, config.num_heads, config.head_dim, cache_len), cd, KV_AXES),
+    kv = (ArrayInfo((batch, config.num_heads, config.head_dim, cache_len), KV_AXES, cd),
           ) * config.num_layers
     gram = None
     if _uses_gram(config, g_cache):
-      gram = ArrayInfo(_g_shape(config, batch), jnp.promote_types(cd, jnp.float32), G_AXES)
-    return cls(k=kv, v=kv, lengths=ArrayInfo((batch,), jnp.int32, ("batch",)), gram=gram)
+      gram = ArrayInfo(_g_shape(config, batch), G_AXES, jnp.promote_types(cd, jnp.float32))
+    return cls(k=kv, v=kv, lengths=ArrayInfo((batch,), ("batch",), jnp.int32), gram=gram)
 
   @property
   def cache_len(self) -> int:
@@ -109,7 +83,7 @@ class GCache:
 
   @classmethod
   def abstract(cls, config: PLDRConfig, batch: int, g_cache: bool = True) -> "GCache":
-    info = ArrayInfo(_g_shape(config, batch), jnp.dtype(config.compute_dtype), G_AXES)
+    info = ArrayInfo(_g_shape(config, batch), G_AXES, jnp.dtype(config.compute_dtype))
     if not config.learned_g:
       return cls() if config.g_mode == "identity" else cls(g_lm=info)
     if config.causal_metric and not g_cache:
