@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
-from pldr_jax.config import check_field_types
+from pldr_jax.config import check_field_types, check_int
 from pldr_jax.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -69,9 +69,7 @@ class LessTrainConfig:
     for name, minimum in (("rank", 1), ("hidden", 1), ("epochs", 1), ("epoch_steps", 1),
                           ("lr_halve_epochs", 1), ("seed", 0), ("val_batches", 0),
                           ("batch_size", 1)):
-      v = getattr(self, name)
-      if v is not None and v < minimum:
-        raise ConfigError(f"LessTrainConfig.{name} must be >= {minimum}, got {v!r}")
+      check_int(f"LessTrainConfig.{name}", getattr(self, name), minimum, optional=True)
     if not self.lr > 0:
       raise ConfigError(f"LessTrainConfig.lr must be > 0, got {self.lr!r}")
     if not 0.0 <= self.dropout < 1.0:

@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from pldr_jax import paths
+from pldr_jax.config import check_int
 from pldr_jax.errors import CheckpointCorrupt, CheckpointError, CheckpointMismatch
 from pldr_jax.training import distributed, integrity
 
@@ -122,8 +123,7 @@ class Checkpointer:
   a context manager). Every process of a run saves the same step; any number restore."""
 
   def __init__(self, directory, *, keep: int | None = 3, async_save: bool = True):
-    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
-      raise ValueError(f"keep must be a positive integer or None, got {keep!r}")
+    check_int("Checkpointer keep", keep, 1, optional=True)  # a ConfigError
     self.directory = os.fspath(paths.as_path(directory))  # local (absolute) or a URL
     self.keep, self.async_save, self._closed = keep, async_save, False
     self._pending = None  # (step, items, empty items) of the save in flight
@@ -157,9 +157,7 @@ class Checkpointer:
     meta: JSON-ready dicts (dataclasses, tuples, NumPy scalars, paths converted);
     `meta['step']` is set. A failed background write raises in `wait_until_finished`."""
     self._check_open()
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-      raise CheckpointError(self.directory, f"step must be a non-negative integer, got {step!r}")
-    step = int(step)
+    step = check_int("step", step, 0, error=lambda why: CheckpointError(self.directory, why))
     data_json, meta_json = _to_json(data_state, DATA_STATE), _to_json(meta, META)
     for name, value in ((DATA_STATE, data_json), (META, meta_json)):
       if not isinstance(value, dict):
