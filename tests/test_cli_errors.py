@@ -56,7 +56,7 @@ def _script(relpath: str, name: str):
 
 
 def _pretrain():
-  return _script("experiments/pretrain.py", "pldr_pretrain_entry")  # as ablate.py loads it
+  return _script("experiments/pretrain.py", "pldr_pretrain_entry")
 
 
 def _run_in_process(capsys, module, argv) -> tuple[int, str]:

@@ -154,8 +154,7 @@ def test_perplexity_script_reproduces_the_runs_own_eval(tmp_path, run8):
 # ---------------------------------------------------------------- recovery
 
 def pretrain_module():
-  """experiments/pretrain.py as a module, loaded once per process (as ablate.py does:
-  gin refuses to register its configurables twice)."""
+  """experiments/pretrain.py (the script under test) as a module, loaded once per process."""
   from helpers import load_script
   return load_script("experiments/pretrain.py", "pldr_pretrain_entry", once=True)
 
