@@ -112,6 +112,7 @@ def _run_cli(*args):
   return out.stdout
 
 
+@pytest.mark.slow  # runs experiments/analyze_g.py
 def test_cli_writes_table_json_plots_and_compares(tmp_path):
   rng = np.random.default_rng(2)
   a = rng.normal(size=(2, 3, 8, 8)).astype(np.float32)

@@ -73,6 +73,7 @@ def _max_rel(a, b):
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("g_kw", [dict(), dict(causal_metric=True)])
 def test_xla_attention_gives_the_plain_forward_and_gradients(g_kw):
   """fp32 (jax's fused paths compute in fp32 at best): loss and gradients as close to
@@ -98,6 +99,7 @@ def test_xla_attention_gives_the_plain_forward_and_gradients(g_kw):
   assert ded[0]["logits"].shape == (3, c.num_heads, 20, 20)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("base_kw, variants", [
     (dict(), [dict(remat="minimal"), dict(remat="full"), dict(remat="full", scan_layers=False)]),
     (dict(attention="xla", causal_metric=True), [dict(remat="minimal")]),
@@ -116,6 +118,7 @@ def test_remat_gives_the_same_loss_and_gradients(base_kw, variants):
       assert _max_rel(g1, g0) < 1e-10, kw
 
 
+@pytest.mark.slow
 def test_remat_keeps_less_for_the_backward_pass():
   """The compiled value-and-grad of a 4-layer model: `full` and `minimal` need less
   temporary memory than `none` (what remat is for), `full` the least."""

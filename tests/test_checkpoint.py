@@ -8,7 +8,6 @@ import pathlib
 import shutil
 import subprocess
 import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +15,7 @@ import numpy as np
 import optax
 import pytest
 
+from helpers import child_script
 from pldr_jax import config as config_lib
 from pldr_jax import model
 from pldr_jax.errors import CheckpointCorrupt, CheckpointError, CheckpointMismatch
@@ -476,59 +476,13 @@ def test_per_layer_checkpoint_is_a_mismatch(tmp_path, state):
     _assert_bit_equal(ckpt.restore_params(abstract_params=abstract_like(old_params)), old_params)
 
 
-_SHARDED_SCRIPT = textwrap.dedent("""
-    import sys
-    import jax, jax.numpy as jnp, numpy as np, optax
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from pldr_jax import config, model
-    from pldr_jax.training.checkpoint import Checkpointer, abstract_like, load_g_lm
-    from pldr_jax.params import param_shardings
-    assert jax.device_count() == 4, jax.devices()
-    directory, params_file = sys.argv[1:]
-    cfg = config.tiny()
-    mesh4 = Mesh(np.array(jax.devices()), ("fsdp",))
-    mesh2 = Mesh(np.array(jax.devices()[:2]), ("fsdp",))
-    sh4, sh2 = param_shardings(cfg, mesh4), param_shardings(cfg, mesh2)
-    rep4 = NamedSharding(mesh4, P())
-    # the parent's init_params(tiny(), key(0)) arrays: no need to draw them again
-    abstract = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
-    treedef = jax.tree.structure(abstract)
-    with np.load(params_file) as f:
-      host = jax.tree.unflatten(treedef, [f[str(i)] for i in range(treedef.num_leaves)])
-    params = jax.device_put(host, sh4)
-    assert params["embed"].sharding.spec == P(None, "fsdp")
-    assert len({s.device for s in params["embed"].addressable_shards}) == 4
-    opt_state = optax.adamw(1e-3).init(params)  # mu/nu sharded like params, count on one device
-
-    def check(got, target):
-      for g, w, h in zip(jax.tree.leaves(got), jax.tree.leaves(abstract_like(host, target)),
-                         jax.tree.leaves(host)):
-        assert g.sharding == w.sharding, (g.sharding, w.sharding)
-        assert np.asarray(g).tobytes() == h.tobytes()
-
-    with Checkpointer(directory, async_save=True) as ckpt:
-      ckpt.save(1, params=params, opt_state=opt_state, data_state={}, meta={},
-                g_lm={"G_LM": jnp.ones((2, 2, 8, 8), jnp.float32)})
-      ckpt.save(2, params=host, opt_state=opt_state, data_state={}, meta={})  # NumPy params
-      ckpt.wait_until_finished()
-      check(ckpt.restore_params(1, abstract_params=abstract_like(host, sh2)), sh2)  # 4 -> 2
-      check(ckpt.restore_params(1, abstract_params=abstract_like(host, rep4)), rep4)
-      r = ckpt.restore(2, abstract_params=abstract_like(host, sh4),  # host -> 4
-                       abstract_opt_state=abstract_like(opt_state))
-      check(r["params"], sh4)
-      assert r["opt_state"][0].mu["embed"].sharding == sh4["embed"]
-      assert r["opt_state"][0].count.sharding == opt_state[0].count.sharding
-    assert load_g_lm(directory, 1)["G_LM"].sum() == 256
-    print("SHARDED-OK")
-""")
-
-
+@pytest.mark.slow  # a fresh interpreter on 4 devices
 def test_sharded_restore_four_devices(tmp_path, state):
   params_file = tmp_path / "params.npz"
   np.savez(params_file, **{str(i): np.asarray(x)
                            for i, x in enumerate(jax.tree.leaves(state[1]))})
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
              JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT, str(tmp_path / "ckpt"),
+  proc = subprocess.run([sys.executable, child_script("sharded_checkpoint"), str(tmp_path / "ckpt"),
                          str(params_file)], env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0 and "SHARDED-OK" in proc.stdout, proc.stdout + proc.stderr[-4000:]

@@ -190,6 +190,7 @@ def tiny64():
   return config_lib.tiny(**F64)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("learned", [True, False], ids=["learned_g", "identity_g"])
 def test_import_matches_reference_forward(learned):
   sd = random_state_dict(tiny_layout(learned), seed=1 if learned else 2)
@@ -263,6 +264,7 @@ def test_wrapped_and_prefixed_state_dicts(tiny64):
   assert config_from_state_dict({"model": sd}, max_len=32, **F64) == tiny64
 
 
+@pytest.mark.slow
 def test_export_of_initialised_params(tiny64):
   params = jax.jit(init_params, static_argnums=0)(tiny64, jax.random.key(0))
   sd = params_to_state_dict(params, tiny64)

@@ -169,6 +169,7 @@ CONFIG = config_lib.tiny(max_len=24)
 PROMPTS = np.random.default_rng(5).integers(4, 64, size=(3, 10)).astype(np.int32)
 
 
+@pytest.mark.slow
 def test_fixed_g_model_gives_exactly_zero_on_g_lm():
   """A fixed G (here 'random') is the same constant in every run: order parameter and
   audit statistics exactly 0 on G_LM, the only tensor the model has."""
@@ -185,6 +186,7 @@ def test_fixed_g_model_gives_exactly_zero_on_g_lm():
   assert out["collapse"]["G_LM"]["suffix_relative_change"]["max"] == 0.0
 
 
+@pytest.mark.slow
 def test_learned_g_runs_the_paper_protocol_and_different_prompts_differ():
   params = params_lib.init_params(CONFIG, jax.random.key(0))
   key = jax.random.key(7)

@@ -61,6 +61,7 @@ def _decode_all(p, c, t, lens, steps, g_cache, cache_len=20):
   return logits, jnp.stack(outs, 1), deds, gcache
 
 
+@pytest.mark.slow
 @pytest.mark.x64
 @pytest.mark.parametrize("g_cache", [True, False])
 def test_cached_decode_matches_forward_position_by_position(g_cache):
@@ -78,6 +79,7 @@ def test_cached_decode_matches_forward_position_by_position(g_cache):
     assert _rel(outs[b], full[n:n + steps]) < 1e-10
 
 
+@pytest.mark.slow
 @pytest.mark.x64
 def test_causal_metric_decode_without_g_cache_matches_causal_forward():
   """Causal metric, no G-cache: every step extends A, so decode == forward exactly."""
@@ -114,6 +116,7 @@ def test_g_cache_on_off_same_deductive_outputs_15_decimals():
   assert _rel(out_on, out_off) < 1e-14
 
 
+@pytest.mark.slow
 @pytest.mark.x64
 def test_g_cache_skips_the_metric_learner():
   """With the G-cache, decode never reads the metric learner or power-law weights."""
@@ -136,6 +139,7 @@ def test_g_cache_skips_the_metric_learner():
     step(p, gcache, state, t[:, 5], config=c, g_cache=False)
 
 
+@pytest.mark.slow
 @pytest.mark.x64
 def test_causal_metric_is_causal_and_reference_mode_is_not():
   c_ref = cfg.tiny(**F64)
@@ -155,6 +159,7 @@ def test_causal_metric_is_causal_and_reference_mode_is_not():
   assert moved > 1e-8
 
 
+@pytest.mark.slow
 @pytest.mark.x64
 @pytest.mark.parametrize("causal", [False, True])
 def test_padding_invariance(causal):
@@ -214,6 +219,7 @@ def test_kv_cache_holds_the_forward_keys_and_values_time_minor():
         assert not np.any(np.asarray(buf[b, :, :, n:]))
 
 
+@pytest.mark.slow
 @pytest.mark.x64
 def test_prefill_last_logits_only_runs_the_head_at_each_prompts_last_token():
   """all_logits=False (what generate, stream and lm-eval's scoring use) gives each
@@ -242,6 +248,7 @@ def test_prefill_last_logits_only_runs_the_head_at_each_prompts_last_token():
     assert bsv not in program(all_logits=False), name
 
 
+@pytest.mark.slow
 def test_jitted_decode_donates_state_and_matches_eager():
   c = cfg.tiny()
   p = _params(c)
@@ -260,6 +267,7 @@ def test_jitted_decode_donates_state_and_matches_eager():
   np.testing.assert_array_equal(np.asarray(st2.lengths), [6, 4])
 
 
+@pytest.mark.slow
 @pytest.mark.x64
 def test_generate_greedy_matches_forward_and_stream():
   c = cfg.tiny(**F64)
@@ -277,6 +285,7 @@ def test_generate_greedy_matches_forward_and_stream():
     assert greedy.tolist() == out[i]
 
 
+@pytest.mark.slow
 def test_generate_no_recompile_within_bucket():
   c = cfg.tiny()
   p = _params(c)
@@ -299,6 +308,7 @@ def test_generate_no_recompile_within_bucket():
   assert gen.generate_tokens._cache_size() == before + 1
 
 
+@pytest.mark.slow
 @pytest.mark.x64
 def test_generate_sizes_the_cache_to_the_request():
   """The default cache is the smallest bucket holding prompt bucket + new tokens (a
@@ -317,6 +327,7 @@ def test_generate_sizes_the_cache_to_the_request():
   assert streamed.tolist() == full
 
 
+@pytest.mark.slow
 def test_stop_token_and_per_sequence_lengths():
   c = cfg.tiny()
   p = _params(c)
@@ -331,6 +342,7 @@ def test_stop_token_and_per_sequence_lengths():
   assert out[1] == want1
 
 
+@pytest.mark.slow
 def test_sample_logits_filters():
   rng = np.random.default_rng(0)
   logits = jnp.asarray(rng.standard_normal((4, 50)), jnp.float32)
@@ -401,6 +413,7 @@ def test_bad_inputs_raise_clear_errors():
     model.forward(pt, jnp.ones((1, 4), jnp.int32), config=ct)
 
 
+@pytest.mark.slow
 def test_fixed_g_modes():
   c = cfg.tiny(g_mode="random")
   p = init_params(c, jax.random.key(0))

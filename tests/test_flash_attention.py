@@ -32,6 +32,7 @@ def _plain(q, k, v, g, lengths):
   return plga.plga_attention(q, k, v, g, plga.causal_mask(pos, pos, lengths))[0]
 
 
+@pytest.mark.slow
 def test_flash_equals_plga_on_real_positions_values_and_gradients():
   q, k, v, g, lengths = _inputs()
   valid = (jnp.arange(q.shape[1])[None, :] < lengths[:, None])[..., None, None]

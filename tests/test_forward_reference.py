@@ -305,6 +305,7 @@ def run_model(model, params, tokens, lengths, cfg, jit=False, **kw):
   return fn(params, jnp.asarray(tokens, jnp.int32), lengths, config=cfg, **kw)
 
 
+@pytest.mark.slow
 @pytest.mark.x64
 @pytest.mark.parametrize("causal", [False, True], ids=["full_metric", "causal_metric"])
 def test_fp64_matches_reference(model, causal):

@@ -89,6 +89,7 @@ def assert_same_cache(c1, c2, atol=1e-5):
 
 
 # (a) + (d): parallel == decode == prefill == float64 reference, every policy.
+@pytest.mark.slow
 @pytest.mark.parametrize("with_kernels", [False, True], ids=["sparse", "less"])
 @pytest.mark.parametrize("name", list(POLICIES))
 def test_forms_agree_with_reference(name, with_kernels):
@@ -165,6 +166,7 @@ def test_static_masks_equal_policy_scan():
   assert POLICIES["h2o"][0].static_mask(S) is None
 
 
+@pytest.mark.slow
 def test_jit_matches_eager():
   policy, _ = POLICIES["h2o"]
   q, k, v = make_qkv(6)
@@ -260,6 +262,7 @@ def test_each_evicted_pair_folded_exactly_once():
 
 
 # (e) decode state does not grow with the sequence.
+@pytest.mark.slow
 def test_decode_state_bytes_constant():
   policy = lj.h2o(4, 4)
   kern = make_kernels(14)
@@ -291,6 +294,7 @@ def test_decode_state_bytes_constant():
 
 
 # No NaN in values or gradients when phi(q) has zero features.
+@pytest.mark.slow
 def test_zero_phi_features_give_finite_gradients():
   policy, _ = POLICIES["h2o"]
   q, k, v = make_qkv(15)
@@ -462,6 +466,7 @@ def _one_shot_reference(q, k, v, length, ref_policy, kern=None):
   return outs, kept, scores
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(POLICIES))
 def test_one_shot_prefill_keeps_the_policy_set_after_full_attention(name):
   policy, rpolicy = POLICIES[name]

@@ -115,6 +115,7 @@ def _cached_g(gcache, b):
 
 # (1) -------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("g_mode,policy", [
     ("identity", lj.h2o(heavy=16, recent=16)),
     ("identity", lj.lambda_mask(sink=4, recent=28)),
@@ -179,6 +180,7 @@ def test_large_budget_without_kernels_equals_full_model(g_mode, policy):
 
 # (2) -------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("with_kernels", [False, True], ids=["sparse", "less"])
 @pytest.mark.parametrize("policy", [H2O_SMALL, LAMBDA_SMALL], ids=["h2o", "lambda"])
 @pytest.mark.parametrize("g_mode", ["identity", "learned"])
@@ -229,6 +231,7 @@ def test_less_differs_from_sparse_and_full_attention():
 
 # (3) -------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("g_mode", ["identity", "learned"])
 def test_batched_sequences_get_what_they_get_alone(g_mode):
   c = _config(g_mode)
@@ -263,6 +266,7 @@ def test_batched_sequences_get_what_they_get_alone(g_mode):
 
 # (4) -------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_decode_state_bytes_do_not_grow_with_the_sequence():
   """Same bytes at 1k and 8k tokens, for contexts of 1024 and 8192.
 
@@ -361,6 +365,7 @@ def test_bad_inputs_give_clear_errors():
 
 # Jit, donation, inactive sequences, kernel-training data ---------------------
 
+@pytest.mark.slow
 def test_jitted_decode_donates_state_matches_eager_and_respects_active():
   c = _config("learned")
   p = _params(c)

@@ -92,6 +92,7 @@ def _perturbed_params(config, seed):
   return jax.tree.unflatten(tree, leaves)
 
 
+@pytest.mark.slow
 @pytest.mark.x64
 @pytest.mark.parametrize("g_mode", ["learned", "transferred"])
 def test_half_rotation_model_equals_permuted_interleaved_model(g_mode):

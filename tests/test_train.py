@@ -64,6 +64,7 @@ def test_same_losses_on_1_and_8_devices():
   np.testing.assert_allclose(dp["losses"], one_learned["losses"], rtol=1e-10, atol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.x64
 def test_loss_ignores_pad_and_matches_plain_cross_entropy():
   c = cfg.tiny(param_dtype="float64", compute_dtype="float64")
@@ -88,6 +89,7 @@ def test_loss_ignores_pad_and_matches_plain_cross_entropy():
   np.testing.assert_allclose(float(m["accuracy"]), hits / n, rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_cross_entropy_against_log_softmax_and_argmax():
   """train.cross_entropy: -log softmax at the target, its gradient softmax - one-hot,
   and the hit an argmax == target (a target tied for the largest logit counts)."""
@@ -109,6 +111,7 @@ def test_cross_entropy_against_log_softmax_and_argmax():
   assert not bool(train.cross_entropy(tie, jnp.asarray([0]))[1][0])
 
 
+@pytest.mark.slow
 @pytest.mark.x64
 @pytest.mark.parametrize("chunk", [4, 5])
 def test_loss_chunk_gives_the_same_loss_and_gradients(chunk):
@@ -132,6 +135,7 @@ def test_loss_chunk_gives_the_same_loss_and_gradients(chunk):
                                                        rtol=1e-9, atol=1e-12), g_c, g)
 
 
+@pytest.mark.slow
 def test_loss_chunk_never_stores_the_whole_logits():
   """With loss_chunk the compiled gradient of the loss needs less temporary memory than
   the whole-sequence loss, by more than the [B, S, V] fp32 logits (XLA's own memory
@@ -148,6 +152,7 @@ def test_loss_chunk_never_stores_the_whole_logits():
   assert temps(c) - temps(c.replace(loss_chunk=32)) > logits_bytes
 
 
+@pytest.mark.slow
 def test_weight_decay_on_every_parameter_by_default():
   """AdamW decays biases, LayerNorms and the embedding too (the authors' torch AdamW);
   decay_all_params=False decays matrices only."""
@@ -182,6 +187,7 @@ def test_schedule_and_clipping():
   assert np.all(np.isfinite(np.asarray(upd["w"])))
 
 
+@pytest.mark.slow
 def test_dag_term_matches_scipy_and_survives_large_entries():
   scipy_linalg = pytest.importorskip("scipy.linalg")
   x = np.random.default_rng(0).standard_normal((3, 6, 6))
