@@ -17,6 +17,7 @@ import less_reference as ref
 
 import less_jax as lj
 from less_jax import errors as lerr  # noqa: E402
+from pldr_jax.errors import ConfigError, InputError
 
 B, S, H, D = 2, 24, 2, 8
 LENGTHS = np.array([24, 17], np.int32)
@@ -338,7 +339,7 @@ def test_kernel_dropout_only_in_training():
   drop = lj.less_attention_parallel(q, k, v, LENGTHS, policy, kern,
                                     dropout_rng=jax.random.PRNGKey(0), deterministic=False)
   assert np.abs(np.asarray(drop) - np.asarray(base)).max() > 1e-4
-  with pytest.raises(ValueError, match="dropout_rng"):
+  with pytest.raises(lerr.KernelError, match="dropout_rng"):
     lj.less_attention_parallel(q, k, v, LENGTHS, policy, kern, deterministic=False)
 
 
@@ -374,29 +375,29 @@ def test_baseline_plus_and_make_policy():
 
 # (f) bad inputs give clear errors.
 def test_bad_inputs():
-  with pytest.raises(lerr.PolicyError, match="unknown sparse policy 'foo'.*h2o"):
+  with pytest.raises(lerr.PolicyError, match="unknown sparse policy"):
     lj.make_policy("foo")
-  with pytest.raises(lerr.PolicyError, match="recent must be >= 1"):
+  with pytest.raises(lerr.PolicyError, match="recent"):
     lj.make_policy("h2o", heavy=0, recent=0)
-  with pytest.raises(lerr.PolicyError, match="recent must be >= 1"):
+  with pytest.raises(lerr.PolicyError, match="recent"):
     lj.sliding_window(0)
-  with pytest.raises(lerr.PolicyError, match="heavy must be >= 0"):
+  with pytest.raises(lerr.PolicyError, match="heavy"):
     lj.h2o(-1, 4)
   with pytest.raises(lerr.PolicyError, match="must be an int"):
     lj.h2o(2.5, 4)
-  with pytest.raises(lerr.PolicyError, match="unknown argument.*sink"):
+  with pytest.raises(lerr.PolicyError, match="sink"):
     lj.make_policy("h2o", heavy=4, recent=4, sink=4)
   with pytest.raises(lerr.PolicyError, match="needs arguments"):
     lj.make_policy("h2o", heavy=4)
-  with pytest.raises(lerr.PolicyError, match="needs 300 cache slots.*only 256"):
+  with pytest.raises(lerr.PolicyError, match="cache slots"):
     lj.make_policy("h2o", heavy=150, recent=150, max_len=256)
-  with pytest.raises(lerr.PolicyError, match="needs 20 cache slots.*only 16"):
+  with pytest.raises(lerr.PolicyError, match="cache slots"):
     lj.init_cache(1, 2, 8, lj.sliding_window(20), max_len=16)
   with pytest.raises(lerr.PolicyError, match="needs a Policy"):
     lj.baseline_plus("h2o", 4)
-  with pytest.raises(lerr.PolicyError, match="LambdaMask needs `recent`"):
+  with pytest.raises(lerr.PolicyError, match="recent"):
     lj.make_policy("lambda", sink=4)
-  with pytest.raises(lerr.PolicyError, match="extra must be >= 0"):
+  with pytest.raises(lerr.PolicyError, match="extra"):
     lj.baseline_plus(lj.h2o(2, 2), -1)
 
   policy = lj.h2o(2, 2)
@@ -404,31 +405,31 @@ def test_bad_inputs():
   cache = lj.init_cache(B, H, D, policy, rank=RANK)
   q = jnp.zeros((B, H, D), jnp.float32)
   lengths = jnp.zeros((B,), jnp.int32)
-  with pytest.raises(ValueError, match="cache has 4 slots but .* needs budget 6"):
+  with pytest.raises(lerr.SparseStateError, match="budget"):
     lj.sparse_decode_step(cache, q, q, q, lengths, lj.h2o(3, 3), kern)
-  with pytest.raises(ValueError, match="rank-4 LESS state but the kernels have rank 0"):
+  with pytest.raises(lerr.SparseStateError, match="rank"):
     lj.sparse_decode_step(cache, q, q, q, lengths, policy, None)
-  with pytest.raises(ValueError, match=r"q must be \[B, H, D\]"):
+  with pytest.raises(InputError, match="q must"):
     lj.sparse_decode_step(cache, q[:, :1], q, q, lengths, policy, kern)
-  with pytest.raises(ValueError, match="lengths must be int"):
+  with pytest.raises(InputError, match="lengths"):
     lj.sparse_decode_step(cache, q, q, q, jnp.zeros((3,), jnp.int32), policy, kern)
-  with pytest.raises(ValueError, match="head width"):
+  with pytest.raises(lerr.KernelError, match="head width"):
     lj.sparse_decode_step(lj.init_cache(B, H, 4, policy, rank=RANK), q[..., :4], q[..., :4],
                           q[..., :4], lengths, policy, kern)
-  with pytest.raises(ValueError, match="policy must be a less_jax Policy"):
+  with pytest.raises(lerr.PolicyError):
     lj.sparse_decode_step(cache, q, q, q, lengths, "h2o", kern)
   x = np.zeros((B, S, H, D), np.float32)
-  with pytest.raises(ValueError, match="lengths must lie in"):
+  with pytest.raises(InputError, match="lengths"):
     lj.less_attention_parallel(x, x, x, np.array([S + 1, 3]), policy)
-  with pytest.raises(ValueError, match="q, k, v shapes differ"):
+  with pytest.raises(InputError, match="shapes"):
     lj.sparse_prefill(x, x[:, :3], x, LENGTHS, policy)
-  with pytest.raises(ValueError, match=r"must be \[B, S, H, D\]"):
+  with pytest.raises(InputError, match="must be"):
     lj.sparse_prefill(x[0], x[0], x[0], LENGTHS, policy)
   bad = kern._replace(**{n: np.zeros((3,) + getattr(kern, n).shape[1:], np.float32)
                          for n in kern._fields})
-  with pytest.raises(ValueError, match="kernels have 3 heads"):
+  with pytest.raises(lerr.KernelError, match="heads"):
     lj.less_attention_parallel(x, x, x, LENGTHS, policy, bad)
-  with pytest.raises(ValueError, match=r"kernels.wk3 has shape \(2, 3, 3\)"):
+  with pytest.raises(lerr.KernelError, match="wk3"):
     lj.less_attention_parallel(x, x, x, LENGTHS, policy,
                                kern._replace(wk3=np.zeros((2, 3, 3), np.float32)))
 
@@ -511,5 +512,5 @@ def test_one_shot_prefill_then_decode_and_short_prompts():
                                       jnp.asarray(prompt), policy, kern)
   assert np.isfinite(np.asarray(out)).all()
   assert sorted(np.asarray(cache2.pos[1, 0])[np.asarray(cache2.pos[1, 0]) >= 0]) == [0, 1, 2, 3, 4, 5]
-  with pytest.raises(ValueError, match="prefill mode"):
+  with pytest.raises(ConfigError, match="prefill mode"):
     lj.sparse_prefill(q, k, v, prompt, policy, kern, mode="lazy")

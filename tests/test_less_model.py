@@ -313,48 +313,47 @@ def test_bad_inputs_give_clear_errors():
   lens = jnp.array([W, 6], jnp.int32)
   kern = _kernels(c)
   # Budget larger than the context.
-  with pytest.raises(lerr.PolicyError, match="cache slots but the context is only 64"):
+  with pytest.raises(lerr.PolicyError, match="context"):
     lm.less_prefill(p, t, lens, config=c, policy=lj.h2o(40, 40))
-  with pytest.raises(lerr.PolicyError, match="context is only 64"):
+  with pytest.raises(lerr.PolicyError, match="context"):
     lm.less_forward(p, t, lens, config=c, policy=lj.lambda_mask(4, 61))
-  with pytest.raises(lerr.PolicyError, match="context is only 12"):
+  with pytest.raises(lerr.PolicyError, match="context"):
     lm.less_prefill(p, t, lens, config=c, policy=lj.h2o(8, 8), max_len=12)
   with pytest.raises(lerr.PolicyError, match="Policy"):
     lm.less_forward(p, t, lens, config=c, policy="h2o")
   # Kernels for another head width / number of layers / not a list.
-  with pytest.raises(ValueError, match=r"layer 0: kernels are for head width 4, the attention has 8"):
+  with pytest.raises(lerr.KernelError, match="head width"):
     lm.less_prefill(p, t, lens, config=c, policy=H2O_SMALL, kernels=_kernels(c, head_dim=4))
-  with pytest.raises(ValueError, match="1 entries but the model has 2 layers"):
+  with pytest.raises(lerr.KernelError, match="layers"):
     lm.less_forward(p, t, lens, config=c, policy=H2O_SMALL, kernels=kern[:1])
-  with pytest.raises(ValueError, match="one KernelParams .* per layer"):
+  with pytest.raises(lerr.KernelError, match="per layer"):
     lm.less_forward(p, t, lens, config=c, policy=H2O_SMALL, kernels=kern[0])
   broken = [kern[0]._replace(wk3=jnp.zeros((c.num_heads, 3, 3), jnp.float32)), kern[1]]
-  with pytest.raises(ValueError, match=r"layer 0: kernels.wk3 has shape"):
+  with pytest.raises(lerr.KernelError, match="wk3"):
     lm.less_forward(p, t, lens, config=c, policy=H2O_SMALL, kernels=broken)
   # Decode with kernels of another rank than the state was built with.
   _, state, gcache = l_prefill(p, t, lens, kern, config=c, policy=H2O_SMALL)
-  with pytest.raises(ValueError, match="layer 0: cache holds a rank-4 LESS state but the "
-                                       "kernels have rank 2"):
+  with pytest.raises(lerr.SparseStateError, match="rank 2"):
     lm.less_decode_step(p, gcache, state, t[:, 0], config=c, policy=H2O_SMALL,
                         kernels=_kernels(c, rank=2))
-  with pytest.raises(ValueError, match="rank-4 LESS state but the kernels have rank 0"):
+  with pytest.raises(lerr.SparseStateError, match="rank 0"):
     lm.less_decode_step(p, gcache, state, t[:, 0], config=c, policy=H2O_SMALL)
   # Decode with another policy than the state's.
-  with pytest.raises(ValueError, match="slots but"):
+  with pytest.raises(lerr.SparseStateError, match="slots"):
     lm.less_decode_step(p, gcache, state, t[:, 0], config=c, policy=lj.h2o(4, 4),
                         kernels=kern)
   # Tokens of the wrong shape; a G-cache without G_LM.
-  with pytest.raises(ValueError, match=r"tokens must be \[B\]"):
+  with pytest.raises(errors.InputError, match="tokens"):
     lm.less_decode_step(p, gcache, state, t[:, :2], config=c, policy=H2O_SMALL, kernels=kern)
-  with pytest.raises(ValueError, match=r"state holds \(2,\) sequences"):
+  with pytest.raises(lerr.SparseStateError, match="sequences"):
     lm.less_decode_step(p, gcache, state, t[:1, 0], config=c, policy=H2O_SMALL, kernels=kern)
-  with pytest.raises(ValueError, match="G-cache has no G_LM"):
+  with pytest.raises(lerr.SparseStateError, match="G_LM"):
     lm.less_decode_step(p, GCache(), state, t[:, 0], config=c, policy=H2O_SMALL,
                         kernels=kern)
   # Model inputs: checked as pldr_jax does.
   with pytest.raises(errors.InputError, match="outside the vocabulary"):
     lm.less_prefill(p, t.at[0, 2].set(c.vocab_size), lens, config=c, policy=H2O_SMALL)
-  with pytest.raises(errors.InputError, match="longer than the context length 8"):
+  with pytest.raises(errors.InputError, match="context"):
     lm.less_prefill(p, t, lens, config=c, policy=lj.h2o(2, 2), max_len=8)
   with pytest.raises(errors.InputError, match="empty prompt"):
     lm.less_forward(p, t, jnp.array([W, 0], jnp.int32), config=c, policy=H2O_SMALL)
