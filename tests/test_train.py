@@ -89,7 +89,7 @@ def test_loss_ignores_pad_and_matches_plain_cross_entropy():
   np.testing.assert_allclose(float(m["accuracy"]), hits / n, rtol=1e-12)
 
 
-@pytest.mark.slow
+@pytest.mark.x64
 def test_cross_entropy_against_log_softmax_and_argmax():
   """train.cross_entropy: -log softmax at the target, its gradient softmax - one-hot,
   and the hit an argmax == target (a target tied for the largest logit counts)."""
