@@ -168,7 +168,7 @@ def test_load_tokenizer_rejects_other_conventions(tmp_path, small):
       vocab_size=300, minloglevel=2)
   with pytest.raises(errors.DataError, match="ids 0..3"):
     D.load_tokenizer(tmp_path / "plain.model")
-  with pytest.raises(errors.DataError, match="tokenizer file not found"):
+  with pytest.raises(errors.DataError, match="tokenizer"):
     D.load_tokenizer(tmp_path / "missing.model")
   (tmp_path / "junk.model").write_bytes(b"not a model")
   with pytest.raises(errors.DataError, match="SentencePiece"):
@@ -363,7 +363,7 @@ def test_missing_inputs_errors(tmp_path, small):
   with pytest.raises(errors.DataError, match="holds no"):
     D.build_text_dataset(tmp_path / "empty", tmp_path / "tfds")
   cfg = small["cfg"]
-  with pytest.raises(errors.DataError, match="tokenizer file not found"):
+  with pytest.raises(errors.DataError, match="tokenizer"):
     D.make_train_iterator(cfg.replace(tokenizer_path=str(tmp_path / "x.model")))
   with pytest.raises(errors.DataError, match="tokenizer_path"):
     D.make_eval_batches(cfg.replace(tokenizer_path=None))

@@ -143,11 +143,11 @@ def test_load_mismatch_errors(setup, tmp_path):
   config, _, _ = setup
   policy = _tc().make_policy()
   path = tk.save_kernels(tmp_path / "k", _kernels(config), config, policy)
-  with pytest.raises(lerr.KernelLoadError, match="rank R=4.*R=8"):
+  with pytest.raises(lerr.KernelLoadError, match="rank"):
     tk.load_kernels(path, config, policy, rank=8)
-  with pytest.raises(lerr.KernelLoadError, match="head_dim=8.*head_dim=16"):
+  with pytest.raises(lerr.KernelLoadError, match="head_dim"):
     tk.load_kernels(path, config.replace(num_heads=1), policy)  # d_model 16: dk 16
-  with pytest.raises(lerr.KernelLoadError, match="num_heads=2.*num_heads=4"):
+  with pytest.raises(lerr.KernelLoadError, match="num_heads"):
     tk.load_kernels(path, config.replace(d_model=32, num_heads=4), policy)  # dk still 8
   with pytest.raises(lerr.KernelLoadError, match="num_layers"):
     tk.load_kernels(path, config.replace(num_layers=3), policy)

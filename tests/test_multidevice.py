@@ -209,9 +209,9 @@ def test_launch_resolution_flags_env_and_auto():
   assert resolve(environ=slurm) == Launch("auto") and launch_index(Launch("auto"), slurm) == 1
   assert launch_flags(Launch("explicit", "h:1", 2, 1)) == [
       "--coordinator_address=h:1", "--num_processes=2", "--process_id=1"]
-  with pytest.raises(ValueError, match="needs --num_processes, --process_id"):
+  with pytest.raises(ValueError, match="num_processes"):
     resolve(environ={"JAX_COORDINATOR_ADDRESS": "h:1"})
-  with pytest.raises(ValueError, match=r"process_id=2 must be in \[0, num_processes=2\)"):
+  with pytest.raises(ValueError, match="process_id"):
     resolve("h:1", 2, 2, environ={})
 
 
