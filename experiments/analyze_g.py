@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from pldr_jax import analysis, cli, errors
+from pldr_jax import criticality as crit
 
 
 def _json_float(x):
@@ -175,11 +176,11 @@ def suffix_collapse(src: Path, step, suffix_tokens: int, num_prompts: int, promp
   if prompt_len + suffix_tokens > m.config.max_len:
     raise errors.ConfigError(f"--prompt_len {prompt_len} + --suffix_tokens {suffix_tokens} "
                              f"exceeds the context length {m.config.max_len}")
-  prompts = analysis.held_out_prompts(m.data, m.tokenizer, prompt_len, num_prompts)
-  toks = analysis.sample_uncached(m.params, m.config, prompts, suffix_tokens, jax.random.key(0),
+  prompts = crit.held_out_prompts(m.data, m.tokenizer, prompt_len, num_prompts)
+  toks = crit.sample_uncached(m.params, m.config, prompts, suffix_tokens, jax.random.key(0),
                                   g_lm=m.g_lm)
-  base = analysis.cached_tensors(m.params, m.config, prompts, m.g_lm)
-  suffixed = analysis.deductive_tensors(m.params, m.config, toks, m.g_lm)
+  base = crit.cached_tensors(m.params, m.config, prompts, m.g_lm)
+  suffixed = crit.deductive_tensors(m.params, m.config, toks, m.g_lm)
   return analysis.collapse_statistics(base, tol, interleaved=m.config.rope_interleaved,
                                       base=m.config.rope_base, suffixed=suffixed)
 

@@ -9,11 +9,11 @@
 RUN: a run directory (or its checkpoints/), a Hugging Face folder or a
 published checkpoint file (anything `pldr_jax.load` reads). Prompts: the first
 `--prompt_len` tokens of the run's held-out (validation) documents, then their
-next windows, `--num_prompts` in all (`analysis.held_out_prompts`); a published
+next windows, `--num_prompts` in all (`pldr_jax.criticality.held_out_prompts`); a published
 model has no run data: give `--documents` (a .jsonl with a "text" field per
 line, or a .txt with documents separated by blank lines).
 
-Measured (`pldr_jax.analysis.criticality`; Gokden, "PLDR-LLMs Reason At
+Measured (`pldr_jax.criticality.criticality`; Gokden, "PLDR-LLMs Reason At
 Self-Organized Criticality", arXiv 2603.23539):
   paper  runs 1 and 2 sample --max_new_tokens tokens (top-p, temperature)
          without any KV- or G-cache and take A, A_LM, A_P, G_LM after the final
@@ -41,89 +41,10 @@ from pathlib import Path
 import numpy as np
 
 from pldr_jax import analysis, cli, errors
+from pldr_jax.criticality import json_ready, measure_run
 
 TABLE_FIELDS = ("tensor", "layer") + analysis.ORDER_FIELDS + ("audit_rms_median",
                                                              "audit_mu_median")
-
-
-def json_ready(x):
-  """x with NumPy scalars/arrays as Python values and inf/nan as strings."""
-  if isinstance(x, dict):
-    return {k: json_ready(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [json_ready(v) for v in x]
-  if isinstance(x, np.ndarray):
-    return json_ready(x.tolist())
-  if isinstance(x, (np.floating, float)):
-    x = float(x)
-    return x if math.isfinite(x) else str(x)
-  if isinstance(x, np.integer):
-    return int(x)
-  return x
-
-
-def documents_prompts(path: Path, tokenizer, prompt_len: int, num_prompts: int) -> np.ndarray:
-  """Prompts from a .jsonl ('text' per line) or .txt (blank-line separated) file: the
-  first prompt_len tokens of each document, then the next windows (as held_out_prompts)."""
-  if not path.is_file():
-    raise FileNotFoundError(f"--documents file not found: {path}")
-  text = path.read_text(encoding="utf-8")
-  if path.suffix == ".jsonl":
-    try:
-      docs = [json.loads(l)["text"] for l in text.splitlines() if l.strip()]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-      raise errors.DataError(f"{path}: every line must be a JSON object with a 'text' field "
-                             f"({e})") from None
-  else:
-    docs = [d for d in text.split("\n\n") if d.strip()]
-  windows = []
-  for d in docs:
-    ids = np.asarray(tokenizer.encode(d), np.int32)
-    windows.append([ids[j:j + prompt_len] for j in range(0, len(ids) - prompt_len + 1,
-                                                          prompt_len)])
-  out = []
-  for k in range(max((len(w) for w in windows), default=0)):
-    out += [w[k] for w in windows if k < len(w)]
-  if len(out) < num_prompts:
-    raise errors.DataError(f"{path} holds {len(out)} windows of {prompt_len} tokens, fewer "
-                           f"than --num_prompts={num_prompts}")
-  return np.stack(out[:num_prompts])
-
-
-def measure_run(source, *, num_prompts: int = 26, prompt_len: int = 64,
-                max_new_tokens: int = 64, audit_tokens: int = 64, temperature: float = 1.0,
-                top_p: float = 0.8, seed: int = 0, step: int | None = None,
-                batch_size: int = 16, tol: float = analysis.DEFAULT_RANK_TOL,
-                documents: str | None = None) -> dict:
-  """Load a model (`pldr_jax.load`), cut its prompts and run `analysis.criticality`."""
-  import pldr_jax
-  m = pldr_jax.load(str(source), step=step)
-  if m.tokenizer is None:
-    raise errors.DataError(f"{source} has no tokenizer: pass one beside the weights "
-                           "(tokenizer.model)")
-  for name, v in (("num_prompts", num_prompts), ("prompt_len", prompt_len),
-                  ("max_new_tokens", max_new_tokens), ("audit_tokens", audit_tokens),
-                  ("batch_size", batch_size)):
-    if v < 1:
-      raise errors.ConfigError(f"--{name} must be >= 1, got {v}")
-  longest = prompt_len + max(max_new_tokens, audit_tokens)
-  if longest > m.config.max_len:
-    raise errors.ConfigError(
-        f"--prompt_len {prompt_len} plus {max(max_new_tokens, audit_tokens)} new tokens is "
-        f"longer than the model's context {m.config.max_len}: shorten them")
-  if documents is not None:
-    prompts = documents_prompts(Path(documents), m.tokenizer, prompt_len, num_prompts)
-    where = str(documents)
-  elif m.data is not None:
-    prompts = analysis.held_out_prompts(m.data, m.tokenizer, prompt_len, num_prompts)
-    where = f"{m.data.dataset} [{m.data.eval_split}]"
-  else:
-    raise errors.ConfigError(f"{source} is not a run with data: give --documents FILE")
-  doc = analysis.criticality(m.params, m.config, prompts, max_new_tokens=max_new_tokens,
-                             audit_tokens=audit_tokens, temperature=temperature, top_p=top_p,
-                             seed=seed, g_lm=m.g_lm, batch_size=batch_size, tol=tol)
-  doc.update(source=str(source), step=m.step, prompts_from=where)
-  return doc
 
 
 def table_rows(doc: dict) -> list[dict]:

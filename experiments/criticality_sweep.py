@@ -11,7 +11,7 @@ files and bindings (same data, steps, seed) plus `TrainConfig.learning_rate`
 and `TrainConfig.warmup_steps`, its own workdir `<out>/lr<LR>_wu<W>` and one
 shared `experiment.data_workdir` (the gin value, else `<out>/data`; built
 once, here). After training, each run's final checkpoint is measured with
-`pldr_jax.analysis.criticality` (held-out prompts of the run's validation
+`pldr_jax.criticality.criticality` (held-out prompts of the run's validation
 split; see experiments/criticality.py) into `<run>/criticality.json`.
 
 Resumable: a run whose metrics.jsonl has a train record at the final step is
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -47,13 +46,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pldr_jax import cli, errors, gin_configs
+from pldr_jax import cli, criticality, errors, gin_configs
 from pldr_jax.training import distributed
 from pldr_jax.training.metrics_file import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 PRETRAIN = REPO / "experiments" / "pretrain.py"
-CRITICALITY = REPO / "experiments" / "criticality.py"
 DEFAULT_LRS = (3e-4, 6e-4, 1.2e-3, 2.4e-3, 4.8e-3)
 DEFAULT_WARMUPS = (6, 48)
 
@@ -62,16 +60,6 @@ FIELDS = ("run", "lr", "warmup", "final_step", "train_loss", "eval_loss",
           "audit_rms_G_LM", "audit_mu_G_LM", "audit_rms_A_LM", "audit_mu_A_LM",
           "A_s2_s1", "A_rank", "A_row_var", "A_head_spread", "A_LM_s2_s1", "A_LM_rank",
           "G_LM_rank", "G_LM_off_commutant", "G_LM_suffix_change")
-
-
-def _module(name: str, path: Path):
-  mod = sys.modules.get(name)  # gin registers configurables once per process
-  if mod is None:
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-  return mod
 
 
 def _gin_str(s) -> str:
@@ -172,10 +160,9 @@ def measure(wd: Path, settings: dict) -> dict:
     if doc.get("step") == step and doc.get("request") == settings:
       print(f"{wd.name}: criticality of step {step} -- cached", flush=True)
       return doc
-  crit = _module("pldr_criticality_entry", CRITICALITY)
-  doc = crit.measure_run(wd, **settings)
+  doc = criticality.measure_run(wd, **settings)
   doc["request"] = settings
-  path.write_text(json.dumps(crit.json_ready(doc), indent=1))
+  path.write_text(json.dumps(criticality.json_ready(doc), indent=1))
   g = doc["paper"]["G_LM"]
   print(f"{wd.name}: order parameter (G_LM) {g['order_parameter']:.3g} "
         f"({doc['seconds']:.0f}s)", flush=True)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from pldr_jax import analysis, errors, g_modes, rotary
+from pldr_jax import criticality as crit
 from pldr_jax import config as config_lib
 from pldr_jax import params as params_lib
 
@@ -176,7 +177,7 @@ def test_fixed_g_model_gives_exactly_zero_on_g_lm():
   config = CONFIG.replace(g_mode="random")
   params = params_lib.init_params(config, jax.random.key(0))
   g = g_modes.make_fixed_g(config, jax.random.key(1))
-  out = analysis.criticality(params, config, PROMPTS, max_new_tokens=6, audit_tokens=6,
+  out = crit.criticality(params, config, PROMPTS, max_new_tokens=6, audit_tokens=6,
                              g_lm=g, batch_size=3)
   assert set(out["paper"]) == {"G_LM"}
   p = out["paper"]["G_LM"]
@@ -190,21 +191,21 @@ def test_fixed_g_model_gives_exactly_zero_on_g_lm():
 def test_learned_g_runs_the_paper_protocol_and_different_prompts_differ():
   params = params_lib.init_params(CONFIG, jax.random.key(0))
   key = jax.random.key(7)
-  toks = analysis.sample_uncached(params, CONFIG, PROMPTS, 6, key)
+  toks = crit.sample_uncached(params, CONFIG, PROMPTS, 6, key)
   assert toks.shape == (3, 16) and np.array_equal(toks[:, :10], PROMPTS)
-  assert np.array_equal(toks, analysis.sample_uncached(params, CONFIG, PROMPTS, 6, key))
-  cached = analysis.cached_tensors(params, CONFIG, PROMPTS)
-  direct = analysis.deductive_tensors(params, CONFIG, PROMPTS)
+  assert np.array_equal(toks, crit.sample_uncached(params, CONFIG, PROMPTS, 6, key))
+  cached = crit.cached_tensors(params, CONFIG, PROMPTS)
+  direct = crit.deductive_tensors(params, CONFIG, PROMPTS)
   assert set(cached) == set(analysis.DEDUCTIVE_TENSORS)
   for k in cached:  # the G-cache holds the prompt's own tensors
     assert cached[k].shape == (3, CONFIG.num_layers, CONFIG.num_heads, 8, 8)
     np.testing.assert_allclose(cached[k], direct[k], rtol=1e-5, atol=1e-7)
   # two "runs" over different prompts: a clearly non-zero order parameter
-  other = analysis.deductive_tensors(params, CONFIG, (PROMPTS[::-1] + 1) % 60 + 4)
+  other = crit.deductive_tensors(params, CONFIG, (PROMPTS[::-1] + 1) % 60 + 4)
   op = analysis.order_parameter(direct, direct, other)
   assert op["G_LM"]["order_parameter"] > 1e-3 and op["A_LM"]["order_parameter"] > 1e-3
   assert analysis.order_parameter(direct, direct, cached)["G_LM"]["order_parameter"] < 1e-5
-  out = analysis.criticality(params, CONFIG, PROMPTS, max_new_tokens=6, audit_tokens=6,
+  out = crit.criticality(params, CONFIG, PROMPTS, max_new_tokens=6, audit_tokens=6,
                              batch_size=3)
   assert out["paper"]["G_LM"]["order_parameter"] > 0
   assert out["audit"]["G_LM"]["audit_rms"]["max"] <= 2.0
@@ -214,9 +215,9 @@ def test_learned_g_runs_the_paper_protocol_and_different_prompts_differ():
 def test_sampling_refuses_a_sequence_beyond_the_context_or_vocabulary():
   params = params_lib.init_params(CONFIG, jax.random.key(0))
   with pytest.raises(errors.InputError, match="outside the vocabulary"):
-    analysis.deductive_tensors(params, CONFIG, PROMPTS + 60)
+    crit.deductive_tensors(params, CONFIG, PROMPTS + 60)
   with pytest.raises(errors.InputError, match="context length 24"):
-    analysis.sample_uncached(params, CONFIG, PROMPTS, 20, jax.random.key(0))
+    crit.sample_uncached(params, CONFIG, PROMPTS, 20, jax.random.key(0))
 
 
 # ----------------------------------------------------------------- the scripts
