@@ -43,13 +43,22 @@ def held_out_prompts(data, tokenizer, prompt_len: int, num_prompts: int,
                              f"{num_prompts}")
   split = split or data.eval_split
   source = open_data_source(data.dataset, split, data.data_dir, download=data.download)
+
+  def texts():
+    for i in range(len(source)):
+      text = source[i][data.text_key]
+      text = text.item() if isinstance(text, np.ndarray) else text
+      yield text.decode("utf-8") if isinstance(text, bytes) else text
+
+  return _windows(texts(), tokenizer, prompt_len, num_prompts,
+                  f"split {split!r} of {data.dataset!r}")
+
+
+def _windows(texts, tokenizer, prompt_len: int, num_prompts: int, where: str) -> np.ndarray:
+  """int32 [num_prompts, prompt_len]: consecutive windows of each tokenized text, the
+  first window of every text, then the second of every text, ... (DataError if too few)."""
   windows = []
-  for i in range(len(source)):
-    text = source[i][data.text_key]
-    if isinstance(text, np.ndarray):
-      text = text.item()
-    if isinstance(text, bytes):
-      text = text.decode("utf-8")
+  for text in texts:
     ids = np.asarray(tokenizer.encode(text), np.int32)
     windows.append([ids[j:j + prompt_len] for j in range(0, len(ids) - prompt_len + 1,
                                                           prompt_len)])
@@ -57,9 +66,9 @@ def held_out_prompts(data, tokenizer, prompt_len: int, num_prompts: int,
   for k in range(max((len(w) for w in windows), default=0)):
     out += [w[k] for w in windows if k < len(w)]
   if len(out) < num_prompts:
-    raise errors.DataError(f"split {split!r} of {data.dataset!r} holds {len(out)} windows of "
-                           f"{prompt_len} tokens, fewer than the {num_prompts} prompts asked for: "
-                           "ask for fewer or shorter prompts")
+    raise errors.DataError(f"{where} holds {len(out)} windows of {prompt_len} tokens, fewer "
+                           f"than the {num_prompts} prompts asked for: ask for fewer or "
+                           "shorter prompts")
   return np.stack(out[:num_prompts]).astype(np.int32)
 
 
@@ -267,18 +276,7 @@ def documents_prompts(path: Path, tokenizer, prompt_len: int, num_prompts: int) 
                              f"({e})") from None
   else:
     docs = [d for d in text.split("\n\n") if d.strip()]
-  windows = []
-  for d in docs:
-    ids = np.asarray(tokenizer.encode(d), np.int32)
-    windows.append([ids[j:j + prompt_len] for j in range(0, len(ids) - prompt_len + 1,
-                                                          prompt_len)])
-  out = []
-  for k in range(max((len(w) for w in windows), default=0)):
-    out += [w[k] for w in windows if k < len(w)]
-  if len(out) < num_prompts:
-    raise errors.DataError(f"{path} holds {len(out)} windows of {prompt_len} tokens, fewer "
-                           f"than --num_prompts={num_prompts}")
-  return np.stack(out[:num_prompts])
+  return _windows(docs, tokenizer, prompt_len, num_prompts, str(path))
 
 
 def measure_run(source, *, num_prompts: int = 26, prompt_len: int = 64,
