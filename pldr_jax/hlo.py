@@ -4,6 +4,7 @@ checks. Plain text parsing, used by `pldr_jax.aot` (`--top_ops`)."""
 
 from __future__ import annotations
 
+import math
 import re
 
 __all__ = ["collectives", "top_bytes", "hlo_checks"]
