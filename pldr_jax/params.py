@@ -15,7 +15,6 @@ checkpoint's layer-by-layer names, older checkpoints).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, Callable
 

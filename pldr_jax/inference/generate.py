@@ -32,7 +32,6 @@ from pldr_jax import model
 from pldr_jax import params as params_lib
 from pldr_jax import sharding as sharding_lib
 from pldr_jax.config import PLDRConfig, SamplingConfig, SamplingPath
-from pldr_jax.inference import kv_cache
 from pldr_jax.inference.caches import FullCache, check_cache
 
 PAD_ID = 0
